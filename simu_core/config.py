@@ -1,0 +1,298 @@
+"""The one validated configuration of a simu run.
+
+Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``unlearn``, ``eval``,
+``run``. Load with :func:`load_config` (YAML file, then ``--set section.key=value`` overrides).
+Every invalid value raises :class:`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simu_core.paths import DEFAULT_CONFIG_PATH
+
+TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of the small Llama-architecture model trained from scratch for the built-in benchmark."""
+
+    num_layers: int = Field(4, ge=1, le=64)
+    hidden_size: int = Field(128, ge=8, le=16384)
+    intermediate_size: int = Field(512, ge=8, le=65536)
+    num_heads: int = Field(4, ge=1, le=256)
+    vocab_size: int = Field(1024, ge=64, le=262144, description="BPE vocabulary trained on the corpus")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.tiny.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.tiny.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning of the target and retain-reference models (answer-only loss, AdamW)."""
+
+    epochs: int = Field(25, ge=1, le=1000)
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    batch_size: int = Field(16, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class ModelConfig(_Section):
+    """Which model to unlearn, and how the target / retain reference are obtained."""
+
+    base: str | None = Field(
+        None,
+        description="HF hub id or local path of a base model to fine-tune; None with the "
+        "synthetic benchmark builds the tiny model from scratch",
+    )
+    target: str | None = Field(
+        None, description="an already fine-tuned target (hub id or path): skips train_target"
+    )
+    retain_reference: str | None = Field(
+        None, description="an already trained retain model (hub id or path): skips its training"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer id/path when it differs from the model")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    max_length: int = Field(512, ge=16, le=131072)
+    tiny: TinyModelConfig = TinyModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+class DataConfig(_Section):
+    """Benchmark selection. ``split`` pairs forget/retain/holdout by name (forget01/05/10)."""
+
+    benchmark: Literal["synthetic", "tofu", "lume"] = "synthetic"
+    split: Literal["forget01", "forget05", "forget10"] = "forget10"
+    source: str | None = Field(
+        None,
+        description="local folder of the benchmark's files; None reads the Hugging Face hub "
+        "(locuslab/TOFU, or the LUME dataset) or generates the synthetic benchmark",
+    )
+    retain_authors: int | None = Field(
+        None, ge=1, description="keep only the first N retain authors (TOFU/synthetic; small runs)"
+    )
+    num_authors: int = Field(40, ge=10, le=10000, description="synthetic: fictitious authors in 'full'")
+    holdout_authors: int = Field(4, ge=1, le=10000, description="synthetic: never-trained authors (MIA)")
+    qa_per_author: int = Field(10, ge=10, le=12, description="synthetic: QA pairs per author")
+    general_facts: int = Field(40, ge=4, le=1000, description="synthetic: facts per general set")
+    seed: int = Field(0, ge=0, description="synthetic: generator seed")
+
+
+class AttributionConfig(_Section):
+    """Critical-neuron attribution (SIMU step 1)."""
+
+    mode: Literal["fast", "reference"] = "fast"
+    steps: int = Field(5, ge=1, le=1000, description="integrated-gradient steps m")
+    batch_size: int = Field(8, ge=1, le=4096)
+    max_items: int | None = Field(None, ge=1, description="attribute on at most N items per set")
+
+
+class MaskConfig(_Section):
+    """Thresholding of attribution scores into the critical-neuron mask."""
+
+    threshold: float = Field(0.2, gt=0, le=1, description="t: critical when score > t * layer max")
+    rule: Literal["layer_relative", "global_top_fraction"] = "layer_relative"
+    top_fraction: float = Field(0.05, gt=0, le=1, description="global rule: fraction of all neurons")
+    variant: Literal["include", "exclude", "only"] = "include"
+
+
+class UnlearnConfig(_Section):
+    """Unlearning method and its optimisation settings (SIMU step 2 and baselines)."""
+
+    method: Literal["ga", "fo_graddiff", "so_graddiff", "simu", "npo", "so_npo", "simu_npo", "simnpo"] = (
+        "simu"
+    )
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    epochs: int = Field(5, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
+    batch_size: int = Field(4, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    forget_weight: float = Field(1.0, ge=0, description="gamma_f")
+    retain_weight: float = Field(1.0, ge=0, description="alpha_r")
+    retain_loss: Literal["nll", "kl"] = "nll"
+    hessian: Literal["gnb", "soul"] = "soul"
+    hessian_interval: int = Field(10, ge=1, description="k: gnb Hessian refresh period")
+    betas: tuple[float, float] = (0.9, 0.95)
+    rho: float = Field(0.04, gt=0)
+    hessian_batch_size: int | None = Field(
+        None, ge=1, description="bs in rho*bs*h; None = tokens in the batch"
+    )
+    npo_beta: float = Field(0.1, gt=0)
+    simnpo_gamma: float = Field(0.0, ge=0)
+    train_attention: bool = True
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for beta in value:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+
+class EvalConfig(_Section):
+    """Evaluation suite settings."""
+
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="None: the benchmark's own (TOFU 200, LUME 256)"
+    )
+    max_items: int | None = Field(None, ge=1, description="evaluate at most N items per split")
+    mmlu_source: str | None = Field(None, description="local MMLU-format dataset (LUME final score)")
+
+
+class RunConfig(_Section):
+    """Where and how the run executes."""
+
+    seed: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="autocast dtype for forward passes; state stays float32"
+    )
+    store: str = Field(".simu/store", description="fsspec URL of the artifact store")
+    results: str = Field("results", description="results folder (Parquet)")
+    name: str | None = Field(None, description="run name; default built from method and threshold")
+    tags: list[str] = Field(default_factory=list)
+    fail_at_unlearn_step: int | None = Field(
+        None, ge=1, description="fault injection for tests: raise inside unlearn at this step"
+    )
+
+
+class SimuConfig(_Section):
+    """The whole configuration of one pipeline run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    attribution: AttributionConfig = AttributionConfig()
+    mask: MaskConfig = MaskConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _model_source_fits_benchmark(self) -> "SimuConfig":
+        if self.data.benchmark != "synthetic" and not (self.model.base or self.model.target):
+            raise ValueError(
+                f"model.base or model.target is required for data.benchmark={self.data.benchmark!r} "
+                "(only the synthetic benchmark builds its own tiny model)"
+            )
+        return self
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of this config (stable across processes)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """The config as one flat dict ``{"section.key": value}`` (for results tables)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<config>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not a field of this section)"
+        got = item.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+        lines.append(f"{field}: {message}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value read as YAML: numbers, booleans, lists, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    path = [part for part in dotted.strip().split(".") if part]
+    if len(path) < 2:
+        raise ConfigError(f"override {assignment!r}: the key must name a section and a field, e.g. mask.threshold")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of a raw config dict with ``section.key=value`` overrides applied."""
+    tree = json.loads(json.dumps(tree))
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> SimuConfig:
+    """Validate a raw dict into a :class:`SimuConfig` (raises :class:`ConfigError`)."""
+    try:
+        return SimuConfig.model_validate(dict(tree))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a raw dict (clear error when missing or malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SimuConfig:
+    """Load a config: the built-in default (or ``path``), then ``--set`` overrides, validated."""
+    tree = read_config_file(path or DEFAULT_CONFIG_PATH)
+    return config_from_dict(apply_overrides(tree, overrides))

@@ -1,0 +1,68 @@
+"""Shared fixtures: a small trained target / retain reference, Prefect isolation, data paths."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Isolate Prefect before anything imports it: no telemetry, a throwaway home per test session.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="simu-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from simu_core.config import load_config  # noqa: E402
+from simu_core.paths import SHARED_DATA_DIR  # noqa: E402
+
+TOFU_DIR = SHARED_DATA_DIR / "tofu"
+LUME_DIR = SHARED_DATA_DIR / "lume"
+
+# A smaller configuration of the built-in benchmark that still memorises (seconds to train).
+SMALL_OVERRIDES = [
+    "data.num_authors=20",
+    "data.holdout_authors=2",
+    "data.general_facts=12",
+    "model.tiny.num_layers=2",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=256",
+    "model.tiny.vocab_size=512",
+    "model.max_length=96",
+    "model.finetune.epochs=30",
+    "model.finetune.lr=5e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """The small built-in configuration (20 authors, 2-layer model)."""
+    return load_config(overrides=SMALL_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def trained_small(tmp_path_factory, small_config):
+    """Prepared data plus trained target and retain reference of the small configuration.
+
+    Returns a dict of folders: ``data``, ``target``, ``reference``; and the stats of training.
+    """
+    from simu_core.stages import prepare_data, train_model
+
+    root = tmp_path_factory.mktemp("trained_small")
+    folders = {name: root / name for name in ("data", "target", "reference")}
+    sizes = prepare_data(small_config, folders["data"])
+    stats = {
+        which: train_model(small_config, folders["data"], folders[which], which, progress=False)
+        for which in ("target", "reference")
+    }
+    return {**folders, "sizes": sizes, "stats": stats, "config": small_config}
+
+
+def require_dir(path: Path) -> Path:
+    """Skip the test cleanly when a shared data folder is absent."""
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is not present")
+    return path
