@@ -57,6 +57,7 @@ class FinetuneConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0, description="seed of initialisation and data order (separate from run.seed)")
 
 
 class ModelConfig(_Section):

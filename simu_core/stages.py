@@ -80,7 +80,7 @@ def base_model(config: SimuConfig, data_dir: Path) -> tuple[PreTrainedModel, Pre
     """The model fine-tuning starts from: the tiny model (fresh, seeded) or ``model.base``."""
     if uses_tiny_model(config):
         tokenizer = load_tokenizer(Path(data_dir) / TOKENIZER_DIR)
-        model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, config.run.seed)
+        model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, config.model.finetune.seed)
         return model.to(resolve_device(config.run.device)), tokenizer
     if config.model.base is None:
         raise ValueError("model.base is required to fine-tune on a non-synthetic benchmark")
@@ -95,7 +95,7 @@ def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, p
     model, tokenizer = base_model(config, data_dir)
     examples = training_examples(benchmark, which, tokenizer, config.model.max_length)
     result: FinetuneResult = finetune(
-        model, tokenizer, examples, config.model.finetune, seed=config.run.seed, description=f"train {which}",
+        model, tokenizer, examples, config.model.finetune, seed=config.model.finetune.seed, description=f"train {which}",
         progress=progress,
     )
     out_dir = Path(out_dir)
@@ -120,3 +120,40 @@ def load_trained(model_dir: Path, config: SimuConfig) -> tuple[PreTrainedModel, 
     model.eval()
     torch.set_grad_enabled(True)
     return model, tokenizer
+
+
+def evaluate(
+    config: SimuConfig,
+    data_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+    reference_items_path: Path | None = None,
+) -> dict[str, float]:
+    """Evaluate a model folder on the prepared benchmark; write ``items.parquet`` and
+    ``metrics.parquet`` into ``out_dir`` and return the headline (split "all") metrics.
+
+    ``reference_items_path``: the retain reference's ``items.parquet`` (TOFU-style benchmarks), for
+    forget quality and privleak; without it they are reported as not computed.
+    """
+    # Imported here: the evaluation package pulls in rouge-score, which training stages do not need.
+    from simu_core.evaluation import evaluate_lume, evaluate_qa
+
+    benchmark = read_benchmark(data_dir)
+    model, tokenizer = load_trained(model_dir, config)
+    if isinstance(benchmark, LumeBenchmark):
+        result = evaluate_lume(
+            model, tokenizer, benchmark, config.eval, config.eval.mmlu_source, max_length=config.model.max_length
+        )
+    else:
+        reference_items = None
+        if reference_items_path is not None:
+            if not Path(reference_items_path).is_file():
+                raise FileNotFoundError(f"reference items file {str(reference_items_path)!r} does not exist")
+            reference_items = pd.read_parquet(reference_items_path)
+        result = evaluate_qa(
+            model, tokenizer, benchmark, config.eval, reference_items, max_length=config.model.max_length
+        )
+    result.save(out_dir)
+    if result.notes:
+        (Path(out_dir) / "notes.txt").write_text("\n".join(result.notes) + "\n")
+    return result.headline()

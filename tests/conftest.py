@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from simu_core.config import load_config  # noqa: E402
-from simu_core.paths import SHARED_DATA_DIR  # noqa: E402
+from simu_core.paths import PROJECT_ROOT, SHARED_DATA_DIR  # noqa: E402
 
 TOFU_DIR = SHARED_DATA_DIR / "tofu"
 LUME_DIR = SHARED_DATA_DIR / "lume"

@@ -80,7 +80,7 @@ def mia_auc(member_nll: ArrayLike, nonmember_nll: ArrayLike) -> float:
     Identical to :func:`simu_core.metrics.mia.auc` on the raw NLLs (members 0, non-members 1, score
     NLL): both are ``P(nll_member < nll_nonmember) + 0.5 * P(tie)``.
     """
-    return _mia.auc(member_nll, nonmember_nll)
+    return _mia._auc(member_nll, nonmember_nll, "member_nll", "nonmember_nll")
 
 
 def mia_score(member_nll: ArrayLike, nonmember_nll: ArrayLike) -> float:

@@ -139,8 +139,12 @@ def auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
     those labels), computed with the Mann-Whitney rank formula. 1: every member has a lower
     statistic (e.g. lower loss) than every non-member; 0: the reverse.
     """
-    m = as_float_array(member_scores, "member_scores")
-    n = as_float_array(nonmember_scores, "nonmember_scores")
+    return _auc(member_scores, nonmember_scores, "member_scores", "nonmember_scores")
+
+
+def _auc(member_scores: ArrayLike, nonmember_scores: ArrayLike, member_name: str, nonmember_name: str) -> float:
+    m = as_float_array(member_scores, member_name)
+    n = as_float_array(nonmember_scores, nonmember_name)
     ranks = stats.rankdata(np.concatenate([m, n]))  # average ranks for ties
     n_m, n_n = len(m), len(n)
     u_nonmember = float(ranks[n_m:].sum()) - n_n * (n_n + 1) / 2.0

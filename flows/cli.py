@@ -1,0 +1,81 @@
+"""The ``simu`` command line: ``simu run`` (one pipeline run), ``simu ablate`` and ``simu report``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from simu_core.config import ConfigError, load_config
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the built-in data/configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set mask.threshold=0.3 (repeatable)")
+
+
+def _format(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_run_summary(summary: dict) -> None:
+    """Print dataset sizes, training figures, the metrics table and where the results are."""
+    sizes = summary.get("dataset_sizes") or {}
+    if sizes:
+        print("dataset sizes: " + ", ".join(f"{name}={count}" for name, count in sizes.items()))
+    for name, stats in (summary.get("training") or {}).items():
+        if stats:
+            print(f"trained {name}: {stats.get('examples')} examples, {stats.get('wall_seconds', 0):.1f} s, "
+                  f"{stats.get('tokens_per_second', 0):.0f} tokens/s")
+    rows = [("metric", "target", "unlearned", "retain reference")]
+    metrics = summary.get("metrics") or {}
+    target = summary.get("target_metrics") or {}
+    reference = summary.get("reference_metrics") or {}
+    for name in ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio",
+                 "forget_quality", "model_utility", "privleak"):
+        if any(name in source for source in (metrics, target, reference)):
+            rows.append((name, _format(target.get(name)), _format(metrics.get(name)), _format(reference.get(name))))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    stages = summary.get("states") or {}
+    print("stages: " + ", ".join(f"{label}={state}" for label, state in stages.items()))
+    print(f"results: {summary.get('run_dir')}  (runs table: {os.path.join(summary.get('results', ''), 'runs.parquet')})")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """Validate the config, then run the pipeline flow once."""
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from flows.pipeline import simu_pipeline  # imported late: Prefect start-up is slow
+
+    summary = simu_pipeline(overrides=args.overrides, config_path=args.config)
+    print_run_summary(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``simu``."""
+    parser = argparse.ArgumentParser(prog="simu", description="SIMU unlearning pipeline (Prefect, cached stages)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline once (default: built-in synthetic benchmark on CPU)")
+    _add_config_arguments(run)
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``simu`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The SIMU pipeline flow: one run from a config, every stage a cached task.
+
+    prepare_data -> train_target -> attribute(forget), attribute(retain) -> threshold_mask
+                 -> unlearn -> evaluate(unlearned, vs the retain reference) -> report
+                 -> train_retain_reference -> evaluate(reference)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.params import run_name, stage_params, uses_mask
+from simu_core.config import SimuConfig, load_config
+from tasks import stages as stage_tasks
+from tasks.report import append_run_row, current_run_id, report, run_row
+from tasks.versions import stage_code_version
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters or {}
+    config = load_config(parameters.get("config_path"), parameters.get("overrides") or [])
+    return run_name(config)
+
+
+class _StageRunner:
+    """Calls stage tasks with the shared arguments and records state and wall time per stage."""
+
+    def __init__(self, config: SimuConfig) -> None:
+        self.config = config
+        self.raw = config.model_dump(mode="json")
+        self.params = stage_params(config)
+        self.states: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, label: str, task: Callable, stage: str, inputs: dict, extra_params: dict | None = None, **kwargs: Any) -> dict:
+        params = {**self.params[stage], **(extra_params or {})}
+        started = time.perf_counter()
+        state = task.with_options(task_run_name=label)(
+            self.raw, self.config.run.store, stage_code_version(stage), params, inputs, return_state=True, **kwargs
+        )
+        self.seconds[label] = round(time.perf_counter() - started, 3)
+        self.states[label] = state.name
+        return state.result()
+
+
+def checkpoint_folder(config: SimuConfig) -> str:
+    """Local folder for unlearning checkpoints (resume after a crash)."""
+    store = config.run.store
+    root = Path(store) if "://" not in store else Path.home() / ".cache" / "simu"
+    return str(root / ".checkpoints")
+
+
+@flow(name="simu-pipeline", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
+def simu_pipeline(overrides: list[str] | None = None, config_path: str | None = None) -> dict[str, Any]:
+    """Run SIMU (or a baseline) end to end on one configuration; return the run's summary."""
+    config = load_config(config_path, overrides or [])
+    run = _StageRunner(config)
+    try:
+        return _run_stages(config, run)
+    except Exception as error:
+        # A failed run gets its row too (status 'failed'), so sweeps can see what broke.
+        append_run_row(Path(config.run.results).resolve(),
+                       run_row(config, current_run_id(), "failed", {}, run.states, run.seconds, error=repr(error)[:2000]))
+        raise
+
+
+def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
+    data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
+    target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
+    reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference", {"data": data})
+    mask = forget_scores = retain_scores = None
+    if uses_mask(config):
+        forget_scores = run("attribute_forget", stage_tasks.attribute, "attribute", {"data": data, "target": target},
+                            {"which": "forget"})
+        retain_scores = run("attribute_retain", stage_tasks.attribute, "attribute", {"data": data, "target": target},
+                            {"which": "retain"})
+        mask = run("threshold_mask", stage_tasks.threshold_mask, "threshold_mask",
+                   {"forget_scores": forget_scores, "retain_scores": retain_scores})
+    unlearned = run("unlearn", stage_tasks.unlearn, "unlearn", {"data": data, "target": target, "mask": mask},
+                    checkpoint_dir=checkpoint_folder(config))
+    reference_eval = run("evaluate_reference", stage_tasks.evaluate, "evaluate", {"data": data, "model": reference})
+    target_eval = run("evaluate_target", stage_tasks.evaluate, "evaluate",
+                      {"data": data, "model": target, "reference_eval": reference_eval})
+    unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",
+                         {"data": data, "model": unlearned, "reference_eval": reference_eval})
+    refs = {
+        "data": data, "target": target, "reference": reference, "forget_scores": forget_scores,
+        "retain_scores": retain_scores, "mask": mask, "unlearned": unlearned, "evaluate": unlearned_eval,
+        "evaluate_target": target_eval, "evaluate_reference": reference_eval,
+    }
+    return report(config.model_dump(mode="json"), refs, run.states, run.seconds)

@@ -1,0 +1,565 @@
+"""Critical-neuron attribution, SIMU step 1 (``simu-method.md``).
+
+Neuron k of layer l is the k-th INPUT coordinate of that layer's MLP down projection; its
+activation beta is the value entering the down projection, captured (and scaled) with a forward
+pre-hook, so every architecture of :class:`~simu_core.models.adapter.ArchitectureAdapter` works the
+same way (GPT-2's ``Conv1D`` included: its input is ``[..., d_ff]`` like a Linear's).
+
+For a next-token sample i (a prompt plus answer prefix, predicting one answer token) and layer l,
+the activation is scaled along a_j = (j/m) * beta, j = 1..m, and
+
+    Att(l, k) = sum_i  beta_{l,i,k} * (1/m) * sum_j  dF_i(a_j) / da_{l,k}
+
+with F_i the log-probability of the target token (= minus the loss; the method page's sign
+decision: a positive score means "this neuron helps produce the data").
+
+Two modes:
+
+``reference``
+    The paper, literally: one sample per answer token (the prompt + answer prefix, cut right
+    after the predicting position), the activation of ONE layer scaled at the predicting position
+    only (every other position and layer keeps its original activation), the m scaled copies
+    batched together (several samples per batch), a loop over layers. About
+    L x m forward+backward passes per answer token.
+
+``fast``
+    Teacher forcing: one pass per (batch of items, layer) over whole sequences, m scaled copies
+    batched. Layer l's activation is scaled at every answer-predicting position of the sequence
+    at once (prompt positions keep their original activations, as in the reference), F is the
+    summed log-probability of all answer tokens, and the score adds beta * mean_j dF/da over the
+    answer-predicting positions. It differs from the reference only through attention: the scaled
+    positions see each other, and a later token's log-probability contributes to an earlier
+    position's gradient. For the last layer the two modes agree exactly. Layers below l are not
+    recomputed for the m copies: one clean pass per batch caches each decoder layer's output, and
+    the layers below l are replaced by stubs returning the cached output (identical values, about
+    half the forward cost). ``benchmarks/attribution.py`` measures agreement and speed.
+
+Both modes: deterministic (fixed order, no sampling), parameters' ``requires_grad`` is switched off
+during attribution (only the path from the scaled activation is differentiated, and no parameter
+gradient is ever accumulated), memory is bounded by one batch of one layer (scores are accumulated
+per layer in float64 as batches go).
+
+Scores are written as Parquet with their metadata (mode, m, number of items and samples, model
+and data identity) stored as JSON in the Parquet schema metadata under the key
+``simu.attribution`` (see :func:`write_scores` / :func:`read_scores`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from simu_core.models.adapter import ArchitectureAdapter
+from simu_core.prompting import IGNORE_INDEX, EncodedExample, collate
+from simu_core.scoring import token_logprobs
+
+MODES = ("fast", "reference")
+METADATA_KEY = b"simu.attribution"
+SCORE_COLUMNS = ("layer", "neuron", "forget_score", "retain_score")
+
+
+@dataclass
+class AttributionResult:
+    """Attribution scores of one item set: one float64 vector ``[num_neurons]`` per layer."""
+
+    scores: list[np.ndarray]
+    mode: str
+    steps: int
+    num_examples: int
+    num_samples: int  # next-token samples = answer tokens attributed
+    seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.scores)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (mode, m, counts, wall time, plus :attr:`metadata`)."""
+        return {
+            "mode": self.mode,
+            "steps": self.steps,
+            "num_examples": self.num_examples,
+            "num_samples": self.num_samples,
+            "seconds": self.seconds,
+            "neurons_per_layer": [int(len(layer)) for layer in self.scores],
+            **self.metadata,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and small helpers
+
+
+def _check_arguments(mode: str, steps: int, batch_size: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"attribution mode must be one of {list(MODES)}, got {mode!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"attribution steps m must be an integer >= 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"attribution batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _check_examples(examples: Sequence[EncodedExample]) -> None:
+    if len(examples) == 0:
+        raise ValueError("attribution needs at least one item; the item set is empty")
+    for index, example in enumerate(examples):
+        if len(example.input_ids) != len(example.labels):
+            raise ValueError(
+                f"item {index}: input_ids ({len(example.input_ids)}) and labels ({len(example.labels)}) differ in length"
+            )
+    if not any(_predicting_positions(example) for example in examples):
+        raise ValueError(
+            f"none of the {len(examples)} items has an answer token after the first position; nothing to attribute"
+        )
+
+
+def _predicting_positions(example: EncodedExample) -> list[int]:
+    """Positions p whose output predicts an answer token (labels[p + 1] is labelled)."""
+    return [t - 1 for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX]
+
+
+def _alphas(steps: int, rows_per_copy: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Scale of every row of a copy-major batch: row j * B + b holds copy j (alpha = (j + 1) / m)."""
+    alphas = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    return alphas.repeat_interleave(rows_per_copy).to(device=device, dtype=dtype)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@contextmanager
+def _attribution_state(model: nn.Module) -> Iterator[None]:
+    """Eval mode, grad enabled, parameters frozen (restored afterwards, even on error).
+
+    Freezing the parameters means autograd records only the path from the scaled activation:
+    nothing below the hooked layer is differentiated and no ``.grad`` is ever written.
+    """
+    was_training = model.training
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+@contextmanager
+def _pre_hook(module: nn.Module, hook) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # use_cache=False: no KV cache to build (and none that the layer stubs would leave stale).
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+# ----------------------------------------------------------------------------------------------
+# reference mode
+
+
+def _attribute_reference(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    examples: Sequence[EncodedExample],
+    pad_token_id: int,
+    steps: int,
+    batch_size: int,
+    layers: Sequence[int],
+    scores: list[torch.Tensor],
+    bar: tqdm,
+) -> None:
+    device = next(model.parameters()).device
+    # One sample per answer token: (item, predicting position). Sorting by prefix length keeps the
+    # padding small; the sort is stable, so the order (and the float sums) are deterministic.
+    samples = [(index, p) for index, example in enumerate(examples) for p in _predicting_positions(example)]
+    samples.sort(key=lambda sample: sample[1])
+    for layer in layers:
+        module = adapter.layers[layer].down.module
+        for chunk in _chunks(samples, batch_size):
+            prefixes = [
+                EncodedExample(examples[i].input_ids[: p + 1], [IGNORE_INDEX] * (p + 1)) for i, p in chunk
+            ]
+            batch = collate(prefixes, pad_token_id)
+            rows_per_copy = len(chunk)
+            positions = torch.tensor([p for _, p in chunk], device=device).repeat(steps)
+            targets = torch.tensor([examples[i].labels[p + 1] for i, p in chunk], device=device).repeat(steps)
+            rows = torch.arange(steps * rows_per_copy, device=device)
+            state: dict[str, torch.Tensor] = {}
+
+            def hook(mod, args, rows=rows, positions=positions, rows_per_copy=rows_per_copy, state=state):
+                base = args[0].detach()
+                beta = base[rows, positions]  # [m * B, d_ff]; every copy has the same beta
+                alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
+                scaled = (beta * alpha[:, None]).requires_grad_(True)
+                state["beta"], state["scaled"] = beta[:rows_per_copy], scaled
+                # Only the predicting position of this one layer is replaced by the scaled value.
+                return (base.index_put((rows, positions), scaled),) + tuple(args[1:])
+
+            input_ids = batch["input_ids"].to(device).repeat(steps, 1)
+            attention_mask = batch["attention_mask"].to(device).repeat(steps, 1)
+            with _pre_hook(module, hook):
+                logits = _forward(model, input_ids, attention_mask)
+            logprobs = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+            objective = logprobs.gather(-1, targets[:, None]).sum()
+            (grad,) = torch.autograd.grad(objective, state["scaled"])
+            mean_grad = grad.float().view(steps, rows_per_copy, -1).mean(0)
+            scores[layer] += (state["beta"].float() * mean_grad).sum(0).double()
+            bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# fast mode
+
+
+class _CachedLayer(nn.Module):
+    """Stands in for a decoder layer below the attributed one: returns that layer's output as
+    computed once on the clean batch, repeated for the m copies (the copies are identical there)."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+def _repeat_batch(value: Any, copies: int, batch: int) -> Any:
+    if torch.is_tensor(value):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.repeat(copies, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_repeat_batch(item, copies, batch) for item in value)
+    if isinstance(value, list):
+        return [_repeat_batch(item, copies, batch) for item in value]
+    return value
+
+
+def _cacheable(output: Any) -> bool:
+    """Only plain tensors / tuples of tensors and None are replayed; anything else runs for real."""
+    if output is None or torch.is_tensor(output):
+        return True
+    if isinstance(output, (tuple, list)):
+        return all(_cacheable(item) for item in output)
+    return False
+
+
+@contextmanager
+def _lower_layers_replaced(container: nn.ModuleList | None, outputs: list[Any], layer: int, copies: int, batch: int):
+    """Replace decoder layers 0..layer-1 by stubs returning the cached clean output of layer-1."""
+    if container is None or layer == 0 or not _cacheable(outputs[layer - 1]):
+        yield
+        return
+    replayed = _repeat_batch(outputs[layer - 1], copies, batch)
+    originals = [container[i] for i in range(layer)]
+    try:
+        # Stubs below layer-1 return the same object: their output is ignored by the next stub.
+        for i in range(layer):
+            container[i] = _CachedLayer(replayed)
+        yield
+    finally:
+        for i, original in enumerate(originals):
+            container[i] = original
+
+
+def _decoder_container(model: nn.Module, adapter: ArchitectureAdapter) -> nn.ModuleList | None:
+    try:
+        _, container = ArchitectureAdapter._find_layers(model)
+    except ValueError:
+        return None
+    return container if len(container) == adapter.num_layers else None
+
+
+def _attribute_fast(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    examples: Sequence[EncodedExample],
+    pad_token_id: int,
+    steps: int,
+    batch_size: int,
+    layers: Sequence[int],
+    scores: list[torch.Tensor],
+    bar: tqdm,
+    reuse_lower_layers: bool = True,
+) -> None:
+    device = next(model.parameters()).device
+    container = _decoder_container(model, adapter) if reuse_lower_layers else None
+    order = sorted(
+        (index for index, example in enumerate(examples) if _predicting_positions(example)),
+        key=lambda index: len(examples[index].input_ids),
+    )
+    for chunk in _chunks(order, batch_size):
+        batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_token_id).items()}
+        rows_per_copy = len(chunk)
+        # predicting[b, p]: position p of item b predicts an answer token (labels[b, p + 1] labelled).
+        predicting = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        predicting[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        index = predicting.repeat(steps, 1).nonzero(as_tuple=True)  # copy-major, row-major order
+        samples_per_copy = int(predicting.sum())
+
+        outputs: list[Any] = []
+        if container is not None and max(layers) > 0:
+            # One clean pass records every decoder layer's output for the layer stubs.
+            handles = [
+                container[i].register_forward_hook(lambda mod, args, out: outputs.append(_detach(out)))
+                for i in range(adapter.num_layers)
+            ]
+            try:
+                with torch.no_grad():
+                    _forward(model, batch["input_ids"], batch["attention_mask"])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if len(outputs) != adapter.num_layers:  # layers not called once each: do not replay
+                outputs = []
+
+        input_ids = batch["input_ids"].repeat(steps, 1)
+        attention_mask = batch["attention_mask"].repeat(steps, 1)
+        labels = batch["labels"].repeat(steps, 1)
+        for layer in layers:
+            module = adapter.layers[layer].down.module
+            state: dict[str, torch.Tensor] = {}
+
+            def hook(mod, args, state=state):
+                base = args[0].detach()
+                alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
+                beta = base[index]  # [m * n, d_ff], copy-major
+                scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
+                state["beta"], state["scaled"] = beta[:samples_per_copy], scaled
+                # Prompt positions keep their activation; every answer-predicting one is scaled.
+                return (base.index_put(index, scaled),) + tuple(args[1:])
+
+            replace = _lower_layers_replaced(container if outputs else None, outputs, layer, steps, rows_per_copy)
+            with replace, _pre_hook(module, hook):
+                logits = _forward(model, input_ids, attention_mask)
+            logprobs, _ = token_logprobs(logits, labels)
+            (grad,) = torch.autograd.grad(logprobs.sum(), state["scaled"])
+            mean_grad = grad.float().view(steps, samples_per_copy, -1).mean(0)
+            scores[layer] += (state["beta"].float() * mean_grad).sum(0).double()
+            bar.update(1)
+
+
+def _detach(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(item) for item in value)
+    if isinstance(value, list):
+        return [_detach(item) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def attribute_neurons(
+    model: nn.Module,
+    examples: Sequence[EncodedExample],
+    pad_token_id: int,
+    mode: str = "fast",
+    steps: int = 5,
+    batch_size: int = 8,
+    progress: bool = True,
+    layers: Sequence[int] | None = None,
+) -> AttributionResult:
+    """Integrated-gradients attribution of every MLP neuron of every layer on ``examples``.
+
+    ``mode`` is ``"reference"`` (the paper, literally) or ``"fast"`` (teacher forcing); ``steps``
+    is m; ``batch_size`` counts next-token samples (reference) or items (fast) per pass, each
+    expanded to m scaled copies. ``layers`` restricts the work to some layers (the others score
+    zero). Raises ValueError on m < 1, an empty item set, items without answer tokens, or a model
+    whose MLP the adapter does not know.
+    """
+    _check_arguments(mode, steps, batch_size)
+    _check_examples(examples)
+    adapter = ArchitectureAdapter(model)  # UnsupportedArchitectureError (a ValueError) when unknown
+    if layers is None:
+        layers = list(range(adapter.num_layers))
+    layers = sorted(set(int(layer) for layer in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= adapter.num_layers:
+        raise ValueError(f"layers must be a non-empty subset of 0..{adapter.num_layers - 1}, got {layers}")
+    device = next(model.parameters()).device
+    scores = [torch.zeros(size, dtype=torch.float64, device=device) for size in adapter.neurons_per_layer()]
+    num_samples = sum(len(_predicting_positions(example)) for example in examples)
+    if mode == "reference":
+        passes = len(layers) * -(-num_samples // batch_size)
+    else:
+        usable = sum(1 for example in examples if _predicting_positions(example))
+        passes = len(layers) * -(-usable // batch_size)
+    started = time.perf_counter()
+    bar = tqdm(total=passes, desc=f"attribution ({mode}, m={steps})", disable=not progress, leave=False)
+    try:
+        with _attribution_state(model):
+            run = _attribute_reference if mode == "reference" else _attribute_fast
+            run(model, adapter, examples, pad_token_id, steps, batch_size, layers, scores, bar)
+    finally:
+        bar.close()
+    return AttributionResult(
+        scores=[layer_scores.cpu().numpy() for layer_scores in scores],
+        mode=mode,
+        steps=int(steps),
+        num_examples=len(examples),
+        num_samples=num_samples,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _as_layers(scores: AttributionResult | Sequence[np.ndarray] | None, name: str) -> list[np.ndarray] | None:
+    if scores is None:
+        return None
+    if isinstance(scores, AttributionResult):
+        scores = scores.scores
+    return [np.asarray(layer, dtype=np.float64).reshape(-1) for layer in scores]
+
+
+def attribution_table(
+    forget_scores: AttributionResult | Sequence[np.ndarray] | None,
+    retain_scores: AttributionResult | Sequence[np.ndarray] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The score table ``(layer, neuron, forget_score, retain_score)``, one row per neuron.
+
+    A missing set's column is NaN. ``metadata`` is kept in ``table.attrs["attribution"]``, which
+    :func:`write_scores` stores in the Parquet schema metadata.
+    """
+    forget = _as_layers(forget_scores, "forget")
+    retain = _as_layers(retain_scores, "retain")
+    if forget is None and retain is None:
+        raise ValueError("attribution_table needs forget scores, retain scores or both")
+    shape = [len(layer) for layer in (forget if forget is not None else retain)]
+    if forget is not None and retain is not None and [len(layer) for layer in retain] != shape:
+        raise ValueError(
+            f"forget and retain scores have different shapes: {shape} vs {[len(layer) for layer in retain]} neurons per layer"
+        )
+    frames = []
+    for layer, size in enumerate(shape):
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": np.full(size, layer, dtype=np.int32),
+                    "neuron": np.arange(size, dtype=np.int32),
+                    "forget_score": forget[layer] if forget is not None else np.full(size, np.nan),
+                    "retain_score": retain[layer] if retain is not None else np.full(size, np.nan),
+                }
+            )
+        )
+    table = pd.concat(frames, ignore_index=True)
+    table.attrs["attribution"] = dict(metadata or {})
+    return table
+
+
+def scores_from_table(table: pd.DataFrame, column: str) -> list[np.ndarray]:
+    """Per-layer score vectors of one column of a score table (rows ordered by neuron)."""
+    for needed in ("layer", "neuron", column):
+        if needed not in table.columns:
+            raise ValueError(f"score table lacks column {needed!r}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("score table is empty")
+    out = []
+    for layer in range(int(table["layer"].max()) + 1):
+        rows = table[table["layer"] == layer].sort_values("neuron")
+        if not np.array_equal(rows["neuron"].to_numpy(), np.arange(len(rows))):
+            raise ValueError(f"score table layer {layer}: neurons are not exactly 0..{len(rows) - 1}")
+        out.append(rows[column].to_numpy(dtype=np.float64))
+    return out
+
+
+def write_scores(table: pd.DataFrame, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a score table as Parquet; ``metadata`` (default ``table.attrs["attribution"]``) goes,
+    as JSON, into the schema metadata under ``simu.attribution``."""
+    meta = dict(metadata if metadata is not None else table.attrs.get("attribution", {}))
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    schema_meta = dict(arrow.schema.metadata or {})
+    schema_meta.pop(b"PANDAS_ATTRS", None)  # the JSON below is the one source of metadata
+    schema_meta[METADATA_KEY] = json.dumps(meta, sort_keys=True, default=_json_default).encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(arrow.replace_schema_metadata(schema_meta), path)
+    return path
+
+
+def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a score table written by :func:`write_scores` and its metadata."""
+    arrow = pq.read_table(path)
+    raw = (arrow.schema.metadata or {}).get(METADATA_KEY)
+    metadata = json.loads(raw) if raw else {}
+    table = arrow.replace_schema_metadata({k: v for k, v in (arrow.schema.metadata or {}).items() if k != METADATA_KEY})
+    frame = table.to_pandas()
+    frame.attrs["attribution"] = metadata
+    return frame, metadata
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """Model identity for score metadata: name, class, shape, and a sha256 over the down projections.
+
+    The fingerprint covers exactly the weights whose neurons are scored (and the count of all
+    parameters), so two checkpoints differing anywhere in an MLP output get different identities.
+    """
+    adapter = ArchitectureAdapter(model)
+    digest = hashlib.sha256()
+    for down in adapter.down_projections():
+        tensor = down.weight.detach().to("cpu").contiguous()
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    config = getattr(model, "config", None)
+    return {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        "architecture": type(model).__name__,
+        "num_layers": adapter.num_layers,
+        "neurons_per_layer": adapter.neurons_per_layer(),
+        "num_parameters": int(sum(param.numel() for param in model.parameters())),
+        "down_proj_sha256": digest.hexdigest(),
+    }
+
+
+def data_identity(examples: Sequence[EncodedExample], item_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Data identity for score metadata: counts and a sha256 over the exact token ids and labels."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([list(example.input_ids), list(example.labels)]).encode())
+    identity: dict[str, Any] = {
+        "num_items": len(examples),
+        "num_answer_tokens": int(sum(len(_predicting_positions(example)) for example in examples)),
+        "tokens_sha256": digest.hexdigest(),
+    }
+    if item_ids is not None:
+        identity["item_ids_sha256"] = hashlib.sha256("\n".join(map(str, item_ids)).encode()).hexdigest()
+    return identity

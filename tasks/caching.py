@@ -1,0 +1,131 @@
+"""Caching glue between Prefect and the content-addressed store.
+
+A stage task's cache key is ``INPUTS + TASK_SOURCE`` (its parameters, code version and input
+references; the full config is excluded because each stage declares the parameters it reads)
+plus the state of its store entry: a valid entry contributes its manifest hash, a missing or
+corrupt one a fresh random value, so Prefect never serves a cached reference whose files are
+gone or altered; the task then recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from filelock import FileLock
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+
+from simu_core.store import ArtifactStore, CorruptArtifactError, stage_key
+
+_STORES: dict[str, ArtifactStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def open_store(url: str) -> ArtifactStore:
+    """One ArtifactStore per URL and process (memory:// stores must be shared)."""
+    with _STORES_LOCK:
+        if url not in _STORES:
+            _STORES[url] = ArtifactStore(url)
+        return _STORES[url]
+
+
+def input_keys(inputs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """The store keys of a stage's inputs, in a fixed (sorted-by-name) order."""
+    return [f"{name}={ref['key']}" if ref else f"{name}=-" for name, ref in sorted(inputs.items())]
+
+
+def key_for(stage: str, code_version: str, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+    """The content key of a stage's output."""
+    return stage_key(stage, code_version, params, input_keys(inputs))
+
+
+def store_entry_policy(stage: str) -> CachePolicy:
+    """Cache-key piece that is stable only while the stage's store entry exists and verifies."""
+
+    def entry_state(_context: Any, task_inputs: dict[str, Any]) -> str:
+        store = open_store(task_inputs["store_url"])
+        key = key_for(stage, task_inputs["code_version"], task_inputs["params"], task_inputs["inputs"])
+        try:
+            ref = store.get(stage, key)
+        except CorruptArtifactError:
+            ref = None
+        return ref.manifest_sha256 if ref is not None else f"miss-{uuid.uuid4()}"
+
+    return CachePolicy.from_cache_key_fn(entry_state)
+
+
+def stage_cache_policy(stage: str) -> CachePolicy:
+    """INPUTS (minus the full config) + TASK_SOURCE + the store entry's state."""
+    return (INPUTS - "config") + TASK_SOURCE + store_entry_policy(stage)
+
+
+def _lock_dir(store_url: str) -> Path:
+    if "://" not in store_url or store_url.startswith("file://"):
+        folder = Path(store_url.removeprefix("file://")) / ".locks"
+    else:
+        digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / "simu-locks" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def stage_lock(store_url: str, stage: str, key: str) -> Iterator[None]:
+    """Serialise computation of one store entry across threads and processes on this host."""
+    with FileLock(str(_lock_dir(store_url) / f"{stage}-{key[:32]}.lock")):
+        yield
+
+
+EXTERNAL = "external"
+
+
+def external_model_ref(model_id: str) -> dict[str, str]:
+    """A reference to a model the user brings (hub id or path) instead of a trained artifact."""
+    digest = hashlib.sha256(model_id.encode()).hexdigest()
+    return {"stage": EXTERNAL, "key": digest, "uri": model_id, "manifest_sha256": digest}
+
+
+def _input_dir(store: ArtifactStore, ref: Mapping[str, Any] | None) -> Path | None:
+    if ref is None:
+        return None
+    if ref["stage"] == EXTERNAL:
+        return Path(ref["uri"])
+    return store.local_dir(ref, verify=True)
+
+
+def run_stage(
+    stage: str,
+    store_url: str,
+    code_version: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, Mapping[str, Any] | None],
+    compute: Callable[[Path, dict[str, Path | None]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Return the stage's store reference, computing it (once) when absent or corrupt.
+
+    ``compute(out_dir, input_dirs)`` writes the stage's files into ``out_dir`` and returns a small
+    summary, stored as the entry's metadata.
+    """
+    store = open_store(store_url)
+    key = key_for(stage, code_version, params, inputs)
+    with stage_lock(store_url, stage, key):
+        try:
+            ref = store.get(stage, key)
+        except CorruptArtifactError:
+            # Never use an altered artifact: drop it and recompute.
+            store.invalidate(stage, key)
+            ref = None
+        if ref is None:
+            input_dirs = {name: _input_dir(store, value) for name, value in inputs.items()}
+            started = time.perf_counter()
+            with store.writer(stage, key, code_version=code_version, params=dict(params), input_keys=input_keys(inputs)) as writer:
+                summary = compute(writer.dir, input_dirs)
+                writer.metadata.update({"summary": summary, "compute_seconds": time.perf_counter() - started})
+            ref = writer.ref
+    return ref.to_dict()

@@ -1,0 +1,152 @@
+"""The reporting task: results as Parquet (runs table, per-run tables) and Prefect artifacts.
+
+Uncached on purpose: artifacts created inside a task that comes back from cache are not created
+again, and every run must append its own row to ``runs.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from filelock import FileLock
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from simu_core.config import SimuConfig, config_from_dict
+from tasks.caching import EXTERNAL, open_store
+
+HEADLINE = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio", "privleak",
+            "retain_rouge", "retain_prob")
+RUNS_TABLE = "runs.parquet"
+
+
+def _summary(store, ref: dict | None) -> dict[str, Any]:
+    if not ref or ref["stage"] == EXTERNAL:
+        return {}
+    return store.manifest(ref).get("metadata", {}).get("summary") or {}
+
+
+def _table(store, ref: dict | None, name: str) -> pd.DataFrame | None:
+    if not ref or ref["stage"] == EXTERNAL:
+        return None
+    if name not in store.manifest(ref).get("files", {}):
+        return None
+    return store.read_parquet(ref, name)
+
+
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    frame.to_parquet(temporary, index=False)
+    os.replace(temporary, path)
+
+
+def append_run_row(results: Path, row: dict[str, Any]) -> pd.DataFrame:
+    """Append one row to ``<results>/runs.parquet`` (locked, atomic replace)."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / RUNS_TABLE
+    with FileLock(str(path) + ".lock"):
+        new = pd.DataFrame([row])
+        if path.exists():
+            table = pd.concat([pd.read_parquet(path), new], ignore_index=True)
+        else:
+            table = new
+        _write_parquet_atomic(table, path)
+    return table
+
+
+def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states: dict, seconds: dict, error: str = "") -> dict:
+    """One row of the runs table: identity, status, flattened config, headline metrics, timings."""
+    row: dict[str, Any] = {
+        "run_id": run_id,
+        "run_name": flow_run.name or "",
+        "time": pd.Timestamp.now(tz="UTC"),
+        "status": status,
+        "error": error,
+        "config_hash": config.config_hash(),
+    }
+    for key, value in config.flat().items():
+        row[f"config.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    for name in HEADLINE:
+        value = metrics.get(name)
+        row[name] = float(value) if value is not None else None
+    for extra, value in metrics.items():
+        if extra not in row and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[f"metric.{extra}"] = float(value)
+    for label, value in seconds.items():
+        row[f"seconds.{label}"] = value
+        row[f"state.{label}"] = states.get(label, "")
+    return row
+
+
+def current_run_id() -> str:
+    """The Prefect flow run id, or a fresh id outside a flow."""
+    return str(flow_run.id or uuid.uuid4())
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], seconds: dict[str, float]) -> dict[str, Any]:
+    """Write the run's results and create its Prefect artifacts; return the headline summary."""
+    started = time.perf_counter()
+    cfg = config_from_dict(config)
+    store = open_store(cfg.run.store)
+    run_id = current_run_id()
+    results = Path(cfg.run.results).resolve()
+    run_dir = results / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    metrics_frames, item_frames = [], []
+    for model_name, ref_name in (("unlearned", "evaluate"), ("target", "evaluate_target"), ("reference", "evaluate_reference")):
+        for frames, file in ((metrics_frames, "metrics.parquet"), (item_frames, "items.parquet")):
+            table = _table(store, refs.get(ref_name), file)
+            if table is not None:
+                frames.append(table.assign(model=model_name))
+    if metrics_frames:
+        _write_parquet_atomic(pd.concat(metrics_frames, ignore_index=True), run_dir / "metrics.parquet")
+    if item_frames:
+        _write_parquet_atomic(pd.concat(item_frames, ignore_index=True), run_dir / "items.parquet")
+    scores = [_table(store, refs.get(name), "scores.parquet") for name in ("forget_scores", "retain_scores")]
+    if scores[0] is not None and scores[1] is not None:
+        attribution = scores[0][["layer", "neuron", "forget_score"]].merge(
+            scores[1][["layer", "neuron", "retain_score"]], on=["layer", "neuron"])
+        _write_parquet_atomic(attribution, run_dir / "attribution.parquet")
+    for ref_name, file in (("mask", "mask.parquet"), ("mask", "dual_analysis.parquet"), ("unlearned", "train_log.parquet")):
+        table = _table(store, refs.get(ref_name), file)
+        if table is not None:
+            _write_parquet_atomic(table, run_dir / file)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    headline = _summary(store, refs.get("evaluate"))
+    seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
+    append_run_row(results, run_row(cfg, run_id, "completed", headline, states, seconds))
+
+    reference = _summary(store, refs.get("evaluate_reference"))
+    target = _summary(store, refs.get("evaluate_target"))
+    lines = [f"# {flow_run.name or run_id}", "", "| metric | target | unlearned | retain reference |", "|---|---|---|---|"]
+    table_rows = []
+    for name in HEADLINE:
+        values = [summary.get(name) for summary in (target, headline, reference)]
+        if all(value is None for value in values):
+            continue
+        lines.append("| " + name + " | " + " | ".join("-" if v is None else f"{v:.4g}" for v in values) + " |")
+        table_rows.append({"metric": name, "target": values[0], "unlearned": values[1], "retain_reference": values[2]})
+    stage_lines = [f"- {label}: {states.get(label, '')}, {value:.1f} s" for label, value in seconds.items()]
+    lines += ["", "## Stages", *stage_lines, "", f"Results: `{run_dir}`"]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown=markdown, key="simu-run-summary", description="headline metrics")
+    create_table_artifact(table=table_rows, key="simu-run-metrics", description="headline metrics")
+    create_link_artifact(link=run_dir.as_uri(), link_text=str(run_dir), key="simu-run-results")
+    return {"run_id": run_id, "results": str(results), "run_dir": str(run_dir), "metrics": headline,
+            "target_metrics": target, "reference_metrics": reference, "states": states, "seconds": seconds,
+            "dataset_sizes": _summary(store, refs.get("data")),
+            "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
+            "unlearning": _summary(store, refs.get("unlearned")),
+            "markdown": markdown}

@@ -1,0 +1,95 @@
+"""One Prefect task per pipeline stage: thin wrappers over ``simu_core.stages``.
+
+Every task takes the full config (for the library call; excluded from the cache key), the store
+URL, the stage's code version, the parameters it reads (the cache key) and its input references,
+and returns its own store reference: a small, content-derived dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from simu_core import stages
+from simu_core.config import config_from_dict
+from tasks.caching import external_model_ref, run_stage, stage_cache_policy
+
+Ref = dict[str, Any]
+_TASK_OPTIONS = dict(persist_result=True, retries=0)
+
+
+@task(name="prepare_data", cache_policy=stage_cache_policy("prepare_data"), **_TASK_OPTIONS)
+def prepare_data(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Load or generate the benchmark and write its splits."""
+    cfg = config_from_dict(config)
+    return run_stage("prepare_data", store_url, code_version, params, inputs,
+                     lambda out, _: stages.prepare_data(cfg, out))
+
+
+@task(name="train_target", cache_policy=stage_cache_policy("train_target"), **_TASK_OPTIONS)
+def train_target(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Fine-tune the target model on the full set (or reference the user's own target)."""
+    cfg = config_from_dict(config)
+    if cfg.model.target:
+        return external_model_ref(cfg.model.target)
+    return run_stage("train_target", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.train_model(cfg, dirs["data"], out, "target"))
+
+
+@task(name="train_retain_reference", cache_policy=stage_cache_policy("train_retain_reference"), **_TASK_OPTIONS)
+def train_retain_reference(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Fine-tune the retain reference on the retain split only (or reference the user's own)."""
+    cfg = config_from_dict(config)
+    if cfg.model.retain_reference:
+        return external_model_ref(cfg.model.retain_reference)
+    return run_stage("train_retain_reference", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.train_model(cfg, dirs["data"], out, "reference"))
+
+
+@task(name="attribute", cache_policy=stage_cache_policy("attribute"), **_TASK_OPTIONS)
+def attribute(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Neuron attribution scores of the target on the forget or the retain set."""
+    cfg = config_from_dict(config)
+    return run_stage("attribute", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.attribute(cfg, dirs["data"], dirs["target"], out, params["which"]))
+
+
+@task(name="threshold_mask", cache_policy=stage_cache_policy("threshold_mask"), **_TASK_OPTIONS)
+def threshold_mask(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Critical-neuron mask and dual-neuron analysis at the configured threshold."""
+    cfg = config_from_dict(config)
+    return run_stage("threshold_mask", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.threshold_mask(cfg, dirs["forget_scores"], dirs["retain_scores"], out))
+
+
+@task(name="unlearn", cache_policy=stage_cache_policy("unlearn"), **_TASK_OPTIONS)
+def unlearn(config: dict, store_url: str, code_version: str, params: dict, inputs: dict, checkpoint_dir: str) -> Ref:
+    """Run one unlearning method from the target; a progress artifact follows the steps."""
+    cfg = config_from_dict(config)
+    progress_id = create_progress_artifact(progress=0.0, description=f"unlearning ({cfg.unlearn.method})")
+
+    def report_progress(step: int, total: int, _row: dict) -> None:
+        if step == total or step % max(1, total // 20) == 0:
+            update_progress_artifact(progress_id, progress=100.0 * step / total)
+
+    return run_stage(
+        "unlearn", store_url, code_version, params, inputs,
+        lambda out, dirs: stages.unlearn(
+            cfg, dirs["data"], dirs["target"], dirs.get("mask"), out,
+            progress_callback=report_progress, checkpoint_dir=checkpoint_dir,
+        ),
+    )
+
+
+@task(name="evaluate", cache_policy=stage_cache_policy("evaluate"), **_TASK_OPTIONS)
+def evaluate(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """The benchmark's metric suite on a model (against the retain reference's items if given)."""
+    cfg = config_from_dict(config)
+
+    def compute(out, dirs):
+        reference_items = dirs.get("reference_eval") / "items.parquet" if dirs.get("reference_eval") else None
+        return stages.evaluate(cfg, dirs["data"], dirs["model"], out, reference_items_path=reference_items)
+
+    return run_stage("evaluate", store_url, code_version, params, inputs, compute)

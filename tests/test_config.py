@@ -1,0 +1,66 @@
+"""Configuration: YAML default, --set overrides, validation messages that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from simu_core.config import ConfigError, SimuConfig, apply_overrides, load_config
+
+
+def test_default_yaml_loads_and_matches_sections():
+    config = load_config()
+    assert isinstance(config, SimuConfig)
+    assert config.data.benchmark == "synthetic"
+    assert set(config.model_dump()) == {"model", "data", "attribution", "mask", "unlearn", "eval", "run"}
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config(overrides=["mask.threshold=0.35", "unlearn.method=so_graddiff", "run.tags=[a, b]"])
+    assert config.mask.threshold == 0.35
+    assert config.unlearn.method == "so_graddiff"
+    assert config.run.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("mask.threshold=0", "mask.threshold"),
+        ("mask.threshold=1.5", "mask.threshold"),
+        ("unlearn.lr=-1e-5", "unlearn.lr"),
+        ("attribution.steps=0", "attribution.steps"),
+        ("data.split=forget07", "data.split"),
+        ("data.benchmark=wikitext", "data.benchmark"),
+        ("unlearn.method=magic", "unlearn.method"),
+        ("unlearn.hessian=adam", "unlearn.hessian"),
+        ("unlearn.betas=[0.9, 1.0]", "unlearn.betas"),
+        ("mask.colour=red", "mask.colour"),
+        ("model.tiny.num_heads=3", "model.tiny"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[override])
+    assert field in str(error.value)
+
+
+def test_real_benchmark_requires_a_model():
+    with pytest.raises(ConfigError, match="model.base or model.target"):
+        load_config(overrides=["data.benchmark=tofu"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["threshold"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mask: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    first = load_config().config_hash()
+    assert first == load_config().config_hash()
+    assert first != load_config(overrides=["mask.threshold=0.3"]).config_hash()
+    assert apply_overrides({}, ["a.b=1"]) == {"a": {"b": 1}}

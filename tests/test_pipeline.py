@@ -1,0 +1,165 @@
+"""The Prefect pipeline against a real (test-harness) Prefect API: caching, resume, corruption,
+code versions, concurrency, deployments and the CLI's validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+
+PIPELINE_OVERRIDES = [
+    "data.num_authors=10", "data.holdout_authors=1", "data.general_facts=4",
+    "model.tiny.num_layers=2", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+    "model.tiny.vocab_size=400", "model.max_length=64", "model.finetune.epochs=2",
+    "attribution.max_items=6", "attribution.batch_size=6",
+    "unlearn.max_steps=3", "unlearn.batch_size=4",
+    "eval.max_items=6", "eval.max_new_tokens=8", "eval.batch_size=8",
+]
+UPSTREAM = ("prepare_data", "train_target", "train_retain_reference", "attribute_forget", "attribute_retain")
+DOWNSTREAM = ("threshold_mask", "unlearn", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return [f"run.store={root / 'store'}", f"run.results={root / 'results'}"], root
+
+
+def run_flow(overrides):
+    from flows.pipeline import simu_pipeline
+
+    return simu_pipeline(overrides=PIPELINE_OVERRIDES + overrides)
+
+
+def test_threshold_change_unchanged_rerun_and_results(prefect_api, workspace):
+    paths, root = workspace
+    first = run_flow(paths)
+    assert all(state == "Completed" for state in first["states"].values()), first["states"]
+    changed = run_flow(paths + ["mask.threshold=0.5"])
+    for label in UPSTREAM:
+        assert changed["states"][label] == "Cached", (label, changed["states"])
+    for label in DOWNSTREAM:
+        assert changed["states"][label] == "Completed", (label, changed["states"])
+    assert changed["states"]["evaluate_reference"] == "Cached"
+    again = run_flow(paths)
+    assert set(again["states"].values()) == {"Cached"}, again["states"]
+
+    runs = pd.read_parquet(root / "results" / "runs.parquet")
+    assert len(runs) == 3 and set(runs["status"]) == {"completed"}
+    assert runs["config.mask.threshold"].tolist() == [0.2, 0.5, 0.2]
+    assert runs["forget_quality"].notna().all()
+    run_dir = Path(again["run_dir"])
+    for name in ("metrics.parquet", "items.parquet", "attribution.parquet", "mask.parquet", "dual_analysis.parquet",
+                 "train_log.parquet", "config.yaml"):
+        assert (run_dir / name).exists(), name
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert {"benchmark", "split", "metric", "value", "model"} <= set(metrics.columns)
+    assert set(metrics["model"]) == {"unlearned", "target", "reference"}
+
+
+def test_resume_after_a_failure_inside_unlearn(prefect_api, workspace):
+    paths, root = workspace
+    with pytest.raises(Exception, match="step 2"):
+        run_flow(paths + ["unlearn.lr=2e-3", "run.fail_at_unlearn_step=2"])
+    runs = pd.read_parquet(root / "results" / "runs.parquet")
+    assert runs["status"].iloc[-1] == "failed"
+    resumed = run_flow(paths + ["unlearn.lr=2e-3"])
+    for label in (*UPSTREAM, "threshold_mask"):
+        assert resumed["states"][label] == "Cached"
+    assert resumed["states"]["unlearn"] == "Completed"
+
+
+def test_corrupted_artifact_is_recomputed_not_used(prefect_api, workspace):
+    paths, root = workspace
+    mask_files = list((root / "store" / "threshold_mask").glob("*/mask.parquet"))
+    assert mask_files
+    for path in mask_files:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    rerun = run_flow(paths)
+    assert rerun["states"]["threshold_mask"] == "Completed"
+    assert rerun["states"]["train_target"] == "Cached"
+
+
+def test_code_version_change_invalidates_stage_and_followers(prefect_api, workspace, monkeypatch):
+    import flows.pipeline as pipeline
+
+    paths, _ = workspace
+    original = pipeline.stage_code_version
+    monkeypatch.setattr(pipeline, "stage_code_version",
+                        lambda stage: original(stage) + ("-edited" if stage == "unlearn" else ""))
+    rerun = run_flow(paths)
+    for label in (*UPSTREAM, "threshold_mask", "evaluate_reference", "evaluate_target"):
+        assert rerun["states"][label] == "Cached", label
+    assert rerun["states"]["unlearn"] == "Completed"
+    assert rerun["states"]["evaluate"] == "Completed"
+
+
+def test_concurrent_runs_compute_shared_stages_once(prefect_api, tmp_path, monkeypatch):
+    from simu_core import stages
+
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+    for name in ("prepare_data", "train_model", "attribute"):
+        original = getattr(stages, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            with lock:
+                calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, counting)
+    paths = [f"run.store={tmp_path / 'store'}", f"run.results={tmp_path / 'results'}"]
+    outcomes: dict[float, dict] = {}
+
+    def one(threshold):
+        outcomes[threshold] = run_flow(paths + [f"mask.threshold={threshold}"])
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in (0.3, 0.6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(outcomes) == {0.3, 0.6}
+    assert calls == {"prepare_data": 1, "train_model": 2, "attribute": 2}
+
+
+def test_prefect_yaml_parses_and_entrypoints_validate():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    deployments = spec["deployments"]
+    assert len(deployments) >= 2
+    assert any(deployment.get("schedules") for deployment in deployments)
+    for deployment in deployments:
+        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / deployment["entrypoint"]))
+        flow.validate_parameters(deployment.get("parameters") or {})
+        for schedule in deployment.get("schedules") or []:
+            assert schedule.get("cron")
+            flow.validate_parameters({**(deployment.get("parameters") or {}), **(schedule.get("parameters") or {})})
+
+
+def test_cli_rejects_invalid_config_before_any_stage(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--set", "mask.threshold=2", "--set", f"run.store={tmp_path / 's'}"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "mask.threshold" in result.stderr and "less than or equal to 1" in result.stderr
+    assert not (tmp_path / "s").exists()
