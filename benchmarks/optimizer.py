@@ -111,7 +111,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared machine, 1 thread gives steadier ratios
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"torch {torch.__version__}, device {args.device}, param dtype {args.dtype}, "
           f"threads {torch.get_num_threads()}, median of {args.steps} steps after {args.warmup} warm-up")

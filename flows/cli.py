@@ -61,6 +61,46 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_ablate(args: argparse.Namespace) -> int:
+    """Validate every grid point, then run the sweep flow."""
+    from flows.ablation import parse_grid_argument, sweep_points
+
+    try:
+        grid: dict = {}
+        for argument in args.grid:
+            key, values = parse_grid_argument(argument)
+            if key in grid:
+                raise ConfigError(f"grid key {key!r} given twice")
+            grid[key] = values
+        points = sweep_points(grid, args.seeds, args.overrides, args.config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"sweep of {len(points)} runs")
+    from flows.ablation import simu_ablation
+
+    outcome = simu_ablation(grid=grid, seeds=args.seeds, overrides=args.overrides, config_path=args.config,
+                            max_parallel=args.max_parallel, dask_address=args.dask_address)
+    print(f"report: {outcome['report']['report']}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    """Write the comparison report of a results folder."""
+    from flows.report import write_report
+
+    try:
+        written = write_report(args.results, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(written["markdown"])
+    print(f"report: {written['report']}")
+    for name, path in written["plots"].items():
+        print(f"plot {name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``simu``."""
     parser = argparse.ArgumentParser(prog="simu", description="SIMU unlearning pipeline (Prefect, cached stages)")
@@ -68,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the pipeline once (default: built-in synthetic benchmark on CPU)")
     _add_config_arguments(run)
     run.set_defaults(handler=command_run)
+    ablate = commands.add_parser("ablate", help="run a grid of settings (x seeds) through the pipeline")
+    _add_config_arguments(ablate)
+    ablate.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a config key and its values (repeatable; the sweep is their product)")
+    ablate.add_argument("--seeds", type=int, default=1, help="seeds per setting (run.seed = 0..N-1)")
+    ablate.add_argument("--max-parallel", type=int, default=2, help="points run at once on this machine")
+    ablate.add_argument("--dask-address", default=None, help="run points on this Dask scheduler (prefect-dask)")
+    ablate.set_defaults(handler=command_ablate)
+    report = commands.add_parser("report", help="comparison table and plots from a results folder")
+    report.add_argument("--results", default="results", help="results folder holding runs.parquet")
+    report.add_argument("--out", default=None, help="output folder (default: <results>/report)")
+    report.set_defaults(handler=command_report)
     return parser
 
 

@@ -199,10 +199,16 @@ class SimuConfig(_Section):
 
     @model_validator(mode="after")
     def _model_source_fits_benchmark(self) -> "SimuConfig":
-        if self.data.benchmark != "synthetic" and not (self.model.base or self.model.target):
+        model = self.model
+        if self.data.benchmark == "lume" and not (model.base or model.target):
             raise ValueError(
-                f"model.base or model.target is required for data.benchmark={self.data.benchmark!r} "
-                "(only the synthetic benchmark builds its own tiny model)"
+                "model.base or model.target is required for data.benchmark='lume' "
+                "(the QA benchmarks can build their own tiny model; LUME documents need a real one)"
+            )
+        if model.target and not (model.retain_reference or model.base) and self.data.benchmark != "lume":
+            raise ValueError(
+                "model.target is set: also set model.retain_reference (or model.base to train one) so that "
+                "forget quality has its reference"
             )
         return self
 

@@ -28,8 +28,8 @@ MODEL_DIR = "model"
 
 
 def uses_tiny_model(config: SimuConfig) -> bool:
-    """True when the run builds the tiny model from scratch (synthetic benchmark, no base model)."""
-    return config.data.benchmark == "synthetic" and config.model.base is None
+    """True when the run trains the tiny model from scratch (a QA benchmark and no model given)."""
+    return config.data.benchmark != "lume" and config.model.base is None and config.model.target is None
 
 
 def prepare_data(config: SimuConfig, out_dir: Path) -> dict[str, Any]:
@@ -157,3 +157,247 @@ def evaluate(
     if result.notes:
         (Path(out_dir) / "notes.txt").write_text("\n".join(result.notes) + "\n")
     return result.headline()
+
+
+def unlearn(
+    config: SimuConfig,
+    data_dir: Path,
+    target_dir: Path,
+    mask_dir: Path | None,
+    out_dir: Path,
+    reference_dir: Path | None = None,
+    progress_callback: Any = None,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Unlearn the target with ``config.unlearn.method``; write ``<out_dir>/model/`` (HF folder with
+    the tokenizer, safetensors) and ``<out_dir>/train_log.parquet``; return summary figures.
+
+    ``mask_dir``: folder holding ``mask.parquet`` (read only by SIMU-scope methods). Forget set =
+    the benchmark's ``forget`` split, retain set = its ``retain`` split (LUME: input/output rows).
+    ``reference_dir``: the frozen reference of NPO and the KL retain loss; None (the default and what
+    NPO prescribes) uses the target as it is before unlearning. ``progress_callback(step, total,
+    row)`` is called after every optimizer step. ``checkpoint_dir``: where periodic checkpoints go
+    (every ``unlearn.checkpoint_every`` steps) and a rerun resumes from; None uses
+    ``<out_dir>/checkpoints`` and deletes it once the run has finished. Nothing is written to
+    ``out_dir/model`` unless training finished (a non-finite loss raises before that).
+    """
+    # Imported here so the other stages do not load the unlearning engine.
+    import shutil
+
+    from simu_core.masking import NeuronMask
+    from simu_core.prompting import pad_token_id
+    from simu_core.unlearning import build_objective, build_trainer, get_method
+
+    settings = config.unlearn
+    spec = get_method(settings.method)  # an unknown method fails before anything is loaded
+    mask = None
+    if spec.needs_mask:
+        if mask_dir is None:
+            raise ValueError(f"method {spec.name!r} needs a critical-neuron mask: pass mask_dir")
+        mask_path = Path(mask_dir) / "mask.parquet"
+        if not mask_path.is_file():
+            raise FileNotFoundError(f"mask file {str(mask_path)!r} does not exist")
+        mask = NeuronMask.load(mask_path)
+    benchmark = read_benchmark(data_dir)
+    model, tokenizer = load_trained(target_dir, config)
+    max_length = config.model.max_length
+    if isinstance(benchmark, LumeBenchmark):
+        forget_rows, retain_rows = benchmark.split("forget"), benchmark.split("retain")
+        forget = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(forget_rows["input"], forget_rows["output"])]
+        retain = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(retain_rows["input"], retain_rows["output"])]
+    else:
+        forget = encode_frame(tokenizer, benchmark["forget"], max_length)
+        retain = encode_frame(tokenizer, benchmark["retain"], max_length)
+    reference = None
+    if reference_dir is not None and build_objective(settings, spec).needs_reference:
+        reference, _ = load_trained(reference_dir, config)
+    out_dir = Path(out_dir)
+    own_checkpoints = checkpoint_dir is None
+    checkpoint_dir = out_dir / "checkpoints" if own_checkpoints else Path(checkpoint_dir)
+    trainer = build_trainer(
+        model, forget, retain, settings,
+        pad_token_id=pad_token_id(tokenizer),
+        mask=mask,
+        reference=reference,
+        seed=config.run.seed,
+        autocast_dtype=torch.bfloat16 if config.run.dtype == "bfloat16" else None,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        progress_callback=progress_callback,
+        fail_at_step=config.run.fail_at_unlearn_step,
+    )
+    result = trainer.train()
+    save_model(model, tokenizer, out_dir / MODEL_DIR)
+    result.log.to_parquet(out_dir / "train_log.parquet", index=False)
+    log = result.log
+    total_params = sum(p.numel() for p in model.parameters())
+    summary = {
+        "method": spec.name,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "wall_seconds": result.wall_seconds,
+        "forget_items": len(forget),
+        "retain_items": len(retain),
+        "mask_neurons": mask.total() if mask is not None else None,
+        "trainable_coordinates": result.trainable_coordinates,
+        "trainable_fraction": result.trainable_coordinates / max(1, total_params),
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        "forget_loss_first": float(log["forget_loss"].iloc[0]),
+        "forget_loss_last": float(log["forget_loss"].iloc[-1]),
+        "retain_loss_first": float(log["retain_loss"].iloc[0]),
+        "retain_loss_last": float(log["retain_loss"].iloc[-1]),
+    }
+    # NaN (no retain term, no win rate) becomes null: the summary travels as strict JSON.
+    summary = {key: None if isinstance(value, float) and value != value else value for key, value in summary.items()}
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
+    if own_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes them
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# SIMU step 1: attribution and thresholding (issue 3)
+
+ATTRIBUTION_SETS = ("forget", "retain")
+SCORES_FILE = "scores.parquet"
+MASK_FILE = "mask.parquet"
+DUAL_ANALYSIS_FILE = "dual_analysis.parquet"
+THRESHOLD_JACCARD_FILE = "threshold_jaccard.parquet"
+ANALYSIS_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
+
+
+def _attribution_items(
+    config: SimuConfig, benchmark: QABenchmark | LumeBenchmark, tokenizer: PreTrainedTokenizerBase, which: str
+) -> tuple[list[EncodedExample], list[str]]:
+    """The encoded items attributed for ``which`` ('forget' or 'retain') and their item ids.
+
+    Forget: the benchmark's ``forget`` split (QA: question + ``answer``; LUME: input/output rows
+    with ``encode_completion``). Retain: the ``retain`` split, restricted to
+    ``attribution.max_items`` items when set, else to as many items as the forget set; both sets,
+    when restricted, are a sample without replacement drawn with ``run.seed`` (numpy default_rng),
+    kept in the split's order, so reruns attribute exactly the same items.
+    """
+    import numpy as np
+
+    if which not in ATTRIBUTION_SETS:
+        raise ValueError(f"which must be one of {list(ATTRIBUTION_SETS)}, got {which!r}")
+    lume = isinstance(benchmark, LumeBenchmark)
+    forget = benchmark.split("forget") if lume else benchmark["forget"]
+    limit = config.attribution.max_items
+    if which == "forget":
+        frame, count = forget, len(forget) if limit is None else min(limit, len(forget))
+    else:
+        frame = benchmark.split("retain") if lume else benchmark["retain"]
+        count = min(limit if limit is not None else len(forget), len(frame))
+    if count < len(frame):
+        chosen = np.sort(np.random.default_rng(config.run.seed).choice(len(frame), size=count, replace=False))
+        frame = frame.iloc[chosen]
+    max_length = config.model.max_length
+    if lume:
+        examples = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])]
+        ids = [str(item) for item in frame["id"]]
+    else:
+        examples = encode_frame(tokenizer, frame, max_length)
+        ids = [str(item) for item in frame["item_id"]]
+    return examples, ids
+
+
+def attribute(
+    config: SimuConfig, data_dir: Path, target_dir: Path, out_dir: Path, which: str = "forget", progress: bool = True
+) -> dict[str, Any]:
+    """Attribution scores of every MLP neuron on the forget or retain set (see :func:`_attribution_items`).
+
+    Writes ``<out_dir>/scores.parquet``: columns ``(layer, neuron, score)``; the metadata (which
+    set, mode, m, item and answer-token counts, model and data identity, wall time) is JSON in the
+    Parquet schema metadata (``simu_core.attribution.read_scores`` returns it). Returns that
+    metadata. Does not depend on the threshold.
+    """
+    from simu_core.attribution import attribute_neurons, data_identity, model_identity, write_scores
+    from simu_core.prompting import pad_token_id
+
+    if which not in ATTRIBUTION_SETS:
+        raise ValueError(f"which must be one of {list(ATTRIBUTION_SETS)}, got {which!r}")
+    benchmark = read_benchmark(data_dir)
+    model, tokenizer = load_trained(target_dir, config)
+    examples, item_ids = _attribution_items(config, benchmark, tokenizer, which)
+    settings = config.attribution
+    result = attribute_neurons(
+        model, examples, pad_token_id(tokenizer), mode=settings.mode, steps=settings.steps,
+        batch_size=settings.batch_size, progress=progress,
+    )
+    metadata = {
+        "which": which,
+        **result.describe(),
+        "batch_size": settings.batch_size,
+        "model": model_identity(model),
+        "data": {
+            "benchmark": getattr(benchmark, "name", "lume"),
+            "split": getattr(benchmark, "forget_split", which),
+            **data_identity(examples, item_ids),
+        },
+    }
+    table = pd.concat(
+        [
+            pd.DataFrame({"layer": layer, "neuron": range(len(scores)), "score": scores})
+            for layer, scores in enumerate(result.scores)
+        ],
+        ignore_index=True,
+    ).astype({"layer": "int32", "neuron": "int32", "score": "float64"})
+    write_scores(table, Path(out_dir) / SCORES_FILE, metadata)
+    return metadata
+
+
+def threshold_mask(
+    config: SimuConfig, forget_scores_dir: Path, retain_scores_dir: Path | None, out_dir: Path
+) -> dict[str, Any]:
+    """Threshold the scores into the critical-neuron mask and run the dual-neuron analysis.
+
+    Reads the ``scores.parquet`` that :func:`attribute` wrote for each set (``retain_scores_dir``
+    may be None for the ``include`` variant; C_r and dual neurons are then empty). Applies
+    ``config.mask`` (rule, threshold, top_fraction, variant). Writes into ``out_dir``:
+    ``mask.parquet`` (layer, neuron, critical_forget, critical_retain, dual, in_mask);
+    ``dual_analysis.parquet`` (per threshold and layer; layer-relative rule at t in
+    {0.1, 0.2, 0.3, 0.5} plus the configured t); ``threshold_jaccard.parquet`` (Jaccard of the
+    masks between those thresholds); ``scores.parquet`` (layer, neuron, forget_score,
+    retain_score) with both sets' metadata. Returns the mask counts.
+    """
+    from simu_core.attribution import attribution_table, read_scores, scores_from_table, write_scores
+    from simu_core.thresholding import dual_neuron_analysis, select_mask, threshold_jaccard
+
+    forget_table, forget_meta = read_scores(Path(forget_scores_dir) / SCORES_FILE)
+    forget = scores_from_table(forget_table, "score")
+    retain, retain_meta = None, None
+    if retain_scores_dir is not None:
+        retain_table, retain_meta = read_scores(Path(retain_scores_dir) / SCORES_FILE)
+        retain = scores_from_table(retain_table, "score")
+        same_model = forget_meta.get("model", {}).get("down_proj_sha256") == retain_meta.get("model", {}).get("down_proj_sha256")
+        if [len(layer) for layer in forget] != [len(layer) for layer in retain] or not same_model:
+            raise ValueError(
+                f"forget scores ({forget_scores_dir}) and retain scores ({retain_scores_dir}) come from different models"
+            )
+    settings = config.mask
+    selection = select_mask(
+        forget, retain, threshold=settings.threshold, variant=settings.variant, rule=settings.rule,
+        top_fraction=settings.top_fraction,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selection.table().to_parquet(out_dir / MASK_FILE, index=False)
+    thresholds = sorted(set(ANALYSIS_THRESHOLDS) | {settings.threshold})
+    # The analysis variant must be computable: exclude/only need the retain set.
+    variant = settings.variant if retain is not None else "include"
+    dual_neuron_analysis(forget, retain, thresholds, variant).to_parquet(out_dir / DUAL_ANALYSIS_FILE, index=False)
+    threshold_jaccard(forget, retain, thresholds, variant).to_parquet(out_dir / THRESHOLD_JACCARD_FILE, index=False)
+    write_scores(
+        attribution_table(forget, retain), out_dir / SCORES_FILE, {"forget": forget_meta, "retain": retain_meta}
+    )
+    counts = {
+        "rule": settings.rule,
+        "threshold": settings.threshold,
+        "top_fraction": settings.top_fraction,
+        "variant": settings.variant,
+        **selection.counts(),
+    }
+    (out_dir / "counts.json").write_text(json.dumps(counts, indent=2))
+    return counts

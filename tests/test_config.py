@@ -45,7 +45,10 @@ def test_invalid_values_name_the_field(override, field):
 
 def test_real_benchmark_requires_a_model():
     with pytest.raises(ConfigError, match="model.base or model.target"):
-        load_config(overrides=["data.benchmark=tofu"])
+        load_config(overrides=["data.benchmark=lume"])
+    with pytest.raises(ConfigError, match="model.retain_reference"):
+        load_config(overrides=["data.benchmark=tofu", "model.target=org/tofu-target"])
+    assert load_config(overrides=["data.benchmark=tofu"]).model.base is None  # tiny model trained on TOFU
 
 
 def test_malformed_override_and_missing_file(tmp_path):

@@ -1,6 +1,6 @@
 """Masked Sophia: second-order unlearning that updates only a chosen subset of coordinates.
 
-The update is SophiaG's (Liu et al. 2023; see docs/reference ``sophia.md``), per coordinate::
+The update is SophiaG's (Liu et al. 2023; the project's reference notes ``sophia.md``), per coordinate::
 
     step += 1
     theta <- theta * (1 - lr * weight_decay)          # decoupled weight decay
@@ -132,8 +132,9 @@ class MaskedSophia(torch.optim.Optimizer):
         betas: EMA coefficients of the momentum and of the Hessian estimate.
         rho: clipping scale; the step is ``lr * sign(m) * min(|m| / (rho * bs * h), 1)``.
         weight_decay: decoupled weight decay, applied to trainable coordinates only.
-        hessian_batch_size: default ``bs`` of :meth:`step`: the number of loss terms averaged in the
-            loss that produced h (tokens per batch), so ``rho * bs * h`` is the paper's gamma * h.
+        hessian_batch_size: default ``bs`` of :meth:`step` (SophiaG's ``step(bs=5120)``): the number
+            of loss terms averaged in the loss that produced h (tokens per batch), so that
+            ``rho * bs * h`` is the paper's gamma * h_GNB. SOUL keeps it fixed at 5120.
         masks: ``{parameter: spec}`` (by identity), spec ``None`` | bool tensor | :class:`ColumnMask`.
         track_win_rate: compute :attr:`last_win_rate` each step (two extra foreach passes).
     """
@@ -233,6 +234,8 @@ class MaskedSophia(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: int | None = None) -> Tensor | None:
         """One Sophia step on the trainable coordinates; ``bs`` overrides ``hessian_batch_size``."""
+        if bs is not None and not bs > 0:
+            raise ValueError(f"bs must be > 0, got {bs}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -281,9 +284,10 @@ class MaskedSophia(torch.optim.Optimizer):
             torch._foreach_addcmul_(thetas, torch._foreach_sign(ms), ratio, value=-lr)
 
             if self.track_win_rate:
-                # ratio is in [0, 1] after the clamp, so floor() is 1 exactly where it was clipped.
-                flags = torch._foreach_floor(ratio)
-                flags = [torch.where(mk.dense, f, 0.0) if mk.kind == "dense" else f for f, mk in zip(flags, masks)]
+                # ratio is in [0, 1] after the clamp, so floor() is 1 exactly where it was clipped
+                # (in place: ratio is not needed any more).
+                torch._foreach_floor_(ratio)
+                flags = [torch.where(mk.dense, r, 0.0) if mk.kind == "dense" else r for r, mk in zip(ratio, masks)]
                 clipped.extend(torch._foreach_norm(flags, 1))
 
             for p, state, mask, theta, m in writeback:

@@ -1,0 +1,148 @@
+"""Comparison tables and plots over ``runs.parquet`` (pandas + matplotlib, no Prefect).
+
+A *setting* is a run's configuration minus its seed; the comparison table gives the mean and std
+of each headline metric over the seeds of a setting. When the same configuration ran more than
+once (a restarted sweep re-reports cached points), only its latest completed row counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio",
+                    "retain_rouge", "retain_prob", "privleak")
+SEED_COLUMN = "config.run.seed"
+# Config columns that never define a setting (bookkeeping, not method).
+_BOOKKEEPING = ("config.run.seed", "config.run.store", "config.run.results", "config.run.name", "config.run.tags",
+                "config.run.device", "config.run.fail_at_unlearn_step")
+
+
+def read_runs(results: str | Path) -> pd.DataFrame:
+    """Completed runs of ``<results>/runs.parquet``, one (latest) row per configuration."""
+    path = Path(results) / "runs.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no runs table at {path}: run `simu run` or `simu ablate` first")
+    runs = pd.read_parquet(path)
+    runs = runs[runs["status"] == "completed"]
+    if runs.empty:
+        raise ValueError(f"{path} holds no completed run")
+    return runs.sort_values("time").drop_duplicates("config_hash", keep="last").reset_index(drop=True)
+
+
+def setting_columns(runs: pd.DataFrame) -> list[str]:
+    """Config columns whose value differs between runs (seed and bookkeeping excluded)."""
+    columns = []
+    for column in runs.columns:
+        if column.startswith("config.") and column not in _BOOKKEEPING:
+            if runs[column].astype(str).nunique(dropna=False) > 1:
+                columns.append(column)
+    return columns
+
+
+def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
+    """Mean and std over seeds of every metric, one row per setting (plus the seed count)."""
+    keys = setting_columns(runs) or ["config.unlearn.method"]
+    present = [metric for metric in metrics if metric in runs.columns and runs[metric].notna().any()]
+    grouped = runs.groupby([runs[key].astype(str) for key in keys], sort=True)
+    table = grouped[present].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "seeds", grouped.size())
+    table.index.names = [key.removeprefix("config.") for key in keys]
+    return table.reset_index()
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """The comparison table as Markdown, mean ± std per metric."""
+    metric_names = sorted({column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")},
+                          key=lambda name: HEADLINE_METRICS.index(name) if name in HEADLINE_METRICS else 99)
+    settings = [column for column in table.columns if not column.endswith(("_mean", "_std")) and column != "seeds"]
+    header = settings + ["seeds"] + metric_names
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row[column]) for column in settings] + [str(int(row["seeds"]))]
+        for name in metric_names:
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            cells.append("-" if pd.isna(mean) else f"{_fmt(mean)} ± {_fmt(0.0 if pd.isna(std) else std)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2e}" if value != 0 and abs(value) < 1e-3 else f"{value:.3f}"
+
+
+def plot_tradeoff(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Forget quality (log scale) vs model utility, one colour per method, mean ± std over seeds."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    keys = [column for column in setting_columns(runs) if column != "config.unlearn.method"]
+    for method, rows in runs.groupby("config.unlearn.method"):
+        groups = rows.groupby([rows[key].astype(str) for key in keys]) if keys else [(None, rows)]
+        points = [(group["model_utility"].mean(), group["model_utility"].std(), group["forget_quality"].mean(),
+                   group["forget_quality"].std()) for _, group in groups]
+        points = np.array(points, dtype=float)
+        axis.errorbar(points[:, 0], points[:, 2], xerr=np.nan_to_num(points[:, 1]), yerr=np.nan_to_num(points[:, 3]),
+                      fmt="o", capsize=3, label=str(method))
+    axis.set_yscale("log")
+    axis.set_xlabel("model utility (higher is better)")
+    axis.set_ylabel("forget quality, KS p-value (log; higher is better)")
+    axis.set_title("Forgetting vs utility per method (mean ± std over seeds)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(title="method")
+    return _save(figure, path)
+
+
+def plot_metric_vs_threshold(runs: pd.DataFrame, path: str | Path,
+                             metrics: Sequence[str] = ("forget_quality", "model_utility", "forget_rouge")) -> Path | None:
+    """Each metric against the mask threshold t, one line per method (masked methods only)."""
+    column = "config.mask.threshold"
+    masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
+    if masked.empty or masked[column].nunique() < 2:
+        return None
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    for axis, metric in zip(np.atleast_1d(axes), metrics):
+        for method, rows in masked.groupby("config.unlearn.method"):
+            stats = rows.groupby(column)[metric].agg(["mean", "std"]).reset_index()
+            axis.errorbar(stats[column], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=method)
+        axis.set_xlabel("threshold t (fraction of layer max)")
+        axis.set_ylabel(metric.replace("_", " "))
+        if metric == "forget_quality":
+            axis.set_yscale("log")
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle("Metrics vs threshold (mean ± std over seeds)")
+    return _save(figure, path)
+
+
+def plot_neuron_counts(dual_analysis: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Per-layer counts of forget-critical, retain-critical and dual neurons."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    layers = dual_analysis["layer"].to_numpy()
+    width = 0.27
+    for offset, (column, label) in zip((-width, 0, width), (("critical_forget", "forget-critical |C_f|"),
+                                                              ("critical_retain", "retain-critical |C_r|"),
+                                                              ("dual", "dual |C_f ∩ C_r|"))):
+        axis.bar(layers + offset, dual_analysis[column], width=width, label=label)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("neurons")
+    axis.set_xticks(layers)
+    axis.set_title(title or "Critical and dual neurons per layer")
+    axis.legend()
+    axis.grid(True, axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
