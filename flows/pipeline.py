@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from flows.params import run_name, stage_params, uses_mask
 from simu_core.config import SimuConfig, load_config
 from tasks import stages as stage_tasks
+from tasks.caching import entry_is_valid
 from tasks.report import append_run_row, current_run_id, report, run_row
 from tasks.versions import stage_code_version
 
@@ -39,13 +40,21 @@ class _StageRunner:
 
     def __call__(self, label: str, task: Callable, stage: str, inputs: dict, extra_params: dict | None = None, **kwargs: Any) -> dict:
         params = {**self.params[stage], **(extra_params or {})}
+        version = stage_code_version(stage)
         started = time.perf_counter()
-        state = task.with_options(task_run_name=label)(
-            self.raw, self.config.run.store, stage_code_version(stage), params, inputs, return_state=True, **kwargs
+        external = stage in ("train_target", "train_retain_reference") and self._external_model(stage)
+        refresh = not external and not entry_is_valid(self.config.run.store, stage, version, params, inputs)
+        state = task.with_options(task_run_name=label, refresh_cache=refresh)(
+            self.raw, self.config.run.store, version, params, inputs, return_state=True, **kwargs
         )
         self.seconds[label] = round(time.perf_counter() - started, 3)
         self.states[label] = state.name
         return state.result()
+
+
+    def _external_model(self, stage: str) -> bool:
+        model = self.config.model
+        return bool(model.target if stage == "train_target" else model.retain_reference)
 
 
 def checkpoint_folder(config: SimuConfig) -> str:

@@ -1,10 +1,11 @@
 """Caching glue between Prefect and the content-addressed store.
 
-A stage task's cache key is ``INPUTS + TASK_SOURCE`` (its parameters, code version and input
-references; the full config is excluded because each stage declares the parameters it reads)
-plus the state of its store entry: a valid entry contributes its manifest hash, a missing or
-corrupt one a fresh random value, so Prefect never serves a cached reference whose files are
-gone or altered; the task then recomputes.
+A stage task's cache key is ``INPUTS + TASK_SOURCE``: its parameters, code version and input
+references (the full config is excluded because each stage declares the parameters it reads).
+Before calling a task, the flow checks the stage's store entry; when it is missing or corrupt the
+task is called with ``refresh_cache=True``, so Prefect never serves a reference whose files are
+gone or altered. Inside the task, :func:`run_stage` computes the entry at most once per host
+(file lock), or reuses one another run committed meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import tempfile
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -45,24 +45,23 @@ def key_for(stage: str, code_version: str, params: Mapping[str, Any], inputs: Ma
     return stage_key(stage, code_version, params, input_keys(inputs))
 
 
-def store_entry_policy(stage: str) -> CachePolicy:
-    """Cache-key piece that is stable only while the stage's store entry exists and verifies."""
-
-    def entry_state(_context: Any, task_inputs: dict[str, Any]) -> str:
-        store = open_store(task_inputs["store_url"])
-        key = key_for(stage, task_inputs["code_version"], task_inputs["params"], task_inputs["inputs"])
-        try:
-            ref = store.get(stage, key)
-        except CorruptArtifactError:
-            ref = None
-        return ref.manifest_sha256 if ref is not None else f"miss-{uuid.uuid4()}"
-
-    return CachePolicy.from_cache_key_fn(entry_state)
+def entry_is_valid(store_url: str, stage: str, code_version: str, params: Mapping[str, Any],
+                   inputs: Mapping[str, Any]) -> bool:
+    """True when the stage's store entry exists and every file verifies against its manifest."""
+    try:
+        return open_store(store_url).get(stage, key_for(stage, code_version, params, inputs)) is not None
+    except CorruptArtifactError:
+        return False
 
 
 def stage_cache_policy(stage: str) -> CachePolicy:
-    """INPUTS (minus the full config) + TASK_SOURCE + the store entry's state."""
-    return (INPUTS - "config") + TASK_SOURCE + store_entry_policy(stage)
+    """INPUTS (minus the full config, whose relevant part is ``params``) + TASK_SOURCE.
+
+    The flow calls a task with ``refresh_cache=True`` whenever its store entry is missing or fails
+    verification (:func:`entry_is_valid`), so a cached reference to absent or altered files is
+    never served: the task runs and recomputes the entry.
+    """
+    return (INPUTS - "config") + TASK_SOURCE
 
 
 def _lock_dir(store_url: str) -> Path:

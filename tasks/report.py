@@ -113,15 +113,14 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
         _write_parquet_atomic(pd.concat(metrics_frames, ignore_index=True), run_dir / "metrics.parquet")
     if item_frames:
         _write_parquet_atomic(pd.concat(item_frames, ignore_index=True), run_dir / "items.parquet")
-    scores = [_table(store, refs.get(name), "scores.parquet") for name in ("forget_scores", "retain_scores")]
-    if scores[0] is not None and scores[1] is not None:
-        attribution = scores[0][["layer", "neuron", "forget_score"]].merge(
-            scores[1][["layer", "neuron", "retain_score"]], on=["layer", "neuron"])
-        _write_parquet_atomic(attribution, run_dir / "attribution.parquet")
-    for ref_name, file in (("mask", "mask.parquet"), ("mask", "dual_analysis.parquet"), ("unlearned", "train_log.parquet")):
-        table = _table(store, refs.get(ref_name), file)
+    copies = (("mask", "scores.parquet", "attribution.parquet"), ("mask", "mask.parquet", "mask.parquet"),
+              ("mask", "dual_analysis.parquet", "dual_analysis.parquet"),
+              ("mask", "threshold_jaccard.parquet", "threshold_jaccard.parquet"),
+              ("unlearned", "train_log.parquet", "train_log.parquet"))
+    for ref_name, source, target_name in copies:
+        table = _table(store, refs.get(ref_name), source)
         if table is not None:
-            _write_parquet_atomic(table, run_dir / file)
+            _write_parquet_atomic(table, run_dir / target_name)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     headline = _summary(store, refs.get("evaluate"))

@@ -165,7 +165,8 @@ def test_plan_pairs_every_forget_batch_with_a_seeded_retain_batch():
 
 @pytest.mark.parametrize("hessian", ["soul", "gnb"])
 def test_all_ones_mask_gives_exactly_the_unmasked_result(hessian):
-    config = unlearn_config(method="simu", hessian=hessian)
+    # A small max_grad_norm keeps clipping active, so the masked gradient norm is exercised too.
+    config = unlearn_config(method="simu", hessian=hessian, max_grad_norm=0.05)
     results = []
     for variant in ("columns", "dense", "none"):
         model = tiny_model()
@@ -187,7 +188,9 @@ def test_all_ones_mask_gives_exactly_the_unmasked_result(hessian):
     assert_same_weights(dense, plain)
     pd.testing.assert_frame_equal(log_c, log_p)
     pd.testing.assert_frame_equal(log_d, log_p)
-    assert not torch.equal(plain.model.layers[0].self_attn.q_proj.weight, tiny_model().model.layers[0].self_attn.q_proj.weight)
+    assert (log_p["grad_norm"] > 0.05).all()
+    start = tiny_model()
+    assert not torch.equal(plain.model.layers[0].self_attn.q_proj.weight, start.model.layers[0].self_attn.q_proj.weight)
 
 
 @pytest.mark.parametrize("train_attention", [True, False])
@@ -389,7 +392,7 @@ def _set_nlls(config, model_dir, data_dir):
 FORGET_NLL_MIN, RETAIN_NLL_MAX = 1.0, 0.5
 
 
-@pytest.mark.parametrize("method,lr", [("simu", 1e-3), ("so_graddiff", 5e-4)])
+@pytest.mark.parametrize("method,lr", [("simu", 1e-3), ("so_graddiff", 3.5e-4)])
 def test_forget_loss_rises_while_retain_loss_stays_bounded(small, small_mask, tmp_path, method, lr):
     from simu_core.stages import unlearn
 

@@ -89,8 +89,11 @@ def evaluation_splits(benchmark: QABenchmark, max_items: int | None = None) -> d
     return splits
 
 
-class _Requests:
-    """The flattened scoring requests: every variant of every item, with where it belongs."""
+class ScoringRequests:
+    """The flattened scoring workload: every variant of every item, with where it belongs.
+
+    ``keys[i] = (split, row, variant, option)``, variant ``answer`` | ``para`` | ``pert``.
+    """
 
     def __init__(self) -> None:
         self.examples: list[EncodedExample] = []
@@ -101,6 +104,31 @@ class _Requests:
         self.examples.append(example)
         self.token_stats.append(stats)
         self.keys.append((split, row, variant, option))
+
+
+def scoring_requests(
+    tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], max_length: int = 512
+) -> ScoringRequests:
+    """Answers, paraphrases and perturbed answers of every split, flattened for one batched pass."""
+    requests = ScoringRequests()
+    for split, frame in splits.items():
+        stats = split in TOKEN_STAT_SPLITS
+        for row, item in enumerate(frame.itertuples(index=False)):
+            requests.add(encode_qa(tokenizer, item.question, item.answer, max_length), split, row, "answer", stats=stats)
+            if split in PARAPHRASE_SPLITS:
+                requests.add(encode_qa(tokenizer, item.question, item.paraphrased_answer, max_length), split, row, "para")
+            if split != "holdout":
+                for option, wrong in enumerate(item.perturbed_answer):
+                    requests.add(encode_qa(tokenizer, item.question, str(wrong), max_length), split, row, "pert", option)
+    return requests
+
+
+def generation_prompts(
+    tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame]
+) -> tuple[list[tuple[str, int]], list[list[int]]]:
+    """``(split, row)`` keys and prompt ids of every item that gets a greedy generation."""
+    keys = [(split, row) for split in GENERATION_SPLITS if split in splits for row in range(len(splits[split]))]
+    return keys, [prompt_ids(tokenizer, splits[split]["question"].iloc[row]) for split, row in keys]
 
 
 def _nonnegative(values: np.ndarray) -> np.ndarray:
@@ -122,21 +150,11 @@ def evaluate_qa(
     splits = evaluation_splits(benchmark, config.max_items)
     pad_id = pad_token_id(tokenizer)
 
-    requests = _Requests()
-    for split, frame in splits.items():
-        stats = split in TOKEN_STAT_SPLITS
-        for row, item in enumerate(frame.itertuples(index=False)):
-            requests.add(encode_qa(tokenizer, item.question, item.answer, max_length), split, row, "answer", stats=stats)
-            if split in PARAPHRASE_SPLITS:
-                requests.add(encode_qa(tokenizer, item.question, item.paraphrased_answer, max_length), split, row, "para")
-            if split != "holdout":
-                for option, wrong in enumerate(item.perturbed_answer):
-                    requests.add(encode_qa(tokenizer, item.question, str(wrong), max_length), split, row, "pert", option)
+    requests = scoring_requests(tokenizer, splits, max_length)
     scored = score_examples(model, requests.examples, pad_id, config.batch_size, requests.token_stats)
     where = {key: position for position, key in enumerate(requests.keys)}
 
-    generation_keys = [(split, row) for split in GENERATION_SPLITS for row in range(len(splits[split]))]
-    prompts = [prompt_ids(tokenizer, splits[split]["question"].iloc[row]) for split, row in generation_keys]
+    generation_keys, prompts = generation_prompts(tokenizer, splits)
     max_new_tokens = config.max_new_tokens or TOFU_MAX_NEW_TOKENS
     generations = dict(
         zip(generation_keys, generate_greedy(model, tokenizer, prompts, max_new_tokens, config.batch_size))
