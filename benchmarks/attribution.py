@@ -7,7 +7,9 @@ Without ``--target``/``--data`` it prepares the default built-in benchmark and t
 (``simu_core.config.load_config()`` + ``prepare_data`` / ``train_model``; about a minute on 2 cores)
 into ``--workdir`` (reused when already there). Then, in one process, on the forget set:
 
-- wall time of reference mode and of fast mode, and the speedup;
+- wall time of reference mode and of fast mode, and the speedup (the machine may be shared: fast
+  mode and the fwd+bwd unit are timed ``--repeats`` times before and after the single reference
+  run and medians are used; process CPU time is printed next to wall time);
 - the Jaccard of their critical sets (layer-relative rule, forget scores) at t in {0.1, 0.2, 0.3, 0.5};
 - the Spearman correlation of their scores (all neurons, and per layer);
 - the cost of each mode relative to one forward+backward pass over the same items:
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from simu_core.attribution import attribute_neurons  # noqa: E402
 from simu_core.config import load_config  # noqa: E402
 from simu_core.finetune import encode_frame  # noqa: E402
+from simu_core.models.adapter import ArchitectureAdapter  # noqa: E402
 from simu_core.prompting import collate, pad_token_id  # noqa: E402
 from simu_core.scoring import answer_loss  # noqa: E402
 from simu_core.stages import MODEL_DIR, load_trained, prepare_data, read_benchmark, train_model  # noqa: E402
@@ -52,21 +55,25 @@ JACCARD_TARGET = 0.8  # at t = 0.2
 COST_TARGET = 2.0  # fast time / (m x fwd+bwd time)
 
 
-def fwd_bwd_seconds(model, examples, pad_id, batch_size: int, repeats: int = 3) -> float:
-    """Median wall time of one training-style forward+backward sweep over ``examples``."""
+def timed(function):
+    """(wall seconds, process CPU seconds, result) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def fwd_bwd_sweep(model, examples, pad_id, batch_size: int):
+    """A function running one training-style forward+backward sweep over ``examples``."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [collate([examples[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
 
-    def sweep() -> float:
-        started = time.perf_counter()
+    def sweep() -> None:
         for batch in batches:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             answer_loss(logits, batch["labels"]).backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
 
-    sweep()  # warm-up
-    return statistics.median(sweep() for _ in range(repeats))
+    return sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="default: the config's attribution.batch_size")
     parser.add_argument("--max-items", type=int, help="attribute on the first N forget items only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=2, help="fast / fwd+bwd timings before and after the reference")
     args = parser.parse_args(argv)
     if (args.target is None) != (args.data is None):
         parser.error("--target and --data go together")
@@ -107,26 +115,42 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = pad_token_id(tokenizer)
     answer_tokens = sum(example.num_answer_tokens for example in examples)
     print(
-        f"model: {type(model).__name__}, {len(model.model.layers) if hasattr(model, 'model') else '?'} layers; "
+        f"model: {type(model).__name__}, {ArchitectureAdapter(model).num_layers} layers; "
         f"forget items: {len(examples)}, answer tokens: {answer_tokens}; m = {steps}, batch size = {batch_size}; "
         f"torch threads: {torch.get_num_threads()}",
         flush=True,
     )
 
-    # Warm-up both code paths on two items (allocator, kernels), then time each mode once.
+    # Warm-up both code paths on two items (allocator, kernels). The machine may be shared, so the
+    # fast mode and the fwd+bwd unit are timed several times, interleaved with the (single, long)
+    # reference run, and medians are used; wall and process CPU time are both reported.
     for mode in ("reference", "fast"):
         attribute_neurons(model, examples[:2], pad_id, mode=mode, steps=steps, batch_size=batch_size, progress=False)
-    unit = fwd_bwd_seconds(model, examples, pad_id, batch_size)
-    results = {}
-    for mode in ("reference", "fast"):
-        results[mode] = attribute_neurons(
-            model, examples, pad_id, mode=mode, steps=steps, batch_size=batch_size, progress=False
-        )
-        print(f"  {mode}: {results[mode].seconds:.2f} s", flush=True)
-    reference, fast = results["reference"], results["fast"]
+    sweep = fwd_bwd_sweep(model, examples, pad_id, batch_size)
+    sweep()
 
-    speedup = reference.seconds / fast.seconds
-    cost = {mode: result.seconds / (steps * unit) for mode, result in results.items()}
+    def run(mode: str):
+        return attribute_neurons(model, examples, pad_id, mode=mode, steps=steps, batch_size=batch_size, progress=False)
+
+    units, fasts = [], []
+    for _ in range(args.repeats):
+        units.append(timed(sweep)[:2])
+        fasts.append(timed(lambda: run("fast")))
+    ref_wall, ref_cpu, reference = timed(lambda: run("reference"))
+    for _ in range(args.repeats):
+        units.append(timed(sweep)[:2])
+        fasts.append(timed(lambda: run("fast")))
+    fast = fasts[-1][2]
+    unit_wall, unit_cpu = (statistics.median(u[i] for u in units) for i in (0, 1))
+    fast_wall, fast_cpu = (statistics.median(f[i] for f in fasts) for i in (0, 1))
+    print(f"  reference: {ref_wall:.2f} s; fast (median of {len(fasts)}): {fast_wall:.2f} s", flush=True)
+    wall = {"reference": ref_wall, "fast": fast_wall}
+    cpu = {"reference": ref_cpu, "fast": fast_cpu}
+
+    speedup = wall["reference"] / wall["fast"]
+    speedup_cpu = cpu["reference"] / cpu["fast"]
+    cost = {mode: seconds / (steps * unit_wall) for mode, seconds in wall.items()}
+    cost_cpu = {mode: seconds / (steps * unit_cpu) for mode, seconds in cpu.items()}
     overlaps = {
         t: jaccard(layer_relative_critical(reference, t), layer_relative_critical(fast, t)) for t in THRESHOLDS
     }
@@ -135,10 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     rho_layers = [spearmanr(r, f).statistic for r, f in zip(reference.scores, fast.scores)]
 
     print("\nattribution: reference (paper) mode vs fast mode")
-    print(f"  one fwd+bwd sweep over the items:  {unit * 1000:.1f} ms  (m x = {steps * unit:.2f} s)")
-    print(f"  reference: {reference.seconds:8.2f} s   cost {cost['reference']:.2f} x (m fwd+bwd)")
-    print(f"  fast:      {fast.seconds:8.2f} s   cost {cost['fast']:.2f} x (m fwd+bwd)")
-    print(f"  speedup:   {speedup:.1f} x")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  fast-mode isolation: {fast.metadata.get('isolation')}")
+    print("                 wall s    CPU s   cost wall / CPU (x m fwd+bwd)")
+    print(f"  fwd+bwd sweep {unit_wall:8.3f} {unit_cpu:8.3f}")
+    for mode in ("reference", "fast"):
+        print(f"  {mode:<12} {wall[mode]:8.2f} {cpu[mode]:8.2f}   {cost[mode]:7.2f} / {cost_cpu[mode]:.2f}")
+    print(f"  speedup (reference / fast): {speedup:.1f}x wall, {speedup_cpu:.1f}x CPU")
+    max_diff = max(float(np.abs(r - f).max() / max(np.abs(r).max(), 1e-30)) for r, f in zip(reference.scores, fast.scores))
+    print(f"  max |fast - reference| / max |reference| over layers: {max_diff:.1e}")
     print("  Jaccard of critical sets (layer-relative rule; |C| reference / fast):")
     for t in THRESHOLDS:
         print(f"    t = {t:.1f}: {overlaps[t]:.3f}   ({sizes[t][0]} / {sizes[t][1]})")
@@ -147,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [
         (f"fast >= {SPEEDUP_TARGET:.0f}x faster than reference", speedup >= SPEEDUP_TARGET, f"{speedup:.1f}x"),
         (f"Jaccard >= {JACCARD_TARGET} at t = 0.2", overlaps[0.2] >= JACCARD_TARGET, f"{overlaps[0.2]:.3f}"),
-        (f"fast within {COST_TARGET:.0f}x of m fwd+bwd", cost["fast"] <= COST_TARGET, f"{cost['fast']:.2f}x"),
+        (f"fast within {COST_TARGET:.0f}x of m fwd+bwd", cost["fast"] <= COST_TARGET,
+         f"{cost['fast']:.2f}x wall, {cost_cpu['fast']:.2f}x CPU"),
     ]
     print("\ntargets:")
     for name, ok, value in checks:

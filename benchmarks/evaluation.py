@@ -11,10 +11,12 @@ written by ``prepare_data``.
 
 Measured on exactly the suite's workload (first ``--max-items`` rows of each evaluation split):
 (1) scoring: every answer / paraphrase / perturbed-answer NLL, with the per-token statistics of the
-forget and holdout answers, in one sorted batched pass vs ``batch_size=1``;
+forget and holdout answers: the suite's path (sorted batches, each question's prompt run once for
+all its variants), the same batches without prompt sharing, and one sequence at a time;
 (2) generation: greedy, left-padded, cut at EOS, on forget / retain / real authors / world facts,
-batched vs one prompt at a time. Items per second count QA items (not variants). Both paths must
-give the same numbers (checked and printed). Target: batching >= 4x faster on each part.
+batched vs one prompt at a time. Items per second count QA items (not variants); each figure is the
+best of ``--repeats`` runs. Both paths must give the same numbers (checked and printed).
+Target: batching >= 4x faster on each part.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=40, help="items per evaluation split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=TOFU_MAX_NEW_TOKENS)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default); 1 by default because on a shared 2-core "
+                             "machine OpenMP spin-waiting under contention slows both sides ~10x")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best kept)")
     parser.add_argument("--skip-suite", action="store_true", help="skip the end-to-end evaluate_qa timing")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -94,25 +99,35 @@ def main() -> None:
           f"max_new_tokens {args.max_new_tokens}")
     print(f"workload: {scoring_items} items -> {len(requests.examples)} scored sequences; {len(prompts)} generations")
 
+    def best_of(fn):
+        # Minimum over repeats: other processes on a shared machine only ever add time.
+        runs = [timed(fn) for _ in range(args.repeats)]
+        return min(seconds for seconds, _ in runs), runs[0][1]
+
+    examples, flags = requests.examples, requests.token_stats
     with torch.inference_mode():
-        # Warm-up (allocator, kernels) so neither side pays first-call costs.
-        score_examples(model, requests.examples[:8], pad_id, 8)
+        # Warm-up (allocator, kernels) so that no side pays first-call costs.
+        score_examples(model, examples[:8], pad_id, 8, share_prompts=True)
         generate_greedy(model, tokenizer, prompts[:2], 4, 2)
+        score_b, scored_b = best_of(lambda: score_examples(model, examples, pad_id, args.batch_size, flags, share_prompts=True))
+        score_p, scored_p = best_of(lambda: score_examples(model, examples, pad_id, args.batch_size, flags))
+        score_1, scored_1 = best_of(lambda: score_examples(model, examples, pad_id, 1, flags))
+        gen_b, texts_b = best_of(lambda: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size))
+        gen_1, texts_1 = best_of(lambda: [generate_greedy(model, tokenizer, [p], args.max_new_tokens, 1)[0] for p in prompts])
 
-        score_b, scored_b = timed(lambda: score_examples(model, requests.examples, pad_id, args.batch_size, requests.token_stats))
-        score_1, scored_1 = timed(lambda: score_examples(model, requests.examples, pad_id, 1, requests.token_stats))
-        gen_b, texts_b = timed(lambda: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size))
-        gen_1, texts_1 = timed(lambda: [generate_greedy(model, tokenizer, [p], args.max_new_tokens, 1)[0] for p in prompts])
-
-    nll_diff = float(np.max(np.abs(scored_b.nll - scored_1.nll)))
+    nll_diff = float(max(np.max(np.abs(scored_b.nll - scored_1.nll)), np.max(np.abs(scored_p.nll - scored_1.nll))))
     same_generations = float(np.mean([a == b for a, b in zip(texts_b, texts_1)]))
     figures = {
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
         "scoring_items": scoring_items,
-        "scored_sequences": len(requests.examples),
+        "scored_sequences": len(examples),
         "generation_items": len(prompts),
         "scoring_batched_items_per_s": scoring_items / score_b,
+        "scoring_batched_unshared_items_per_s": scoring_items / score_p,
         "scoring_single_items_per_s": scoring_items / score_1,
         "scoring_speedup": score_1 / score_b,
+        "scoring_unshared_speedup": score_1 / score_p,
         "generation_batched_items_per_s": len(prompts) / gen_b,
         "generation_single_items_per_s": len(prompts) / gen_1,
         "generation_speedup": gen_1 / gen_b,
@@ -120,9 +135,11 @@ def main() -> None:
         "identical_generations_fraction": same_generations,
         "mean_generated_chars": float(np.mean([len(text) for text in texts_b])),
     }
-    print(f"scoring    batched {figures['scoring_batched_items_per_s']:8.1f} items/s   "
+    print(f"scoring    batched {figures['scoring_batched_items_per_s']:8.1f} items/s "
+          f"(without prompt sharing {figures['scoring_batched_unshared_items_per_s']:.1f})   "
           f"one-at-a-time {figures['scoring_single_items_per_s']:8.1f} items/s   "
-          f"speedup {figures['scoring_speedup']:.1f}x   (max |dNLL| {nll_diff:.1e})")
+          f"speedup {figures['scoring_speedup']:.1f}x ({figures['scoring_unshared_speedup']:.1f}x)   "
+          f"(max |dNLL| {nll_diff:.1e})")
     print(f"generation batched {figures['generation_batched_items_per_s']:8.1f} items/s   "
           f"one-at-a-time {figures['generation_single_items_per_s']:8.1f} items/s   "
           f"speedup {figures['generation_speedup']:.1f}x   (identical outputs {same_generations:.0%})")

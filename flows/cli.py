@@ -63,7 +63,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_ablate(args: argparse.Namespace) -> int:
     """Validate every grid point, then run the sweep flow."""
-    from flows.ablation import parse_grid_argument, sweep_points
+    from flows.grid import parse_grid_argument, sweep_points
 
     try:
         grid: dict = {}

@@ -29,6 +29,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> dict
         analysis_path = results / "runs" / str(latest["run_id"]) / "dual_analysis.parquet"
         if analysis_path.exists():
             analysis = pd.read_parquet(analysis_path)
+            threshold = float(latest["config.mask.threshold"])
+            analysis = analysis[(analysis["threshold"] - threshold).abs() < 1e-12]
             plots["neuron_counts"] = reporting.plot_neuron_counts(
                 analysis, out / "neuron_counts.png",
                 title=f"Critical and dual neurons per layer (t={latest['config.mask.threshold']})")

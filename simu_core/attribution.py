@@ -23,21 +23,31 @@ Two modes:
     L x m forward+backward passes per answer token.
 
 ``fast``
-    Teacher forcing: one pass per (batch of items, layer) over whole sequences, m scaled copies
-    batched. Layer l's activation is scaled at every answer-predicting position of the sequence
-    at once (prompt positions keep their original activations, as in the reference), F is the
+    Teacher forcing with per-position isolation, and the same numbers as the reference (to float
+    rounding). One pass per (batch of items, layer) over whole sequences, the m scaled copies
+    batched; layer l's activation is scaled at every answer-predicting position at once, F is the
     summed log-probability of all answer tokens, and the score adds beta * mean_j dF/da over the
-    answer-predicting positions. It differs from the reference only through attention: the scaled
-    positions see each other, and a later token's log-probability contributes to an earlier
-    position's gradient. For the last layer the two modes agree exactly. Layers below l are not
-    recomputed for the m copies: one clean pass per batch caches each decoder layer's output, and
-    the layers below l are replaced by stubs returning the cached output (identical values, about
-    half the forward cost). ``benchmarks/attribution.py`` measures agreement and speed.
+    answer-predicting positions. Scaling all positions together would let them interact through
+    attention (a later token's log-probability would reach an earlier position's gradient, and
+    each position would see scaled neighbours). To prevent this, attention runs "two-stream":
+    a clean pass of the same items records every layer's keys and values, and in the scaled
+    copies each query attends to the CLEAN keys/values of the other positions and to its own
+    (scaled-stream) key/value, which is what the reference's prefix sample computes. The
+    function is registered in Hugging Face's attention interface, which every supported
+    architecture dispatches through (a model that bypasses it gets the plain joint path, and the
+    result's metadata says ``isolation: "none"``). The same clean pass caches each decoder layer's
+    output, and the layers below l are replaced by stubs returning it (the copies are identical
+    there), so the m copies only run layers l..L-1. Cost: about m x (one forward+backward) per
+    item and layer on the upper layers only, against m x L per answer TOKEN for the reference;
+    ``benchmarks/attribution.py`` measures both and their agreement.
 
 Both modes: deterministic (fixed order, no sampling), parameters' ``requires_grad`` is switched off
 during attribution (only the path from the scaled activation is differentiated, and no parameter
-gradient is ever accumulated), memory is bounded by one batch of one layer (scores are accumulated
-per layer in float64 as batches go).
+gradient is ever accumulated), memory is bounded by one batch: the m copies of one layer's pass,
+plus (fast mode) that batch's clean keys/values and layer outputs; scores are accumulated per layer
+in float64 as batches go, never as per-sample gradients. Attribution temporarily changes the model
+(parameter flags, eval mode, attention implementation, layer stubs) and restores it, so one model
+object must not be attributed by two threads at once.
 
 Scores are written as Parquet with their metadata (mode, m, number of items and samples, model
 and data identity) stored as JSON in the Parquet schema metadata under the key
@@ -48,7 +58,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +307,119 @@ def _decoder_container(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Mod
     return container if len(container) == adapter.num_layers else None
 
 
+# Two-stream attention: per-position isolation for teacher forcing.
+#
+# In the reference, the sample for answer token t+1 scales the activation at position p = t only;
+# every other position keeps its clean activation. In particular, in the layers above l, position
+# p attends to the CLEAN keys/values of positions < p and to its own (scaled-stream) key/value.
+# The attention function below computes exactly that for every position of a teacher-forced
+# sequence at once: the rows of the batch are the m scaled copies; keys/values of every position
+# other than the query's own come from a clean pass of the same items (recorded per layer), the
+# diagonal from the row itself. So position p's output depends on the scaling at p and nowhere
+# else, the answer tokens do not interact, and one pass per layer gives the reference's per-token
+# quantities (and gradients) exactly. It is registered in Hugging Face's attention interface, which
+# every supported architecture dispatches through; a model that bypasses it gets the plain joint
+# path instead (recorded in the result's metadata as ``isolation: "none"``).
+
+_ATTENTION_KEY = "simu_two_stream"
+
+
+class _TwoStream:
+    """State of the two-stream attention while one attribution runs (per thread: Prefect may run
+    the forget and retain attributions in two threads of one process, each on its own model)."""
+
+    _local = threading.local()
+
+    @classmethod
+    def current(cls) -> "_TwoStream | None":
+        return getattr(cls._local, "state", None)
+
+    @classmethod
+    def set_current(cls, state: "_TwoStream | None") -> None:
+        cls._local.state = state
+
+    def __init__(self) -> None:
+        self.recording = True
+        self.copies = 1
+        self.clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def start_recording(self) -> None:
+        self.recording, self.clean = True, {}
+
+    def replay(self, copies: int) -> None:
+        self.recording, self.copies = False, copies
+
+
+def _expand_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
+    groups = heads // states.shape[1]
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)  # as HF's repeat_kv
+
+
+def _two_stream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state = _TwoStream.current()
+    heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
+    scaling = dim**-0.5 if scaling is None else scaling
+    key, value = _expand_heads(key, heads), _expand_heads(value, heads)
+    if attention_mask is None:  # the eager mask is always 4D; this is the causal default anyway
+        causal = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~causal, torch.finfo(query.dtype).min
+        )[None, None]
+    elif attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    attention_mask = attention_mask[..., : key.shape[2]]
+    if state is None or state.recording:
+        if state is not None:
+            state.clean[id(module)] = (key.detach(), value.detach())
+        weights = torch.softmax((query @ key.transpose(-1, -2)) * scaling + attention_mask, dim=-1, dtype=torch.float32)
+        return (weights.to(query.dtype) @ value).transpose(1, 2).contiguous(), None
+    if id(module) not in state.clean:
+        raise RuntimeError("two-stream attention: no clean keys/values recorded for this attention module")
+    clean_key, clean_value = state.clean[id(module)]  # [B, H, T, D]
+    copies = state.copies
+    rows = clean_key.shape[0]
+    q = query.view(copies, rows, heads, length, dim)
+    scores = (q @ clean_key.transpose(-1, -2)[None]) * scaling  # [m, B, H, T, T]: clean keys off-diagonal
+    own = (q * key.view(copies, rows, heads, length, dim)).sum(-1) * scaling  # [m, B, H, T]: own key
+    scores = scores + torch.diag_embed(own - scores.diagonal(dim1=-2, dim2=-1))
+    mask = attention_mask.view(copies, rows, *attention_mask.shape[1:]) if attention_mask.shape[0] > 1 else attention_mask
+    weights = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    own_value = value.view(copies, rows, heads, length, dim)
+    output = weights @ clean_value[None] + weights.diagonal(dim1=-2, dim2=-1)[..., None] * (own_value - clean_value[None])
+    return output.reshape(copies * rows, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def _register_two_stream() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    except ImportError:  # an older transformers without the attention interface
+        return False
+    AttentionInterface.register(_ATTENTION_KEY, _two_stream_attention)
+    AttentionMaskInterface.register(_ATTENTION_KEY, eager_mask)
+    return True
+
+
+@contextmanager
+def _two_stream(model: nn.Module) -> Iterator[_TwoStream | None]:
+    """Route the model's attention through the two-stream function (None when impossible)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation") or not _register_two_stream():
+        yield None
+        return
+    previous = config._attn_implementation
+    state = _TwoStream()
+    _TwoStream.set_current(state)
+    config._attn_implementation = _ATTENTION_KEY
+    try:
+        yield state
+    finally:
+        config._attn_implementation = previous
+        _TwoStream.set_current(None)
+
+
 def _attribute_fast(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -306,62 +431,92 @@ def _attribute_fast(
     scores: list[torch.Tensor],
     bar: tqdm,
     reuse_lower_layers: bool = True,
-) -> None:
+    isolate_positions: bool = True,
+) -> dict[str, Any]:
     device = next(model.parameters()).device
     container = _decoder_container(model, adapter) if reuse_lower_layers else None
     order = sorted(
         (index for index, example in enumerate(examples) if _predicting_positions(example)),
         key=lambda index: len(examples[index].input_ids),
     )
-    for chunk in _chunks(order, batch_size):
-        batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_token_id).items()}
-        rows_per_copy = len(chunk)
-        # predicting[b, p]: position p of item b predicts an answer token (labels[b, p + 1] labelled).
-        predicting = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        predicting[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
-        index = predicting.repeat(steps, 1).nonzero(as_tuple=True)  # copy-major, row-major order
-        samples_per_copy = int(predicting.sum())
+    isolation = "two_stream" if isolate_positions else "none"
+    with _two_stream(model) if isolate_positions else _null() as attention:
+        if attention is None:
+            isolation = "none"
+        for chunk in _chunks(order, batch_size):
+            batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_token_id).items()}
+            rows_per_copy = len(chunk)
+            # predicting[b, p]: position p of item b predicts an answer token (labels[b, p + 1] labelled).
+            predicting = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            predicting[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+            index = predicting.repeat(steps, 1).nonzero(as_tuple=True)  # copy-major, row-major order
+            samples_per_copy = int(predicting.sum())
 
-        outputs: list[Any] = []
-        if container is not None and max(layers) > 0:
-            # One clean pass records every decoder layer's output for the layer stubs.
-            handles = [
-                container[i].register_forward_hook(lambda mod, args, out: outputs.append(_detach(out)))
-                for i in range(adapter.num_layers)
-            ]
+            # One clean pass: every decoder layer's output (for the layer stubs) and every layer's
+            # clean keys/values (for the two-stream attention).
+            outputs: list[Any] = []
+            handles = (
+                [container[i].register_forward_hook(lambda mod, args, out: outputs.append(_detach(out)))
+                 for i in range(adapter.num_layers)]
+                if container is not None else []
+            )
+            if attention is not None:
+                attention.start_recording()
             try:
-                with torch.no_grad():
-                    _forward(model, batch["input_ids"], batch["attention_mask"])
+                if handles or attention is not None:
+                    with torch.no_grad():
+                        _forward(model, batch["input_ids"], batch["attention_mask"])
             finally:
                 for handle in handles:
                     handle.remove()
             if len(outputs) != adapter.num_layers:  # layers not called once each: do not replay
                 outputs = []
+            if attention is not None:
+                if len(attention.clean) != adapter.num_layers:
+                    # The model does not dispatch its attention through the interface: plain path.
+                    attention.clean, isolation = {}, "none"
+                    attention.start_recording()
+                else:
+                    attention.replay(steps)
 
-        input_ids = batch["input_ids"].repeat(steps, 1)
-        attention_mask = batch["attention_mask"].repeat(steps, 1)
-        labels = batch["labels"].repeat(steps, 1)
-        for layer in layers:
-            module = adapter.layers[layer].down.module
-            state: dict[str, torch.Tensor] = {}
+            input_ids = batch["input_ids"].repeat(steps, 1)
+            attention_mask = batch["attention_mask"].repeat(steps, 1)
+            labels = batch["labels"].repeat(steps, 1)
+            for layer in layers:
+                module = adapter.layers[layer].down.module
+                state: dict[str, torch.Tensor] = {}
 
-            def hook(mod, args, state=state):
-                base = args[0].detach()
-                alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
-                beta = base[index]  # [m * n, d_ff], copy-major
-                scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
-                state["beta"], state["scaled"] = beta[:samples_per_copy], scaled
-                # Prompt positions keep their activation; every answer-predicting one is scaled.
-                return (base.index_put(index, scaled),) + tuple(args[1:])
+                def hook(mod, args, state=state):
+                    base = args[0].detach()
+                    alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
+                    beta = base[index]  # [m * n, d_ff], copy-major
+                    scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
+                    state["beta"], state["scaled"] = beta[:samples_per_copy], scaled
+                    # Prompt positions keep their activation; every answer-predicting one is scaled.
+                    return (base.index_put(index, scaled),) + tuple(args[1:])
 
-            replace = _lower_layers_replaced(container if outputs else None, outputs, layer, steps, rows_per_copy)
-            with replace, _pre_hook(module, hook):
-                logits = _forward(model, input_ids, attention_mask)
-            logprobs, _ = token_logprobs(logits, labels)
-            (grad,) = torch.autograd.grad(logprobs.sum(), state["scaled"])
-            mean_grad = grad.float().view(steps, samples_per_copy, -1).mean(0)
-            scores[layer] += (state["beta"].float() * mean_grad).sum(0).double()
-            bar.update(1)
+                replace = _lower_layers_replaced(container if outputs else None, outputs, layer, steps, rows_per_copy)
+                with replace, _pre_hook(module, hook):
+                    logits = _forward(model, input_ids, attention_mask)
+                logprobs, _ = token_logprobs(logits, labels)
+                (grad,) = torch.autograd.grad(logprobs.sum(), state["scaled"])
+                mean_grad = grad.float().view(steps, samples_per_copy, -1).mean(0)
+                scores[layer] += (state["beta"].float() * mean_grad).sum(0).double()
+                bar.update(1)
+    if isolate_positions and isolation == "none":
+        warnings.warn(
+            f"fast attribution could not isolate answer positions for {type(model).__name__} (its attention does "
+            "not go through the Hugging Face attention interface): scores follow the joint path and only "
+            "approximate the reference mode",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {"isolation": isolation}
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield None
 
 
 def _detach(value: Any) -> Any:
@@ -417,7 +572,7 @@ def attribute_neurons(
     try:
         with _attribution_state(model):
             run = _attribute_reference if mode == "reference" else _attribute_fast
-            run(model, adapter, examples, pad_token_id, steps, batch_size, layers, scores, bar)
+            details = run(model, adapter, examples, pad_token_id, steps, batch_size, layers, scores, bar) or {}
     finally:
         bar.close()
     return AttributionResult(
@@ -427,6 +582,7 @@ def attribute_neurons(
         num_examples=len(examples),
         num_samples=num_samples,
         seconds=time.perf_counter() - started,
+        metadata=dict(details),
     )
 
 

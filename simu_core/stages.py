@@ -177,12 +177,14 @@ def unlearn(
     the benchmark's ``forget`` split, retain set = its ``retain`` split (LUME: input/output rows).
     ``reference_dir``: the frozen reference of NPO and the KL retain loss; None (the default and what
     NPO prescribes) uses the target as it is before unlearning. ``progress_callback(step, total,
-    row)`` is called after every optimizer step. ``checkpoint_dir``: where periodic checkpoints go
-    (every ``unlearn.checkpoint_every`` steps) and a rerun resumes from; None uses
-    ``<out_dir>/checkpoints`` and deletes it once the run has finished. Nothing is written to
-    ``out_dir/model`` unless training finished (a non-finite loss raises before that).
+    row)`` is called after every optimizer step. ``checkpoint_dir``: root of the periodic
+    checkpoints (every ``unlearn.checkpoint_every`` steps) with one subfolder per run (settings, input
+    folders, mask), so a root shared by many runs is safe and a rerun of the same run resumes; the
+    run's subfolder is deleted once it has finished. None uses ``<out_dir>/checkpoints``. Nothing is
+    written to ``out_dir/model`` unless training finished (a non-finite loss raises before that).
     """
     # Imported here so the other stages do not load the unlearning engine.
+    import hashlib
     import shutil
 
     from simu_core.masking import NeuronMask
@@ -213,8 +215,6 @@ def unlearn(
     if reference_dir is not None and build_objective(settings, spec).needs_reference:
         reference, _ = load_trained(reference_dir, config)
     out_dir = Path(out_dir)
-    own_checkpoints = checkpoint_dir is None
-    checkpoint_dir = out_dir / "checkpoints" if own_checkpoints else Path(checkpoint_dir)
     trainer = build_trainer(
         model, forget, retain, settings,
         pad_token_id=pad_token_id(tokenizer),
@@ -222,11 +222,18 @@ def unlearn(
         reference=reference,
         seed=config.run.seed,
         autocast_dtype=torch.bfloat16 if config.run.dtype == "bfloat16" else None,
-        checkpoint_dir=checkpoint_dir,
         progress=progress,
         progress_callback=progress_callback,
         fail_at_step=config.run.fail_at_unlearn_step,
     )
+    # One subfolder per run: a checkpoint root shared by many runs (a sweep, a rerun with another lr)
+    # resumes only the run that wrote it. The run is its settings plus its input folders (content-
+    # addressed in the store) and its mask.
+    identity = [trainer.fingerprint(), str(Path(data_dir).resolve()), str(Path(target_dir).resolve()),
+                str(Path(reference_dir).resolve()) if reference_dir else "", repr(mask.neurons) if mask else ""]
+    run_key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
+    checkpoint_root = out_dir / "checkpoints" if checkpoint_dir is None else Path(checkpoint_dir)
+    trainer.checkpoint_dir = checkpoint_root / run_key
     result = trainer.train()
     save_model(model, tokenizer, out_dir / MODEL_DIR)
     result.log.to_parquet(out_dir / "train_log.parquet", index=False)
@@ -251,8 +258,10 @@ def unlearn(
     # NaN (no retain term, no win rate) becomes null: the summary travels as strict JSON.
     summary = {key: None if isinstance(value, float) and value != value else value for key, value in summary.items()}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
-    if own_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes them
+    # The finished model supersedes this run's checkpoints.
+    shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+    if checkpoint_dir is None:
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary
 
 

@@ -61,6 +61,15 @@ def trained_small(tmp_path_factory, small_config):
     return {**folders, "sizes": sizes, "stats": stats, "config": small_config}
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary server on SQLite) shared by the pipeline tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
 def require_dir(path: Path) -> Path:
     """Skip the test cleanly when a shared data folder is absent."""
     if not path.is_dir():

@@ -91,6 +91,7 @@ def closed_form(table: np.ndarray, weight: np.ndarray, examples: list[EncodedExa
     return scores
 
 
+@pytest.mark.filterwarnings("ignore:fast attribution could not isolate")  # tested below
 @pytest.mark.parametrize("mode", ["reference", "fast"])
 @pytest.mark.parametrize("steps", [1, 3, 5])
 def test_m_step_attribution_equals_closed_form(mode, steps):
@@ -102,7 +103,15 @@ def test_m_step_attribution_equals_closed_form(mode, steps):
     result = attribute_neurons(model, examples, pad_token_id=0, mode=mode, steps=steps, progress=False)
     expected = closed_form(table.double().numpy(), weight.double().numpy(), examples, steps)
     assert result.num_samples == 5 and result.num_examples == 2
+    if mode == "fast":  # no HF attention interface here (and no attention to isolate): recorded
+        assert result.metadata["isolation"] == "none"
     np.testing.assert_allclose(result.scores[0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_mode_warns_when_it_cannot_isolate_positions():
+    model = AnalyticLM(torch.ones(2, 4), torch.ones(2, 4))
+    with pytest.warns(RuntimeWarning, match="could not isolate answer positions for AnalyticLM"):
+        attribute_neurons(model, [qa([0], [1, 1])], 0, mode="fast", steps=2, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +129,10 @@ def _spiky_llama(seed: int = 0) -> nn.Module:
     return model
 
 
-def _objective(model, example: EncodedExample, zero_layer: int | None, positions: list[int]) -> float:
-    """Summed answer log-prob, with layer ``zero_layer``'s activation zeroed at ``positions``."""
+def _objective(model, example: EncodedExample, zero_layer: int | None, positions: list[int],
+               targets: list[int] | None = None) -> float:
+    """Summed log-prob of the answer tokens at ``targets`` (default: all), with layer
+    ``zero_layer``'s activation zeroed at ``positions``."""
     adapter = ArchitectureAdapter(model)
     ids = torch.tensor([example.input_ids])
     handle = None
@@ -137,8 +148,9 @@ def _objective(model, example: EncodedExample, zero_layer: int | None, positions
     finally:
         if handle is not None:
             handle.remove()
-    return float(sum(logprobs[t - 1, example.labels[t]] for t in range(1, len(example.labels))
-                     if example.labels[t] != IGNORE_INDEX))
+    if targets is None:
+        targets = [t for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX]
+    return float(sum(logprobs[t - 1, example.labels[t]] for t in targets))
 
 
 # The m-step sum is a right-endpoint Riemann sum of the path integral, so it converges to
@@ -170,19 +182,21 @@ def test_completeness_reference_mode_per_sample():
             _check_complete(coarse.scores[layer].sum(), fine.scores[layer].sum(), delta)
 
 
-def test_completeness_fast_mode_along_its_own_path():
-    # Fast mode scales every answer-predicting position at once: its scores sum to the change of
-    # the summed answer log-prob when those positions' activations go from beta to 0.
+def test_completeness_fast_mode_sums_the_per_sample_deltas():
+    # Fast mode isolates the answer positions, so its scores sum, per layer, to the reference's
+    # per-sample deltas added over the item's answer tokens (each with only its own position zeroed).
     model = _spiky_llama(seed=1)
     example = qa([5, 17, 33], [41, 8, 60])
     coarse, fine = (
         attribute_neurons(model, [example], 0, mode="fast", steps=steps, progress=False)
         for steps in (COMPLETENESS_STEPS, 2 * COMPLETENESS_STEPS)
     )
-    positions = [t - 1 for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX]
-    full = _objective(model, example, None, [])
+    targets = [t for t in range(1, len(example.labels)) if example.labels[t] != IGNORE_INDEX]
     for layer in range(len(fine.scores)):
-        delta = full - _objective(model, example, layer, positions)
+        delta = sum(
+            _objective(model, example, None, [], [t]) - _objective(model, example, layer, [t - 1], [t])
+            for t in targets
+        )
         _check_complete(coarse.scores[layer].sum(), fine.scores[layer].sum(), delta)
 
 
@@ -241,7 +255,7 @@ def test_planted_neuron_is_ranked_first(mode):
 
 
 @pytest.mark.parametrize("architecture", sorted(model_factory.BUILDERS))
-def test_every_architecture_runs_and_modes_agree_on_the_last_layer(architecture):
+def test_every_architecture_runs_and_fast_mode_equals_reference(architecture):
     model = model_factory.build(architecture)
     examples = random_examples()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
@@ -253,29 +267,41 @@ def test_every_architecture_runs_and_modes_agree_on_the_last_layer(architecture)
         assert [len(layer) for layer in result.scores] == sizes == [model_factory.FF] * model_factory.LAYERS
         assert all(np.isfinite(layer).all() and np.abs(layer).max() > 0 for layer in result.scores)
         assert result.num_samples == sum(example.num_answer_tokens for example in examples)
-    # In the last layer a position's activation reaches only its own logits: the modes coincide.
-    np.testing.assert_allclose(fast.scores[-1], reference.scores[-1], rtol=1e-4, atol=1e-6 * np.abs(reference.scores[-1]).max())
+    # Two-stream attention isolates the answer positions: fast mode computes the reference's numbers.
+    assert fast.metadata["isolation"] == "two_stream"
+    for layer in range(model_factory.LAYERS):
+        np.testing.assert_allclose(fast.scores[layer], reference.scores[layer], rtol=1e-4,
+                                   atol=1e-5 * np.abs(reference.scores[layer]).max())
     # Attribution leaves the model as it was: weights, requires_grad flags, no .grad, eval mode.
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) and param.requires_grad == flags[name] and param.grad is None
     assert not model.training
 
 
-def test_fast_mode_layer_stubs_change_nothing():
+def _fast_scores(model, examples, **options) -> list[np.ndarray]:
     from simu_core import attribution
 
+    adapter = ArchitectureAdapter(model)
+    scores = [torch.zeros(size, dtype=torch.float64) for size in adapter.neurons_per_layer()]
+    with attribution._attribution_state(model):
+        attribution._attribute_fast(model, adapter, examples, 0, 3, 2, list(range(adapter.num_layers)), scores,
+                                    attribution.tqdm(disable=True), **options)
+    return [layer.numpy() for layer in scores]
+
+
+def test_fast_mode_layer_stubs_change_nothing_and_isolation_matters():
     model = model_factory.build("gpt2")
     examples = random_examples(4)
-    adapter = ArchitectureAdapter(model)
-    results = []
-    for reuse in (True, False):
-        scores = [torch.zeros(size, dtype=torch.float64) for size in adapter.neurons_per_layer()]
-        with attribution._attribution_state(model):
-            attribution._attribute_fast(model, adapter, examples, 0, 3, 2, [0, 1], scores,
-                                        attribution.tqdm(disable=True), reuse_lower_layers=reuse)
-        results.append([layer.numpy() for layer in scores])
-    for with_stubs, without in zip(*results):
-        np.testing.assert_allclose(with_stubs, without, rtol=1e-5, atol=1e-9)
+    with_stubs = _fast_scores(model, examples)
+    without = _fast_scores(model, examples, reuse_lower_layers=False)
+    for a, b in zip(with_stubs, without):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    # Without isolation (answer positions scaled jointly, plain attention) the lower layer's scores
+    # move away from the reference's; the last layer cannot differ (no attention after it).
+    joint = _fast_scores(model, examples, isolate_positions=False)
+    assert np.abs(joint[0] - with_stubs[0]).max() > 1e-3 * np.abs(with_stubs[0]).max()
+    np.testing.assert_allclose(joint[1], with_stubs[1], rtol=1e-4, atol=1e-6 * np.abs(with_stubs[1]).max())
+    assert model.config._attn_implementation == "sdpa"  # restored
 
 
 def test_deterministic_and_batch_size_independent():

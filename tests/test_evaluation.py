@@ -202,3 +202,30 @@ def test_reference_items_must_cover_the_same_items(tiny, synthetic, tmp_path):
         evaluate_qa(model, tokenizer, synthetic, config, reference_items=reference.iloc[1:])
     with pytest.raises(ValueError, match="lacks columns"):
         evaluate_qa(model, tokenizer, synthetic, config, reference_items=reference.drop(columns=["truth_ratio"]))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "olmo", "olmo2", "gpt2", "gpt_neox"])
+def test_shared_prompt_scoring_equals_full_sequences(architecture):
+    from model_factory import build
+
+    from simu_core.prompting import IGNORE_INDEX, EncodedExample
+
+    model = build(architecture)
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for item in range(7):
+        # Prompts of different lengths, each continued by 1-3 answers of different lengths.
+        prompt = [1] + torch.randint(3, 96, (2 + item % 4,), generator=generator).tolist()
+        for variant in range(1 + item % 3):
+            answer = torch.randint(3, 96, (1 + (item + variant) % 5,), generator=generator).tolist() + [2]
+            examples.append(EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    full = score_examples(model, examples, 0, batch_size=5, token_stats=True)
+    shared = score_examples(model, examples, 0, batch_size=5, token_stats=True, share_prompts=True)
+    np.testing.assert_allclose(shared.nll, full.nll, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(shared.num_tokens, full.num_tokens)
+    for index in range(len(examples)):
+        np.testing.assert_allclose(shared.token_logprobs[index], full.token_logprobs[index], atol=1e-5)
+        np.testing.assert_allclose(shared.vocab_std[index], full.vocab_std[index], atol=1e-5)
+        np.testing.assert_array_equal(shared.argmax_match[index], full.argmax_match[index])
+    with pytest.raises(ValueError, match="no unlabelled prompt"):
+        score_examples(model, [EncodedExample([1, 5, 6], [1, 5, 6])], 0, share_prompts=True)

@@ -217,3 +217,28 @@ def test_lume_rows_missing_fields_are_clear_errors(lume_subset, lume_model):
     rows.loc[0, "task"] = "Task9"
     with pytest.raises(ValueError, match=r"unknown task value\(s\) \['Task9'\]"):
         evaluate_lume(model, tokenizer, LumeBenchmark(rows, lume_subset.mia_member, lume_subset.mia_nonmember), config)
+
+
+def test_stage_evaluate_on_lume_with_mmlu_source(lume_subset, lume_model, tmp_path):
+    from simu_core.config import load_config
+    from simu_core.models.tiny import save_model
+    from simu_core.stages import BENCHMARK_DIR, MODEL_DIR, evaluate
+
+    model, tokenizer = lume_model
+    benchmark_dir = tmp_path / "data" / BENCHMARK_DIR
+    benchmark_dir.mkdir(parents=True)
+    lume_subset.rows.to_parquet(benchmark_dir / "rows.parquet", index=False)
+    lume_subset.mia_member.to_parquet(benchmark_dir / "mia_member.parquet", index=False)
+    lume_subset.mia_nonmember.to_parquet(benchmark_dir / "mia_nonmember.parquet", index=False)
+    save_model(model, tokenizer, tmp_path / "target" / MODEL_DIR)
+    folder = _mmlu_folder(tmp_path / "mmlu")
+    config = load_config(overrides=[
+        "data.benchmark=lume", f"model.target={tmp_path / 'target'}", "eval.max_new_tokens=3",
+        f"eval.mmlu_source={folder}",
+    ])
+    headline = evaluate(config, tmp_path / "data", tmp_path / "target", tmp_path / "eval")
+    assert headline["final_score_computed"] == 1.0
+    assert headline["final_score"] == pytest.approx((headline["task_aggregate"] + headline["mia_score"] + headline["mmlu"]) / 3)
+    metrics = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    assert set(metrics["benchmark"]) == {"lume"} and (metrics["metric"] == "final_score").sum() == 1
+    assert len(pd.read_parquet(tmp_path / "eval" / "items.parquet")) == 24 + 6 + 4

@@ -27,14 +27,6 @@ DOWNSTREAM = ("threshold_mask", "unlearn", "evaluate")
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     return [f"run.store={root / 'store'}", f"run.results={root / 'results'}"], root

@@ -429,10 +429,22 @@ def test_unlearn_stage_writes_model_log_and_resumes(small, small_mask, tmp_path)
         unlearn(config, small["data"], small["target"], small_mask[0], tmp_path / "crashed",
                 checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert not (tmp_path / "crashed" / MODEL_DIR).exists()
+    (run_folder,) = (tmp_path / "ckpt").iterdir()  # one subfolder per run under a shared root
+    assert latest_checkpoint(run_folder).name == "checkpoint-00000006"
+
+    # Another run sharing the root (a different lr) starts afresh and leaves the crashed one alone.
+    other = config.model_copy(deep=True)
+    other.run.fail_at_unlearn_step = None
+    other.unlearn = other.unlearn.model_copy(update={"lr": 2e-3})
+    fresh = unlearn(other, small["data"], small["target"], small_mask[0], tmp_path / "other",
+                    checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert fresh["resumed_from"] is None and list((tmp_path / "ckpt").iterdir()) == [run_folder]
+
     config.run.fail_at_unlearn_step = None
     resumed = unlearn(config, small["data"], small["target"], small_mask[0], tmp_path / "resumed",
                       checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert resumed["resumed_from"] == 6
+    assert list((tmp_path / "ckpt").iterdir()) == []  # a finished run's checkpoints are removed
     full = load_file(str(tmp_path / "full" / MODEL_DIR / "model.safetensors"))
     again = load_file(str(tmp_path / "resumed" / MODEL_DIR / "model.safetensors"))
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
@@ -453,4 +465,4 @@ def test_unlearn_stage_nan_writes_no_finished_model(small, small_mask, tmp_path)
     with pytest.raises(NonFiniteLossError, match="at step 1"):
         unlearn(config, small["data"], corrupted, None, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / MODEL_DIR).exists() and not (tmp_path / "out" / "train_log.parquet").exists()
-    assert latest_checkpoint(tmp_path / "out" / "checkpoints") is None
+    assert not list((tmp_path / "out").rglob("checkpoint-*"))

@@ -146,7 +146,8 @@ def evaluate_mmlu(
                 EncodedExample(input_ids=kept + continuation, labels=[IGNORE_INDEX] * len(kept) + continuation)
             )
             owners.append(number)
-    scored = score_examples(model, examples, pad_token_id(tokenizer), batch_size)
+    # The options of a question share its prompt: one prompt pass, four one-token continuations.
+    scored = score_examples(model, examples, pad_token_id(tokenizer), batch_size, share_prompts=True)
     loglik = scored.sum_logprob
     predictions = np.empty(len(data), dtype=np.int64)
     position = 0

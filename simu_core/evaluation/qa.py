@@ -13,6 +13,7 @@ table (``EvaluationResult.items`` of the same suite on the same items, e.g. read
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -144,14 +145,21 @@ def evaluate_qa(
     reference_items: pd.DataFrame | None = None,
     *,
     max_length: int = 512,
+    share_prompts: bool = True,
 ) -> EvaluationResult:
     """Run the TOFU suite on ``model``; forget quality and privleak against ``reference_items``
-    (the retain reference's per-item table) when given, otherwise reported as not computed."""
+    (the retain reference's per-item table) when given, otherwise reported as not computed.
+
+    ``share_prompts`` scores each question's prompt once for all its answer variants (see
+    :func:`~simu_core.evaluation.scoring.score_examples`); False runs every variant in full.
+    """
     splits = evaluation_splits(benchmark, config.max_items)
     pad_id = pad_token_id(tokenizer)
 
     requests = scoring_requests(tokenizer, splits, max_length)
-    scored = score_examples(model, requests.examples, pad_id, config.batch_size, requests.token_stats)
+    scored = score_examples(
+        model, requests.examples, pad_id, config.batch_size, requests.token_stats, share_prompts=share_prompts
+    )
     where = {key: position for position, key in enumerate(requests.keys)}
 
     generation_keys, prompts = generation_prompts(tokenizer, splits)

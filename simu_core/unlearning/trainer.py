@@ -342,7 +342,7 @@ class UnlearningTrainer:
                 "training stopped and no checkpoint was written for this step"
             )
 
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         """Identity of the run a checkpoint belongs to (resuming a different run is an error)."""
         settings = self.config.model_dump(mode="json")
         settings.pop("checkpoint_every", None)  # how often to save does not change the result
@@ -376,7 +376,7 @@ class UnlearningTrainer:
         state = {
             "format": _FORMAT,
             "step": step,
-            "fingerprint": self._fingerprint(),
+            "fingerprint": self.fingerprint(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
@@ -396,7 +396,7 @@ class UnlearningTrainer:
         """Restore model tensors, optimizer, scheduler and RNG from ``path``; returns (step, log rows)."""
         # weights_only: only tensors and plain containers are accepted, never arbitrary pickles.
         state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=True)
-        if state.get("format") != _FORMAT or state.get("fingerprint") != self._fingerprint():
+        if state.get("format") != _FORMAT or state.get("fingerprint") != self.fingerprint():
             raise ValueError(
                 f"checkpoint {path} belongs to a different run (method, settings, data or trainable set "
                 "differ); use another checkpoint folder or delete it"
@@ -591,8 +591,8 @@ class SophiaUnlearningTrainer(UnlearningTrainer):
         self._hessian_bs = 1
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
 
-    def _fingerprint(self) -> str:
-        return hashlib.sha256((super()._fingerprint() + self.hessian).encode()).hexdigest()
+    def fingerprint(self) -> str:
+        return hashlib.sha256((super().fingerprint() + self.hessian).encode()).hexdigest()
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         masks = {t.param: t.mask for t in self.trainables if t.mask is not None}
