@@ -126,7 +126,7 @@ class UnlearnConfig(_Section):
     method: Literal["ga", "fo_graddiff", "so_graddiff", "simu", "npo", "so_npo", "simu_npo", "simnpo"] = (
         "simu"
     )
-    lr: float = Field(1e-3, gt=0, le=1.0)
+    lr: float = Field(3e-4, gt=0, le=1.0)
     epochs: int = Field(5, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
     batch_size: int = Field(4, ge=1, le=4096)

@@ -164,17 +164,21 @@ def _score_shared(model, examples, pad_token_id, batch_size, collector, device) 
         # The last prompt position predicts the first continuation token.
         first_logits = prompt_out.logits[:, -1]
 
-        indices = [index for _, members in batch_groups for index in members]
-        owner = torch.tensor([group for group, (_, members) in enumerate(batch_groups) for _ in members])
-        continuations = [examples[index].input_ids[len(batch_groups[group][0]) :] for index, group in zip(indices, owner.tolist())]
-        continuation_labels = [examples[index].labels[len(batch_groups[group][0]) :] for index, group in zip(indices, owner.tolist())]
-        width = max(len(tokens) for tokens in continuations)
+        indices, owners = [], []
+        for group, (_, members) in enumerate(batch_groups):
+            indices.extend(members)
+            owners.extend([group] * len(members))
+        owner = torch.tensor(owners)
+        # Continuations: everything after the shared prompt, right-padded.
+        starts = [len(batch_groups[group][0]) for group in owners]
+        width = max(len(examples[index].input_ids) - start for index, start in zip(indices, starts))
         input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
         labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, (tokens, row_labels) in enumerate(zip(continuations, continuation_labels)):
+        for row, (index, start_at) in enumerate(zip(indices, starts)):
+            tokens = examples[index].input_ids[start_at:]
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            labels[row, : len(tokens)] = torch.tensor(row_labels)
+            labels[row, : len(tokens)] = torch.tensor(examples[index].labels[start_at:])
             mask[row, : len(tokens)] = 1
         cache = getattr(prompt_out, "cache", None)
         if cache is None:
