@@ -1,7 +1,7 @@
 """Attribution benchmark: reference (paper) mode vs fast mode on the built-in target's forget set.
 
     python benchmarks/attribution.py [--target DIR --data DIR] [--workdir DIR] [--steps M]
-                                     [--batch-size B] [--max-items N]
+                                     [--batch-size B] [--max-items N] [--threads T] [--repeats R]
 
 Without ``--target``/``--data`` it prepares the default built-in benchmark and trains its target
 (``simu_core.config.load_config()`` + ``prepare_data`` / ``train_model``; about a minute on 2 cores)
@@ -84,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="m (default: the config's attribution.steps)")
     parser.add_argument("--batch-size", type=int, help="default: the config's attribution.batch_size")
     parser.add_argument("--max-items", type=int, help="attribute on the first N forget items only")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: on a shared CPU, OpenMP threads waiting for each other at every op "
+        "inflate small-op timings many times over; 0 keeps torch's default)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="fast / fwd+bwd timings before and after the reference")
     args = parser.parse_args(argv)
     if (args.target is None) != (args.data is None):
         parser.error("--target and --data go together")
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     config = load_config()

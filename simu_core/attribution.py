@@ -185,9 +185,15 @@ def _pre_hook(module: nn.Module, hook) -> Iterator[None]:
         handle.remove()
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     # use_cache=False: no KV cache to build (and none that the layer stubs would leave stale).
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +256,7 @@ def _attribute_reference(
 
 class _CachedLayer(nn.Module):
     """Stands in for a decoder layer below the attributed one: returns that layer's output as
-    computed once on the clean batch, repeated for the m copies (the copies are identical there)."""
+    computed once on the clean batch (the scaled copies are identical to it there)."""
 
     def __init__(self, output: Any) -> None:
         super().__init__()
@@ -260,15 +266,14 @@ class _CachedLayer(nn.Module):
         return self.output
 
 
-def _repeat_batch(value: Any, copies: int, batch: int) -> Any:
+def _map_batch(value: Any, batch: int, function) -> Any:
+    """Apply ``function`` to every tensor of a (nested tuple/list) layer output whose dim 0 is the batch."""
     if torch.is_tensor(value):
-        if value.dim() > 0 and value.shape[0] == batch:
-            return value.repeat(copies, *([1] * (value.dim() - 1)))
-        return value
+        return function(value) if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, tuple):
-        return tuple(_repeat_batch(item, copies, batch) for item in value)
+        return tuple(_map_batch(item, batch, function) for item in value)
     if isinstance(value, list):
-        return [_repeat_batch(item, copies, batch) for item in value]
+        return [_map_batch(item, batch, function) for item in value]
     return value
 
 
@@ -282,12 +287,11 @@ def _cacheable(output: Any) -> bool:
 
 
 @contextmanager
-def _lower_layers_replaced(container: nn.ModuleList | None, outputs: list[Any], layer: int, copies: int, batch: int):
-    """Replace decoder layers 0..layer-1 by stubs returning the cached clean output of layer-1."""
-    if container is None or layer == 0 or not _cacheable(outputs[layer - 1]):
+def _lower_layers_replaced(container: nn.ModuleList | None, layer: int, replayed: Any) -> Iterator[None]:
+    """Replace decoder layers 0..layer-1 by stubs returning ``replayed`` (layer-1's clean output)."""
+    if container is None or layer == 0:
         yield
         return
-    replayed = _repeat_batch(outputs[layer - 1], copies, batch)
     originals = [container[i] for i in range(layer)]
     try:
         # Stubs below layer-1 return the same object: their output is ignored by the next stub.
@@ -307,19 +311,32 @@ def _decoder_container(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Mod
     return container if len(container) == adapter.num_layers else None
 
 
+def _detach(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(item) for item in value)
+    if isinstance(value, list):
+        return [_detach(item) for item in value]
+    return value
+
+
 # Two-stream attention: per-position isolation for teacher forcing.
 #
-# In the reference, the sample for answer token t+1 scales the activation at position p = t only;
-# every other position keeps its clean activation. In particular, in the layers above l, position
-# p attends to the CLEAN keys/values of positions < p and to its own (scaled-stream) key/value.
-# The attention function below computes exactly that for every position of a teacher-forced
-# sequence at once: the rows of the batch are the m scaled copies; keys/values of every position
-# other than the query's own come from a clean pass of the same items (recorded per layer), the
-# diagonal from the row itself. So position p's output depends on the scaling at p and nowhere
-# else, the answer tokens do not interact, and one pass per layer gives the reference's per-token
-# quantities (and gradients) exactly. It is registered in Hugging Face's attention interface, which
-# every supported architecture dispatches through; a model that bypasses it gets the plain joint
-# path instead (recorded in the result's metadata as ``isolation: "none"``).
+# In the reference, the sample for the answer token at t + 1 scales layer l's activation at
+# position p = t only; every other position keeps its clean activation, so in the layers above l
+# position p attends to the CLEAN keys/values of positions < p and to its own (scaled-stream)
+# key/value. The attention function below computes exactly that for all answer-predicting
+# positions of a sequence at once. A clean pass records, per attention module, the keys, values
+# and mask of the whole sequence. The scaled copies then carry only the answer-predicting
+# positions (as queries, with their true position ids): each attends to the recorded clean
+# keys/values under the recorded mask row of its position, except that its own key/value (the
+# diagonal) comes from the scaled stream. Position p's output then depends on the scaling at p
+# and nowhere else, and one pass per layer gives the reference's per-token quantities and
+# gradients. Prompt positions are not recomputed at all in the scaled copies. The function is
+# registered in Hugging Face's attention interface, which every supported architecture
+# dispatches through; a model that bypasses it gets the plain joint path (metadata
+# ``isolation: "none"`` and a warning).
 
 _ATTENTION_KEY = "simu_two_stream"
 
@@ -341,13 +358,14 @@ class _TwoStream:
     def __init__(self) -> None:
         self.recording = True
         self.copies = 1
-        self.clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.positions: torch.Tensor | None = None  # [B, Tq] query positions of the scaled copies
+        self.clean: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def start_recording(self) -> None:
-        self.recording, self.clean = True, {}
+        self.recording, self.clean, self.positions = True, {}, None
 
-    def replay(self, copies: int) -> None:
-        self.recording, self.copies = False, copies
+    def replay(self, copies: int, positions: torch.Tensor) -> None:
+        self.recording, self.copies, self.positions = False, copies, positions
 
 
 def _expand_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
@@ -355,47 +373,50 @@ def _expand_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)  # as HF's repeat_kv
 
 
+def _additive_mask(mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, dtype, device) -> torch.Tensor:
+    """The attention mask as an additive float tensor [batch, 1, q_len, k_len]."""
+    if mask is None:  # only when nothing needs masking but causality
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask[..., :k_len].to(dtype).expand(batch, 1, q_len, k_len)
+
+
 def _two_stream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     state = _TwoStream.current()
-    heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
+    heads, q_len, dim = query.shape[1], query.shape[2], query.shape[3]
     scaling = dim**-0.5 if scaling is None else scaling
     key, value = _expand_heads(key, heads), _expand_heads(value, heads)
-    if attention_mask is None:  # the eager mask is always 4D; this is the causal default anyway
-        causal = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril()
-        attention_mask = torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~causal, torch.finfo(query.dtype).min
-        )[None, None]
-    elif attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min
-        )
-    attention_mask = attention_mask[..., : key.shape[2]]
-    if state is None or state.recording:
+    if state is None or state.recording:  # plain (eager) attention; record the clean stream
+        mask = _additive_mask(attention_mask, query.shape[0], q_len, key.shape[2], query.dtype, query.device)
         if state is not None:
-            state.clean[id(module)] = (key.detach(), value.detach())
-        weights = torch.softmax((query @ key.transpose(-1, -2)) * scaling + attention_mask, dim=-1, dtype=torch.float32)
+            state.clean[id(module)] = (key.detach(), value.detach(), mask.detach())
+        weights = torch.softmax((query @ key.transpose(-1, -2)) * scaling + mask, dim=-1, dtype=torch.float32)
         return (weights.to(query.dtype) @ value).transpose(1, 2).contiguous(), None
     if id(module) not in state.clean:
         raise RuntimeError("two-stream attention: no clean keys/values recorded for this attention module")
-    clean_key, clean_value = state.clean[id(module)]  # [B, H, T, D]
-    copies = state.copies
-    rows = clean_key.shape[0]
-    q = query.view(copies, rows, heads, length, dim)
-    scores = (q @ clean_key.transpose(-1, -2)[None]) * scaling  # [m, B, H, T, T]: clean keys off-diagonal
-    own = (q * key.view(copies, rows, heads, length, dim)).sum(-1) * scaling  # [m, B, H, T]: own key
-    scores = scores + torch.diag_embed(own - scores.diagonal(dim1=-2, dim2=-1))
-    mask = attention_mask.view(copies, rows, *attention_mask.shape[1:]) if attention_mask.shape[0] > 1 else attention_mask
+    clean_key, clean_value, clean_mask = state.clean[id(module)]  # [B, H, T, D] x 2, [B, 1, T, T]
+    copies, positions = state.copies, state.positions  # positions: [B, Tq]
+    rows, length = clean_key.shape[0], clean_key.shape[2]
+    own = torch.nn.functional.one_hot(positions, length).bool()[None, :, None]  # [1, B, 1, Tq, T]
+    q = query.view(copies, rows, heads, q_len, dim)
+    scores = (q @ clean_key.transpose(-1, -2)[None]) * scaling  # [m, B, H, Tq, T]
+    own_score = (q * key.view(copies, rows, heads, q_len, dim)).sum(-1, keepdim=True) * scaling
+    scores = torch.where(own, own_score, scores)
+    # Each query keeps the clean mask row of its own position (causal, padding, sliding window).
+    mask = clean_mask.gather(2, positions[:, None, :, None].expand(rows, 1, q_len, length))[None]
     weights = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(query.dtype)
-    own_value = value.view(copies, rows, heads, length, dim)
-    output = weights @ clean_value[None] + weights.diagonal(dim1=-2, dim2=-1)[..., None] * (own_value - clean_value[None])
-    return output.reshape(copies * rows, heads, length, dim).transpose(1, 2).contiguous(), None
+    clean_at_own = clean_value.gather(2, positions[:, None, :, None].expand(rows, heads, q_len, dim))
+    own_weight = (weights * own).sum(-1, keepdim=True)
+    output = weights @ clean_value[None] + own_weight * (value.view(copies, rows, heads, q_len, dim) - clean_at_own[None])
+    return output.reshape(copies * rows, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 def _register_two_stream() -> bool:
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    except ImportError:  # an older transformers without the attention interface
+    except ImportError:  # a transformers without the attention interface
         return False
     AttentionInterface.register(_ATTENTION_KEY, _two_stream_attention)
     AttentionMaskInterface.register(_ATTENTION_KEY, eager_mask)
@@ -403,10 +424,10 @@ def _register_two_stream() -> bool:
 
 
 @contextmanager
-def _two_stream(model: nn.Module) -> Iterator[_TwoStream | None]:
+def _two_stream(model: nn.Module, enabled: bool = True) -> Iterator[_TwoStream | None]:
     """Route the model's attention through the two-stream function (None when impossible)."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation") or not _register_two_stream():
+    if not enabled or config is None or not hasattr(config, "_attn_implementation") or not _register_two_stream():
         yield None
         return
     previous = config._attn_implementation
@@ -418,6 +439,20 @@ def _two_stream(model: nn.Module) -> Iterator[_TwoStream | None]:
     finally:
         config._attn_implementation = previous
         _TwoStream.set_current(None)
+
+
+def _scaling_hook(steps: int, rows_per_copy: int, index: tuple[torch.Tensor, torch.Tensor], count: int, state: dict):
+    """Pre-hook: scale the down-projection input at ``index`` (copy-major) by (j + 1) / m."""
+
+    def hook(module, args):
+        base = args[0].detach()
+        alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
+        beta = base[index]  # [m * count, d_ff]
+        scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
+        state["beta"], state["scaled"] = beta[:count], scaled
+        return (base.index_put(index, scaled),) + tuple(args[1:])
+
+    return hook
 
 
 def _attribute_fast(
@@ -439,70 +474,89 @@ def _attribute_fast(
         (index for index, example in enumerate(examples) if _predicting_positions(example)),
         key=lambda index: len(examples[index].input_ids),
     )
-    isolation = "two_stream" if isolate_positions else "none"
-    with _two_stream(model) if isolate_positions else _null() as attention:
-        if attention is None:
-            isolation = "none"
+    isolated = True
+    with _two_stream(model, enabled=isolate_positions) as attention:
         for chunk in _chunks(order, batch_size):
             batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_token_id).items()}
-            rows_per_copy = len(chunk)
-            # predicting[b, p]: position p of item b predicts an answer token (labels[b, p + 1] labelled).
-            predicting = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            predicting[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
-            index = predicting.repeat(steps, 1).nonzero(as_tuple=True)  # copy-major, row-major order
-            samples_per_copy = int(predicting.sum())
+            rows = len(chunk)
+            # The answer-predicting positions of every row (padded with position 0, marked invalid).
+            wanted = [_predicting_positions(examples[i]) for i in chunk]
+            width = max(len(positions) for positions in wanted)
+            positions = torch.zeros(rows, width, dtype=torch.long, device=device)
+            valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
+            for row, row_positions in enumerate(wanted):
+                positions[row, : len(row_positions)] = torch.tensor(row_positions, device=device)
+                valid[row, : len(row_positions)] = True
+            count = int(valid.sum())
 
-            # One clean pass: every decoder layer's output (for the layer stubs) and every layer's
-            # clean keys/values (for the two-stream attention).
+            # One clean pass: every decoder layer's output (for the layer stubs) and every
+            # attention module's clean keys/values/mask (for the two-stream attention).
             outputs: list[Any] = []
-            handles = (
-                [container[i].register_forward_hook(lambda mod, args, out: outputs.append(_detach(out)))
-                 for i in range(adapter.num_layers)]
-                if container is not None else []
-            )
+            handles = [
+                container[i].register_forward_hook(lambda mod, args, out: outputs.append(_detach(out)))
+                for i in range(adapter.num_layers)
+            ] if container is not None else []
             if attention is not None:
                 attention.start_recording()
             try:
-                if handles or attention is not None:
-                    with torch.no_grad():
-                        _forward(model, batch["input_ids"], batch["attention_mask"])
+                with torch.no_grad():
+                    _forward(model, batch["input_ids"], batch["attention_mask"])
             finally:
                 for handle in handles:
                     handle.remove()
-            if len(outputs) != adapter.num_layers:  # layers not called once each: do not replay
-                outputs = []
-            if attention is not None:
-                if len(attention.clean) != adapter.num_layers:
-                    # The model does not dispatch its attention through the interface: plain path.
-                    attention.clean, isolation = {}, "none"
-                    attention.start_recording()
-                else:
-                    attention.replay(steps)
+            if len(outputs) != adapter.num_layers or not all(_cacheable(out) for out in outputs):
+                outputs = []  # layers not called once each, or odd outputs: run them for real
+            if attention is not None and len(attention.clean) != adapter.num_layers:
+                isolated = False  # the model does not dispatch attention through the interface
 
-            input_ids = batch["input_ids"].repeat(steps, 1)
-            attention_mask = batch["attention_mask"].repeat(steps, 1)
-            labels = batch["labels"].repeat(steps, 1)
+            if attention is not None and isolated:
+                # Scaled copies hold only the answer-predicting positions, with their true
+                # position ids; everything else comes from the clean pass.
+                attention.replay(steps, positions)
+                input_ids = batch["input_ids"].gather(1, positions).repeat(steps, 1)
+                position_ids = positions.repeat(steps, 1)
+                targets = batch["labels"].gather(1, (positions + 1).clamp(max=batch["labels"].shape[1] - 1))
+                targets = targets.masked_fill(~valid, 0).repeat(steps, 1)
+                selected = valid.repeat(steps, 1)
+                attention_mask = None
+
+                def gather(tensor: torch.Tensor) -> torch.Tensor:
+                    index = positions.view(rows, width, *([1] * (tensor.dim() - 2)))
+                    return tensor.gather(1, index.expand(rows, width, *tensor.shape[2:])).repeat(
+                        steps, *([1] * (tensor.dim() - 1))
+                    )
+            else:
+                if attention is not None:
+                    attention.start_recording()  # plain attention from here on
+                input_ids = batch["input_ids"].repeat(steps, 1)
+                position_ids = None
+                attention_mask = batch["attention_mask"].repeat(steps, 1)
+                full = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                full[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+                selected = full.repeat(steps, 1)
+                targets = None
+
+                def gather(tensor: torch.Tensor) -> torch.Tensor:
+                    return tensor.repeat(steps, *([1] * (tensor.dim() - 1)))
+
+            index = selected.nonzero(as_tuple=True)  # copy-major, row-major order
             for layer in layers:
-                module = adapter.layers[layer].down.module
                 state: dict[str, torch.Tensor] = {}
-
-                def hook(mod, args, state=state):
-                    base = args[0].detach()
-                    alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
-                    beta = base[index]  # [m * n, d_ff], copy-major
-                    scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
-                    state["beta"], state["scaled"] = beta[:samples_per_copy], scaled
-                    # Prompt positions keep their activation; every answer-predicting one is scaled.
-                    return (base.index_put(index, scaled),) + tuple(args[1:])
-
-                replace = _lower_layers_replaced(container if outputs else None, outputs, layer, steps, rows_per_copy)
-                with replace, _pre_hook(module, hook):
-                    logits = _forward(model, input_ids, attention_mask)
-                logprobs, _ = token_logprobs(logits, labels)
-                (grad,) = torch.autograd.grad(logprobs.sum(), state["scaled"])
-                mean_grad = grad.float().view(steps, samples_per_copy, -1).mean(0)
+                hook = _scaling_hook(steps, rows, index, count, state)
+                replayed = _map_batch(outputs[layer - 1], rows, gather) if outputs and layer > 0 else None
+                with _lower_layers_replaced(container if replayed is not None else None, layer, replayed), \
+                        _pre_hook(adapter.layers[layer].down.module, hook):
+                    logits = _forward(model, input_ids, attention_mask, position_ids)
+                if targets is not None:
+                    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+                    objective = (logprobs * selected).sum()
+                else:
+                    objective = token_logprobs(logits, batch["labels"].repeat(steps, 1))[0].sum()
+                (grad,) = torch.autograd.grad(objective, state["scaled"])
+                mean_grad = grad.float().view(steps, count, -1).mean(0)
                 scores[layer] += (state["beta"].float() * mean_grad).sum(0).double()
                 bar.update(1)
+    isolation = "two_stream" if attention is not None and isolated else "none"
     if isolate_positions and isolation == "none":
         warnings.warn(
             f"fast attribution could not isolate answer positions for {type(model).__name__} (its attention does "
@@ -512,21 +566,6 @@ def _attribute_fast(
             stacklevel=3,
         )
     return {"isolation": isolation}
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield None
-
-
-def _detach(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(item) for item in value)
-    if isinstance(value, list):
-        return [_detach(item) for item in value]
-    return value
 
 
 # ----------------------------------------------------------------------------------------------

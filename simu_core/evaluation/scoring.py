@@ -171,7 +171,7 @@ def _score_shared(model, examples, pad_token_id, batch_size, collector, device) 
         owner = torch.tensor(owners)
         # Continuations: everything after the shared prompt, right-padded.
         starts = [len(batch_groups[group][0]) for group in owners]
-        width = max(len(examples[index].input_ids) - start for index, start in zip(indices, starts))
+        width = max(len(examples[index].input_ids) - offset for index, offset in zip(indices, starts))
         input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
         labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(indices), width), dtype=torch.long)
