@@ -16,6 +16,12 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Tiny models are dominated by per-op overhead: one intra-op thread is as fast and never
+# oversubscribes the 2 cores when tests run flows in threads (sweeps, Dask).
+torch.set_num_threads(1)
+
 from simu_core.config import load_config  # noqa: E402
 from simu_core.paths import PROJECT_ROOT, SHARED_DATA_DIR  # noqa: E402
 

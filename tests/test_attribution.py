@@ -430,3 +430,33 @@ def test_attribute_stage_writes_scores_with_metadata(trained_small, tmp_path):
     assert read_scores(tmp_path / "again" / SCORES_FILE)[0]["score"].equals(
         read_scores(tmp_path / "retain" / SCORES_FILE)[0]["score"]
     )
+
+
+@pytest.mark.slow
+def test_attribute_stage_on_lume_rows(trained_small, tmp_path):
+    import pandas as pd
+
+    from simu_core.stages import BENCHMARK_DIR, SCORES_FILE, attribute
+
+    folder = tmp_path / "data" / BENCHMARK_DIR
+    folder.mkdir(parents=True)
+    rows = pd.DataFrame(
+        {
+            "id": [f"doc{i}sc1" for i in range(5)],
+            "input": ["The author was born in", "Her first novel was", "He lives in", "The capital is", "She wrote"],
+            "output": ["a small town", "about the sea", "a big city", "far away", "three books"],
+            "task": ["Task1"] * 5,
+            "kind": ["completion"] * 5,
+            "split": ["forget", "forget", "retain", "retain", "retain"],
+        }
+    )
+    rows.to_parquet(folder / "rows.parquet", index=False)
+    for name in ("mia_member", "mia_nonmember"):
+        pd.DataFrame({"id": ["x"], "input": ["a"], "output": ["b"]}).to_parquet(folder / f"{name}.parquet", index=False)
+    config = trained_small["config"].model_copy(deep=True)
+    config.attribution.steps = 2
+    forget = attribute(config, tmp_path / "data", trained_small["target"], tmp_path / "f", "forget", progress=False)
+    retain = attribute(config, tmp_path / "data", trained_small["target"], tmp_path / "r", "retain", progress=False)
+    assert forget["data"]["benchmark"] == "lume" and forget["num_examples"] == 2
+    assert retain["num_examples"] == 2  # as many retain rows as forget rows, sampled with run.seed
+    assert np.isfinite(read_scores(tmp_path / "r" / SCORES_FILE)[0]["score"]).all()
