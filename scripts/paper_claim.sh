@@ -23,7 +23,7 @@ tune_and_report() {  # name, lr grid, extra --set arguments...
   # 3. Reporting: seeds 0, 1, 2 at the selected learning rate of each method.
   while read -r method setting _; do
     $SIMU ablate --grid unlearn.method=$method --seeds 3 --max-parallel 1 \
-      --set "unlearn.${setting}" --set run.results=$OUT/$name "$@"
+      --set "$setting" --set run.results=$OUT/$name "$@"
   done < $OUT/$name-selected.txt
   $SIMU report --results $OUT/$name
 }
@@ -36,7 +36,7 @@ if [[ $PART == all || $PART == ablations ]]; then
   SIMU_LR=$(awk '$1 == "simu" {print $2}' $OUT/synthetic-selected.txt)
   for grid in mask.variant=include,exclude,only attribution.steps=1,3,5,10 mask.threshold=0.1,0.2,0.3,0.5; do
     name=ablation-${grid%%=*}
-    $SIMU ablate --grid "$grid" --seeds 3 --max-parallel 1 --set "unlearn.${SIMU_LR}" --set run.results=$OUT/${name//./-}
+    $SIMU ablate --grid "$grid" --seeds 3 --max-parallel 1 --set "$SIMU_LR" --set run.results=$OUT/${name//./-}
     $SIMU report --results $OUT/${name//./-}
   done
 fi
