@@ -19,7 +19,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     runs = reporting.read_runs(results)
     table = reporting.comparison_table(runs)
     markdown_table = reporting.table_markdown(table)
-    plots = {"tradeoff": reporting.plot_tradeoff(runs, out / "tradeoff.png")}
+    points = reporting.model_reference_points(results, runs)
+    plots = {"tradeoff": reporting.plot_tradeoff(runs, out / "tradeoff.png", points)}
     threshold_plot = reporting.plot_metric_vs_threshold(runs, out / "metrics_vs_threshold.png")
     if threshold_plot is not None:
         plots["metrics_vs_threshold"] = threshold_plot
@@ -37,6 +38,11 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> dict
     table.to_csv(out / "comparison.csv", index=False)
     lines = [f"# simu comparison report ({len(runs)} runs)", "", f"Results folder: `{results}`", "",
              "Mean ± std over seeds; one row per setting.", "", markdown_table, ""]
+    if not points.empty:
+        points.to_csv(out / "reference_points.csv", index=False)
+        lines += ["Reference points: the target before unlearning and the retain reference (trained without the "
+                  "forget set; forget quality 1.0 by definition), mean ± std over the same runs.", "",
+                  reporting.table_markdown(points), ""]
     lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)

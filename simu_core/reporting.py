@@ -59,6 +59,34 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRI
     return table.reset_index()
 
 
+def model_reference_points(results: str | Path, runs: pd.DataFrame,
+                           metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
+    """Mean and std, over the runs, of the target's and the retain reference's own metrics.
+
+    Read from each run's ``metrics.parquet`` (split ``all``), so the table shows what perfect
+    unlearning aims at (the retain reference) and where it started (the target).
+    """
+    rows = []
+    for run_id in runs["run_id"]:
+        path = Path(results) / "runs" / str(run_id) / "metrics.parquet"
+        if not path.exists():
+            continue
+        table = pd.read_parquet(path)
+        table = table[(table["split"] == "all") & table["metric"].isin(metrics) & table["model"].isin(["target", "reference"])]
+        for model, values in table.groupby("model"):
+            rows.append({"model": model, **dict(zip(values["metric"], values["value"]))})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    present = [metric for metric in metrics if metric in frame.columns]
+    grouped = frame.groupby("model")
+    table = grouped[present].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "seeds", grouped.size())
+    table = table.rename(index={"reference": "retain reference"})
+    return table.reset_index()
+
+
 def table_markdown(table: pd.DataFrame) -> str:
     """The comparison table as Markdown, mean ± std per metric."""
     metric_names = sorted({column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")},
@@ -79,8 +107,9 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}" if value != 0 and abs(value) < 1e-3 else f"{value:.3f}"
 
 
-def plot_tradeoff(runs: pd.DataFrame, path: str | Path) -> Path:
-    """Forget quality (log scale) vs model utility, one colour per method, mean ± std over seeds."""
+def plot_tradeoff(runs: pd.DataFrame, path: str | Path, reference_points: pd.DataFrame | None = None) -> Path:
+    """Forget quality (log scale) vs model utility, one colour per method, mean ± std over seeds;
+    the target and the retain reference (forget quality 1 by definition) as black markers."""
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     keys = [column for column in setting_columns(runs) if column != "config.unlearn.method"]
     for method, rows in runs.groupby("config.unlearn.method"):
@@ -90,6 +119,12 @@ def plot_tradeoff(runs: pd.DataFrame, path: str | Path) -> Path:
         points = np.array(points, dtype=float)
         axis.errorbar(points[:, 0], points[:, 2], xerr=np.nan_to_num(points[:, 1]), yerr=np.nan_to_num(points[:, 3]),
                       fmt="o", capsize=3, label=str(method))
+    if reference_points is not None and not reference_points.empty:
+        for _, point in reference_points.iterrows():
+            is_reference = point["model"] == "retain reference"
+            quality = 1.0 if is_reference else point.get("forget_quality_mean", np.nan)
+            axis.scatter([point["model_utility_mean"]], [quality], marker="*" if is_reference else "X", s=140,
+                         color="black", zorder=5, label=point["model"])
     axis.set_yscale("log")
     axis.set_xlabel("model utility (higher is better)")
     axis.set_ylabel("forget quality, KS p-value (log; higher is better)")
