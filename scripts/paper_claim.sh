@@ -34,7 +34,8 @@ fi
 
 if [[ $PART == all || $PART == ablations ]]; then
   SIMU_LR=$(awk '$1 == "simu" {print $2}' $OUT/synthetic-selected.txt)
-  for grid in mask.variant=include,exclude,only attribution.steps=1,3,5,10 mask.threshold=0.1,0.2,0.3,0.5; do
+  for grid in mask.variant=include,exclude,only attribution.steps=1,3,5,10 mask.threshold=0.1,0.2,0.3,0.5 \
+              unlearn.train_attention=true,false; do
     name=ablation-${grid%%=*}
     $SIMU ablate --grid "$grid" --seeds 3 --max-parallel 1 --set "$SIMU_LR" --set run.results=$OUT/${name//./-}
     $SIMU report --results $OUT/${name//./-}

@@ -83,6 +83,7 @@ def test_interrupted_sweep_restarts_without_recomputing_finished_points(prefect_
     for name in ("tradeoff", "metrics_vs_threshold", "neuron_counts"):
         assert name in report["plots"]
     assert "| mask.threshold |" in report["markdown"]
+    assert "| retain reference |" in report["markdown"] and "| target |" in report["markdown"]
 
 
 def test_sweep_on_a_local_dask_cluster(prefect_api, tmp_path):
