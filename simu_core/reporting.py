@@ -51,7 +51,8 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRI
     """Mean and std over seeds of every metric, one row per setting (plus the seed count)."""
     keys = setting_columns(runs) or ["config.unlearn.method"]
     present = [metric for metric in metrics if metric in runs.columns and runs[metric].notna().any()]
-    grouped = runs.groupby([runs[key].astype(str) for key in keys], sort=True)
+    # Raw values (not strings) so that numeric settings sort numerically (1, 3, 5, 10).
+    grouped = runs.groupby(keys, sort=True, dropna=False)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table.insert(0, "seeds", grouped.size())
@@ -95,12 +96,19 @@ def table_markdown(table: pd.DataFrame) -> str:
     header = settings + ["seeds"] + metric_names
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [str(row[column]) for column in settings] + [str(int(row["seeds"]))]
+        cells = [_setting(row[column]) for column in settings] + [str(int(row["seeds"]))]
         for name in metric_names:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
             cells.append("-" if pd.isna(mean) else f"{_fmt(mean)} ± {_fmt(0.0 if pd.isna(std) else std)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _setting(value) -> str:
+    # Parquet round trips can turn integer settings into floats (3 -> 3.0): show them as written.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _fmt(value: float) -> str:
