@@ -99,7 +99,11 @@ def table_markdown(table: pd.DataFrame) -> str:
         cells = [_setting(row[column]) for column in settings] + [str(int(row["seeds"]))]
         for name in metric_names:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-            cells.append("-" if pd.isna(mean) else f"{_fmt(mean)} ± {_fmt(0.0 if pd.isna(std) else std)}")
+            if pd.isna(mean):
+                cells.append("-")
+            else:
+                # One seed has no spread to report.
+                cells.append(_fmt(mean) if pd.isna(std) else f"{_fmt(mean)} ± {_fmt(std)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
