@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from simu_core.config import ConfigError, load_config
+from simu_core.preflight import PreflightError, check_inputs
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +51,8 @@ def print_run_summary(summary: dict) -> None:
 def command_run(args: argparse.Namespace) -> int:
     """Validate the config, then run the pipeline flow once."""
     try:
-        load_config(args.config, args.overrides)
-    except ConfigError as error:
+        check_inputs(load_config(args.config, args.overrides))
+    except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from flows.pipeline import simu_pipeline  # imported late: Prefect start-up is slow
@@ -73,7 +74,9 @@ def command_ablate(args: argparse.Namespace) -> int:
                 raise ConfigError(f"grid key {key!r} given twice")
             grid[key] = values
         points = sweep_points(grid, args.seeds, args.overrides, args.config)
-    except ConfigError as error:
+        for point in points:
+            check_inputs(load_config(args.config, point))
+    except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"sweep of {len(points)} runs")

@@ -155,3 +155,31 @@ def test_cli_rejects_invalid_config_before_any_stage(tmp_path):
     assert result.returncode == 2
     assert "mask.threshold" in result.stderr and "less than or equal to 1" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.benchmark=tofu", "data.source=/nonexistent/tofu"], "data.source: folder '/nonexistent/tofu' does not exist"),
+        (["model.base=./no-such-model"], "model.base: local path './no-such-model' does not exist"),
+    ],
+)
+def test_cli_rejects_missing_inputs_before_any_stage(tmp_path, overrides, message):
+    arguments = [item for override in overrides for item in ("--set", override)]
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *arguments, "--set", f"run.store={tmp_path / 's'}"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_preflight_names_missing_tofu_files(tmp_path):
+    from simu_core.config import load_config
+    from simu_core.preflight import PreflightError, check_inputs
+
+    (tmp_path / "forget01.json").write_text("{}\n")
+    config = load_config(overrides=["data.benchmark=tofu", "data.split=forget01", f"data.source={tmp_path}"])
+    with pytest.raises(PreflightError, match="retain99.json"):
+        check_inputs(config)

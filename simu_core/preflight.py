@@ -1,0 +1,50 @@
+"""Cheap checks of a config's inputs before any stage runs (missing folders and files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from simu_core.config import SimuConfig
+from simu_core.data.tofu import TOFU_PAIRING
+
+
+class PreflightError(ValueError):
+    """An input named by the config is missing; the message names the field and the path."""
+
+
+def _looks_local(reference: str) -> bool:
+    # Hub ids look like "org/name"; paths start with /, ., ~ or exist.
+    return reference.startswith(("/", ".", "~")) or Path(reference).exists()
+
+
+def check_inputs(config: SimuConfig) -> None:
+    """Raise PreflightError when a local folder or file the run needs is missing."""
+    problems = []
+    source = config.data.source
+    if source is not None:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            problems.append(f"data.source: folder {str(folder)!r} does not exist")
+        elif config.data.benchmark == "tofu":
+            retain, holdout = TOFU_PAIRING[config.data.split]
+            needed = [f"{config.data.split}.json", f"{config.data.split}_perturbed.json", f"{retain}.json",
+                      f"{holdout}.json", "retain_perturbed.json", "real_authors_perturbed.json",
+                      "world_facts_perturbed.json"]
+            missing = [name for name in needed if not (folder / name).is_file()]
+            if missing:
+                problems.append(f"data.source: TOFU folder {str(folder)!r} lacks {missing}")
+        elif config.data.benchmark == "lume":
+            missing = [name for name in ("mia_member.jsonl", "mia_nonmember.jsonl") if not (folder / name).is_file()]
+            for split in ("forget", "retain"):
+                if not (folder / f"{split}.jsonl").is_file() and not list(folder.glob(f"data/{split}-*.parquet")):
+                    missing.append(f"{split}.jsonl")
+            if missing:
+                problems.append(f"data.source: LUME folder {str(folder)!r} lacks {sorted(missing)}")
+    for field in ("base", "target", "retain_reference", "tokenizer"):
+        reference = getattr(config.model, field)
+        if reference and _looks_local(reference) and not Path(reference).expanduser().exists():
+            problems.append(f"model.{field}: local path {reference!r} does not exist")
+    if config.eval.mmlu_source and not Path(config.eval.mmlu_source).expanduser().exists():
+        problems.append(f"eval.mmlu_source: {config.eval.mmlu_source!r} does not exist")
+    if problems:
+        raise PreflightError("; ".join(problems))
