@@ -68,3 +68,15 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="run.device='cuda'"):
             resolve_device("cuda")
+
+
+def test_adapter_finds_opt_modules():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128))
+    adapter = ArchitectureAdapter(model)
+    assert adapter.down_projections()[0].name == "model.decoder.layers.0.fc2"
+    assert adapter.neurons_per_layer() == [64, 64]
+    assert [name for name, _ in adapter.attention_parameters()][:2] == [
+        "model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.self_attn.q_proj.bias"]
