@@ -78,10 +78,19 @@ def simu_pipeline(overrides: list[str] | None = None, config_path: str | None = 
         raise
 
 
+def has_retain_reference(config: SimuConfig) -> bool:
+    """False only for LUME with a given target and no way to get a retain model (not needed there)."""
+    model = config.model
+    return config.data.benchmark != "lume" or bool(model.retain_reference or model.base)
+
+
 def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
     target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
-    reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference", {"data": data})
+    reference = reference_eval = None
+    if has_retain_reference(config):
+        reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
+                        {"data": data})
     mask = forget_scores = retain_scores = None
     if uses_mask(config):
         forget_scores = run("attribute_forget", stage_tasks.attribute, "attribute", {"data": data, "target": target},
@@ -92,7 +101,8 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
                    {"forget_scores": forget_scores, "retain_scores": retain_scores})
     unlearned = run("unlearn", stage_tasks.unlearn, "unlearn", {"data": data, "target": target, "mask": mask},
                     checkpoint_dir=checkpoint_folder(config))
-    reference_eval = run("evaluate_reference", stage_tasks.evaluate, "evaluate", {"data": data, "model": reference})
+    if reference is not None:
+        reference_eval = run("evaluate_reference", stage_tasks.evaluate, "evaluate", {"data": data, "model": reference})
     target_eval = run("evaluate_target", stage_tasks.evaluate, "evaluate",
                       {"data": data, "model": target, "reference_eval": reference_eval})
     unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",

@@ -183,3 +183,28 @@ def test_preflight_names_missing_tofu_files(tmp_path):
     config = load_config(overrides=["data.benchmark=tofu", "data.split=forget01", f"data.source={tmp_path}"])
     with pytest.raises(PreflightError, match="retain99.json"):
         check_inputs(config)
+
+
+def test_lume_run_with_a_given_target(prefect_api, tmp_path):
+    from conftest import LUME_DIR, require_dir
+    from simu_core.data import load_lume
+    from simu_core.models.tiny import build_tiny_llama, save_model, train_tokenizer
+    from simu_core.config import TinyModelConfig
+
+    lume = load_lume(require_dir(LUME_DIR))
+    texts = list(lume.rows["input"].head(200)) + list(lume.rows["output"].head(200))
+    tokenizer = train_tokenizer(texts, 400)
+    model = build_tiny_llama(TinyModelConfig(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=4),
+                             tokenizer, 64, seed=0)
+    save_model(model, tokenizer, tmp_path / "target")
+    from flows.pipeline import simu_pipeline
+
+    summary = simu_pipeline(overrides=[
+        "data.benchmark=lume", f"data.source={LUME_DIR}", f"model.target={tmp_path / 'target'}",
+        "model.max_length=48", "attribution.max_items=2", "unlearn.max_steps=1", "unlearn.batch_size=2",
+        "eval.max_items=1", "eval.max_new_tokens=4", f"run.store={tmp_path / 'store'}",
+        f"run.results={tmp_path / 'results'}",
+    ])
+    assert "train_retain_reference" not in summary["states"] and summary["states"]["unlearn"] == "Completed"
+    assert "task_aggregate" in summary["metrics"] and "mia_score" in summary["metrics"]
+    assert "final_score" not in summary["metrics"]  # no MMLU given: not computed, never made up
