@@ -118,7 +118,6 @@ def load_trained(model_dir: Path, config: SimuConfig) -> tuple[PreTrainedModel, 
     tokenizer = load_tokenizer(config.model.tokenizer or path, config.model.trust_remote_code)
     model = load_causal_lm(path, config.model.dtype, config.run.device, config.model.trust_remote_code)
     model.eval()
-    torch.set_grad_enabled(True)
     return model, tokenizer
 
 

@@ -28,24 +28,27 @@ def prepare_data(config: dict, store_url: str, code_version: str, params: dict, 
                      lambda out, _: stages.prepare_data(cfg, out))
 
 
+def _train(config: dict, stage: str, which: str, external: str | None, store_url: str, code_version: str,
+           params: dict, inputs: dict) -> Ref:
+    """A training stage, or a reference to the model the user brings instead."""
+    if external:
+        return external_model_ref(external)
+    cfg = config_from_dict(config)
+    return run_stage(stage, store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.train_model(cfg, dirs["data"], out, which))
+
+
 @task(name="train_target", cache_policy=stage_cache_policy("train_target"), **_TASK_OPTIONS)
 def train_target(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
     """Fine-tune the target model on the full set (or reference the user's own target)."""
-    cfg = config_from_dict(config)
-    if cfg.model.target:
-        return external_model_ref(cfg.model.target)
-    return run_stage("train_target", store_url, code_version, params, inputs,
-                     lambda out, dirs: stages.train_model(cfg, dirs["data"], out, "target"))
+    return _train(config, "train_target", "target", config["model"]["target"], store_url, code_version, params, inputs)
 
 
 @task(name="train_retain_reference", cache_policy=stage_cache_policy("train_retain_reference"), **_TASK_OPTIONS)
 def train_retain_reference(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
     """Fine-tune the retain reference on the retain split only (or reference the user's own)."""
-    cfg = config_from_dict(config)
-    if cfg.model.retain_reference:
-        return external_model_ref(cfg.model.retain_reference)
-    return run_stage("train_retain_reference", store_url, code_version, params, inputs,
-                     lambda out, dirs: stages.train_model(cfg, dirs["data"], out, "reference"))
+    return _train(config, "train_retain_reference", "reference", config["model"]["retain_reference"], store_url,
+                  code_version, params, inputs)
 
 
 @task(name="attribute", cache_policy=stage_cache_policy("attribute"), **_TASK_OPTIONS)
