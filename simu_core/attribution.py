@@ -3,7 +3,8 @@
 Neuron k of layer l is the k-th INPUT coordinate of that layer's MLP down projection; its
 activation beta is the value entering the down projection, captured (and scaled) with a forward
 pre-hook, so every architecture of :class:`~simu_core.models.adapter.ArchitectureAdapter` works the
-same way (GPT-2's ``Conv1D`` included: its input is ``[..., d_ff]`` like a Linear's).
+same way (GPT-2's ``Conv1D`` included: its input is ``[..., d_ff]`` like a Linear's; OPT's
+``fc2`` input, flattened to ``[batch * seq, d_ff]``, is viewed back as ``[batch, seq, d_ff]``).
 
 For a next-token sample i (a prompt plus answer prefix, predicting one answer token) and layer l,
 the activation is scaled along a_j = (j/m) * beta, j = 1..m, and
@@ -176,6 +177,23 @@ def _attribution_state(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _batch_seq_view(base: torch.Tensor, batch: int) -> torch.Tensor:
+    """The down-projection input as ``[batch, seq, d_ff]``.
+
+    Most architectures pass ``[batch, seq, d_ff]``; OPT flattens its hidden states to
+    ``[batch * seq, d_ff]`` before ``fc2``, so the hooks, which index ``[row, position]``, view it
+    back (a view: the hook's output is reshaped to the input's own shape).
+    """
+    if base.dim() == 3:
+        return base
+    if base.dim() == 2 and base.shape[0] % batch == 0:
+        return base.view(batch, base.shape[0] // batch, base.shape[1])
+    raise RuntimeError(
+        f"down-projection input of shape {tuple(base.shape)} is neither [batch, seq, d_ff] nor "
+        f"[batch * seq, d_ff] for a batch of {batch}"
+    )
+
+
 @contextmanager
 def _pre_hook(module: nn.Module, hook) -> Iterator[None]:
     handle = module.register_forward_pre_hook(hook)
@@ -230,13 +248,13 @@ def _attribute_reference(
             state: dict[str, torch.Tensor] = {}
 
             def hook(mod, args, rows=rows, positions=positions, rows_per_copy=rows_per_copy, state=state):
-                base = args[0].detach()
+                base = _batch_seq_view(args[0].detach(), len(rows))
                 beta = base[rows, positions]  # [m * B, d_ff]; every copy has the same beta
                 alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
                 scaled = (beta * alpha[:, None]).requires_grad_(True)
                 state["beta"], state["scaled"] = beta[:rows_per_copy], scaled
                 # Only the predicting position of this one layer is replaced by the scaled value.
-                return (base.index_put((rows, positions), scaled),) + tuple(args[1:])
+                return (base.index_put((rows, positions), scaled).view(args[0].shape),) + tuple(args[1:])
 
             input_ids = batch["input_ids"].to(device).repeat(steps, 1)
             attention_mask = batch["attention_mask"].to(device).repeat(steps, 1)
@@ -445,12 +463,12 @@ def _scaling_hook(steps: int, rows_per_copy: int, index: tuple[torch.Tensor, tor
     """Pre-hook: scale the down-projection input at ``index`` (copy-major) by (j + 1) / m."""
 
     def hook(module, args):
-        base = args[0].detach()
+        base = _batch_seq_view(args[0].detach(), steps * rows_per_copy)
         alpha = _alphas(steps, rows_per_copy, base.device, base.dtype)
         beta = base[index]  # [m * count, d_ff]
         scaled = (beta * alpha[index[0]][:, None]).requires_grad_(True)
         state["beta"], state["scaled"] = beta[:count], scaled
-        return (base.index_put(index, scaled),) + tuple(args[1:])
+        return (base.index_put(index, scaled).view(args[0].shape),) + tuple(args[1:])
 
     return hook
 

@@ -16,6 +16,8 @@ from transformers import (
     Olmo2ForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -46,6 +48,12 @@ BUILDERS = {
         GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, max_position_embeddings=128,
                       bos_token_id=1, eos_token_id=2)
+    ),
+    # OPT flattens the MLP input to [batch * seq, d_ff] before fc2.
+    "opt": lambda: OPTForCausalLM(
+        OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN, ffn_dim=FF,
+                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0)
     ),
 }
 

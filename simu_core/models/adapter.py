@@ -1,5 +1,5 @@
 """Architecture adapter: per layer, the MLP down projection (with its orientation) and the
-attention projections, for Llama, OLMo (1, 2), Mistral, Qwen2, GPT-2, GPT-NeoX (and OPT).
+attention projections, for Llama, OLMo (1, 2), Mistral, Qwen2, GPT-2, GPT-NeoX and OPT.
 
 A neuron of layer l is an INPUT coordinate of that layer's down projection; its weights are one
 column of the ``[d_model, d_ff]`` weight of an ``nn.Linear``, or one ROW of GPT-2's ``Conv1D``
