@@ -22,6 +22,7 @@ from simu_core.evaluation import (
     load_mmlu,
 )
 from simu_core.metrics import MODEL_UTILITY_COMPONENTS
+from simu_core.metrics.rouge import rouge_l_recall
 from simu_core.models.tiny import build_tiny_llama, train_tokenizer
 
 SHAPE = TinyModelConfig(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=4, vocab_size=400)
@@ -171,11 +172,36 @@ def test_lume_final_score_with_a_hand_made_mmlu(lume_subset, lume_model, tmp_pat
     assert result.value("mmlu") == 0.5
     assert result.value("final_score") == pytest.approx((0.0 + result.value("mia_score") + 0.5) / 3)
     assert result.value("final_score_computed") == 1.0 and result.value("mmlu_computed") == 1.0
+    assert result.value("mmlu_below_threshold") == 0.0  # 0.5 >= 0.371
     mmlu_items = result.items[result.items["split"] == "mmlu"]
     assert list(mmlu_items["reference"]) == ["A", "B", "A", "C"] and set(mmlu_items["generation"]) == {"A"}
     # A real model on the same folder gives an accuracy in [0, 1] over the 4 test questions.
     predictions = evaluate_mmlu(model, tokenizer, load_mmlu(folder))
     assert len(predictions) == 4 and predictions["correct"].between(0, 1).all()
+
+
+def test_lume_warns_and_flags_mmlu_below_the_official_threshold(lume_subset, lume_model, tmp_path):
+    _, tokenizer = lume_model
+    flat = build_tiny_llama(SHAPE, tokenizer, MAX_LENGTH, seed=0).eval()
+    with torch.no_grad():
+        flat.lm_head.weight.zero_()
+    folder = _mmlu_folder(tmp_path / "mmlu")
+    # Shift every gold answer by one option: the flat model (always A) now gets none right.
+    for path in folder.glob("*/test-*.parquet"):
+        frame = pd.read_parquet(path)
+        frame["answer"] = (frame["answer"] + 1) % 4
+        frame.to_parquet(path, index=False)
+    with pytest.warns(UserWarning, match="below the task's threshold 0.371"):
+        result = evaluate_lume(flat, tokenizer, lume_subset, EvalConfig(max_new_tokens=2), mmlu=folder,
+                               max_length=MAX_LENGTH)
+    assert result.value("mmlu") == 0.0
+    assert result.value("mmlu_below_threshold") == 1.0
+    assert any("0.371" in note for note in result.notes)
+    # Empty generations are scored as the official scorer reads them back from CSV: as "nan".
+    completions = result.items[result.items["kind"] == "completion"]
+    assert (completions["generation"] == "").all()
+    expected = [rouge_l_recall("nan", gold) for gold in completions["reference"]]
+    assert list(completions["score"]) == expected
 
 
 def test_mmlu_layouts_and_errors(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from simu_core.metrics import lume
 from simu_core.metrics.lume import TASK_AGGREGATE_CELLS
+from simu_core.metrics.rouge import rouge_l_recall
 
 
 def test_row_kind():
@@ -122,3 +123,43 @@ def test_mia_score_validation():
         lume.mia_score([], [1.0])
     with pytest.raises(ValueError, match=r"nonmember_nll .* index 0"):
         lume.mia_score([1.0], [float("inf")])
+
+
+# ---------------------------------------------------------------- the official scorer's CSV round trip
+
+
+def _official_round_trip(generations: list[str], golds: list[str]) -> list[tuple[str, str]]:
+    """What the official scorer scores: its frame written to CSV and read back with pandas, then str()."""
+    import io
+
+    import pandas as pd
+
+    buffer = io.StringIO()
+    pd.DataFrame({"expected_output": golds, "model_output": generations}).to_csv(buffer, index=False)
+    frame = pd.read_csv(io.StringIO(buffer.getvalue()))
+    return [(str(gt), str(gen)) for gt, gen in zip(frame["expected_output"], frame["model_output"])]
+
+
+def test_generations_read_as_missing_are_scored_as_the_official_scorer_reads_them():
+    missing = sorted(lume.CSV_MISSING_VALUES)
+    generations = [*missing, " N/A", "N/A.", "Paris", "none", "nan bread"]
+    golds = ["the n a nan bread"] * len(generations)
+    read_back = _official_round_trip(generations, golds)
+    # The constant is exactly the set pandas reads as missing (all and only those became "nan").
+    assert [gen == "nan" for _, gen in read_back] == [text in lume.CSV_MISSING_VALUES for text in generations]
+    for generation, (gold, official) in zip(generations, read_back):
+        assert lume.as_scored_by_official_scorer(generation) == official
+        assert lume.regurgitation_score(generation, gold) == rouge_l_recall(official, gold)
+        assert lume.knowledge_score(generation, gold) == float(official.strip().lower() == gold.strip().lower())
+    # Hand values: "N/A" is scored as "nan" (1 of the 5 gold tokens), not as the tokens "n a" (3 of 5).
+    assert lume.regurgitation_score("N/A", "the n a nan bread") == pytest.approx(1 / 5, rel=1e-15)
+    assert lume.regurgitation_score("", "nan bread") == pytest.approx(1 / 2, rel=1e-15)
+    assert lume.knowledge_score("NA", "None") == 1.0  # both read back as nan
+    assert lume.knowledge_score("None", "Paris") == 0.0
+
+
+def test_mmlu_threshold_is_the_official_one():
+    assert lume.MMLU_THRESHOLD == 0.371
+    assert lume.mmlu_below_threshold(0.37) and not lume.mmlu_below_threshold(0.371)
+    with pytest.raises(ValueError, match="mmlu"):
+        lume.mmlu_below_threshold(float("nan"))

@@ -5,6 +5,12 @@ Regurgitation (``completion`` rows) and knowledge (``qa`` rows) per task and spl
 MMLU accuracy from a local MMLU-format folder when one is given (see :mod:`.mmlu`). Without MMLU
 data, ``mmlu`` and ``final_score`` have no rows and their ``*_computed`` flags are 0.
 
+As in the official scorer: generations are scored as its CSV round trip reads them (a generation
+exactly ``""``, ``N/A``, ``NA``, ``None``, ``null``, ``nan``, ... is scored as the text ``nan``;
+:mod:`simu_core.metrics.lume`), and an MMLU accuracy below 0.371 raises a warning (a
+``UserWarning`` and a note); the flag row ``mmlu_below_threshold`` (1.0 / 0.0, only when MMLU was
+computed) records it in the metrics table.
+
 ``EvalConfig.max_items`` keeps the first N rows of each (split, task, kind) cell, so that all 12
 cells of the task aggregate stay present on a subset, the first N documents of each MIA set and
 the first N questions of each MMLU subject.
@@ -12,6 +18,7 @@ the first N questions of each MMLU subject.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +167,15 @@ def evaluate_lume(
         data = mmlu if isinstance(mmlu, pd.DataFrame) else load_mmlu(mmlu, config.max_items)
         predictions = evaluate_mmlu(model, tokenizer, data, config.batch_size, max_length)
         headline["mmlu"] = float(predictions["correct"].mean())
+        headline["mmlu_below_threshold"] = 1.0 if lume_metrics.mmlu_below_threshold(headline["mmlu"]) else 0.0
+        if headline["mmlu_below_threshold"]:
+            message = (
+                f"MMLU accuracy {headline['mmlu']:.4f} is below the task's threshold "
+                f"{lume_metrics.MMLU_THRESHOLD} (75 % of the original model's): the official scorer warns that "
+                "such a model may not be considered in the final ranking"
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            notes.append(message)
         table.add("mmlu", "num_items", len(predictions))
         mmlu_items = pd.DataFrame(
             {

@@ -17,7 +17,8 @@ TOFU / built-in benchmark, split ``"all"``:
 LUME, split ``"forget"`` / ``"retain"``: ``regurgitation_Task1`` .. ``knowledge_Task3`` (cell means),
 ``regurgitation``, ``knowledge`` (split means), ``num_items``. Split ``"all"``: ``task_aggregate``,
 ``mia_auc``, ``mia_score``, ``mmlu`` and ``final_score`` (only with MMLU data), flags
-``task_aggregate_computed``, ``mmlu_computed`` and ``final_score_computed``.
+``task_aggregate_computed``, ``mmlu_computed`` and ``final_score_computed``; with MMLU data also
+``mmlu_below_threshold`` (1.0 when MMLU < 0.371, the official scorer's warning threshold).
 
 A metric that could not be computed has no row (never a made-up value) and its flag row is 0.0; the
 ``notes`` of :class:`EvaluationResult` say why.
