@@ -1,5 +1,8 @@
 """Fine-tuning on QA items with the loss on answer tokens only (AdamW, warm-up, linear decay).
 
+AdamW is :class:`simu_core.optim.MasterAdamW`: fp32 moments and fp32 master weights for a bf16/fp16
+model (torch's AdamW on bf16 weights rounds small updates away), the model keeping its dtype.
+
 Produces the built-in benchmark's target model (full set + general facts) and retain reference
 (retain split + general facts); also usable on a Hugging Face base model and TOFU.
 """
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from simu_core.config import FinetuneConfig
+from simu_core.optim import MasterAdamW
 from simu_core.prompting import EncodedExample, collate, encode_qa, pad_token_id
 from simu_core.scoring import answer_loss
 
@@ -62,7 +66,7 @@ def finetune(
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
+    optimizer = MasterAdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.95),

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from simu_core.config import UnlearnConfig
-from simu_core.optim import ColumnMask, MaskedSophia, MaskSpec, sample_gnb_labels
+from simu_core.optim import ColumnMask, MaskedSophia, MasterAdamW, MaskSpec, sample_gnb_labels
 from simu_core.prompting import EncodedExample, collate
 from simu_core.scoring import answer_loss
 from simu_core.unlearning.losses import UnlearningObjective
@@ -199,8 +199,9 @@ class UnlearningTrainer:
         pad_token_id: padding id for collation.
         reference: frozen reference model (NPO, KL retain loss); never updated.
         seed: seeds the batch plan, the global torch RNG and Sophia-G's label sampling.
-        autocast_dtype: forward passes under autocast in this dtype (None / float32: off);
-            parameters and optimizer state stay as they are (fp32 masters).
+        autocast_dtype: forward passes under autocast in this dtype (None / float32: off).
+            Whatever the model's dtype, both optimizers keep fp32 state and, for bf16/fp16
+            trainable tensors, an fp32 master copy; the model stays in its dtype.
         checkpoint_dir: where periodic checkpoints go and a run resumes from (None: no checkpoints).
         progress: show a tqdm bar.
         progress_callback: called after every step with ``(step, total_steps, log_row)``.
@@ -559,14 +560,18 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class AdamWUnlearningTrainer(UnlearningTrainer):
-    """First-order baselines (GA, FO-GradDiff, NPO, SimNPO): ``torch.optim.AdamW``, no masks."""
+    """First-order baselines (GA, FO-GradDiff, NPO, SimNPO): AdamW, no masks.
+
+    :class:`MasterAdamW` rather than ``torch.optim.AdamW``: the same update, but with fp32 masters
+    for bf16/fp16 weights (as masked Sophia keeps), so small steps are not rounded away in bf16.
+    """
 
     optimizer_family = "adamw"
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         if any(t.mask is not None for t in self.trainables):
             raise ValueError("the AdamW trainer does not support masks; use the Sophia trainer (SIMU)")
-        return torch.optim.AdamW(self.param_groups(), lr=self.config.lr, betas=tuple(self.config.betas))
+        return MasterAdamW(self.param_groups(), lr=self.config.lr, betas=tuple(self.config.betas))
 
 
 class SophiaUnlearningTrainer(UnlearningTrainer):
