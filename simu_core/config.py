@@ -121,7 +121,19 @@ class MaskConfig(_Section):
 
 
 class UnlearnConfig(_Section):
-    """Unlearning method and its optimisation settings (SIMU step 2 and baselines)."""
+    """Unlearning method and its optimisation settings (SIMU step 2 and baselines).
+
+    NPO and SimNPO have their own beta: NPO's ``npo_beta`` scales a log-ratio summed over the answer,
+    SimNPO's ``simnpo_beta`` a per-token mean, so they live on different scales. SimNPO's default 4.5
+    is open-unlearning's (``configs/trainer/SimNPO.yaml``), chosen so that a ``simnpo`` run is the
+    SimNPO baseline of the toolkit whose TOFU evaluator this project reproduces; the SimNPO paper's
+    TOFU setting is about 2.5 (``--set unlearn.simnpo_beta=2.5``). At NPO's 0.1
+    the per-sequence weight stays in [0.76, 1.0] and SimNPO degenerates into length-normalised
+    gradient ascent. ``simnpo_gamma`` is the paper's reward margin gamma, outside beta
+    (open-unlearning's ``delta`` is the same margin inside it: gamma = beta * delta; both default 0).
+    open-unlearning's SimNPO ``gamma: 0.125`` and ``alpha: 1`` are the forget and retain weights
+    here (``forget_weight``, ``retain_weight``).
+    """
 
     method: Literal["ga", "fo_graddiff", "so_graddiff", "simu", "npo", "so_npo", "simu_npo", "simnpo"] = (
         "simu"
@@ -144,8 +156,9 @@ class UnlearnConfig(_Section):
     hessian_batch_size: int | None = Field(
         None, ge=1, description="bs in rho*bs*h; None = tokens in the batch"
     )
-    npo_beta: float = Field(0.1, gt=0)
-    simnpo_gamma: float = Field(0.0, ge=0)
+    npo_beta: float = Field(0.1, gt=0, description="NPO's beta (npo, so_npo, simu_npo)")
+    simnpo_beta: float = Field(4.5, gt=0, description="SimNPO's beta (simnpo); open-unlearning's default")
+    simnpo_gamma: float = Field(0.0, ge=0, description="SimNPO's reward margin gamma (simnpo)")
     train_attention: bool = True
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps")
 

@@ -28,6 +28,7 @@ from simu_core.unlearning import (
     NonFiniteLossError,
     Trainable,
     UnlearningObjective,
+    build_objective,
     build_trainer,
     get_method,
     kl_to_reference,
@@ -135,6 +136,26 @@ def test_losses_use_answer_tokens_only_and_match_their_formulas():
     # KL to the reference: zero against itself, positive otherwise.
     assert float(kl_to_reference(logits, labels, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_to_reference(logits, labels, _logits_labels(1)[0])) > 0.01
+
+
+def test_simnpo_has_its_own_beta_and_margin():
+    # SimNPO once read NPO's beta (0.1): a per-sequence weight in [0.76, 1.0], i.e. plain
+    # length-normalised gradient ascent. Its own beta defaults to open-unlearning's 4.5.
+    logits, labels = _logits_labels()
+    config = UnlearnConfig(method="simnpo")
+    assert (config.simnpo_beta, config.simnpo_gamma, config.npo_beta) == (4.5, 0.0, 0.1)
+    objective = build_objective(config)
+    assert torch.equal(objective.forget_term(logits, labels), simnpo_loss(logits, labels, 4.5, 0.0))
+    changed = build_objective(config.model_copy(update={"simnpo_beta": 2.5, "simnpo_gamma": 0.3, "npo_beta": 7.0}))
+    assert torch.equal(changed.forget_term(logits, labels), simnpo_loss(logits, labels, 2.5, 0.3))
+    npo = build_objective(UnlearnConfig(method="npo", npo_beta=0.2, simnpo_beta=9.0))
+    assert torch.equal(npo.forget_term(logits, labels, logits - 1), npo_loss(logits, labels, logits - 1, 0.2))
+    for override, field in (("unlearn.simnpo_beta=0", "unlearn.simnpo_beta"),
+                            ("unlearn.simnpo_gamma=-1", "unlearn.simnpo_gamma")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(overrides=[override])
+    with pytest.raises(ValueError, match="simnpo_beta must be > 0"):
+        UnlearningObjective(forget="simnpo", simnpo_beta=0.0)
 
 
 def test_objective_rejects_unknown_losses():

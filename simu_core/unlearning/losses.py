@@ -7,7 +7,9 @@ Every objective is ``gamma_f * forget_term + alpha_r * retain_term`` and is MINI
   with sequence log-probabilities summed over answer tokens and ``p_ref`` a frozen reference
   (the model before unlearning).
 - ``simnpo`` forget term (Fan et al. 2024): ``-(2/beta) * mean log sigmoid(-(beta/|y|) log p(y|x) - gamma)``:
-  length-normalised and reference-free.
+  length-normalised and reference-free. Its beta is its own (``simnpo_beta``, default 4.5 as in
+  open-unlearning), not NPO's: at NPO's 0.1 the weight ``sigmoid`` puts on a sequence stays in
+  [0.76, 1.0] and SimNPO is length-normalised gradient ascent.
 - retain term ``nll``: ``CE(retain)`` (GradDiff); ``kl``: ``KL(p_ref || p)`` per answer position,
   averaged over positions, against the frozen reference.
 
@@ -93,6 +95,7 @@ class UnlearningObjective:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     npo_beta: float = 0.1
+    simnpo_beta: float = 4.5
     simnpo_gamma: float = 0.0
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class UnlearningObjective:
             )
         if self.npo_beta <= 0:
             raise ValueError(f"npo_beta must be > 0, got {self.npo_beta}")
+        if self.simnpo_beta <= 0:
+            raise ValueError(f"simnpo_beta must be > 0, got {self.simnpo_beta}")
 
     @property
     def uses_retain(self) -> bool:
@@ -135,7 +140,7 @@ class UnlearningObjective:
             if reference_logits is None:
                 raise ValueError("the npo forget loss needs reference logits")
             return npo_loss(logits, labels, reference_logits, self.npo_beta)
-        return simnpo_loss(logits, labels, self.npo_beta, self.simnpo_gamma)
+        return simnpo_loss(logits, labels, self.simnpo_beta, self.simnpo_gamma)
 
     def retain_term(
         self, logits: torch.Tensor, labels: torch.Tensor, reference_logits: torch.Tensor | None = None

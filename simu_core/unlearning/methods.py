@@ -150,6 +150,7 @@ def build_objective(config: UnlearnConfig, spec: MethodSpec | None = None) -> Un
         forget_weight=config.forget_weight,
         retain_weight=config.retain_weight if spec.uses_retain else 0.0,
         npo_beta=config.npo_beta,
+        simnpo_beta=config.simnpo_beta,
         simnpo_gamma=config.simnpo_gamma,
     )
 
