@@ -1,4 +1,5 @@
-"""The ``simu`` command line: ``simu run`` (one pipeline run), ``simu ablate`` and ``simu report``."""
+"""The ``simu`` command line: ``simu run`` (one pipeline run), ``simu ablate``, ``simu eval`` (evaluate a
+model, no unlearning) and ``simu report``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import sys
 from typing import Sequence
 
-from simu_core.config import ConfigError, load_config
+from flows import lifecycle
+from simu_core.config import ConfigError, check_pipeline_models, load_config
 from simu_core.preflight import PreflightError, check_inputs
 
 
@@ -15,13 +17,31 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in data/configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set mask.threshold=0.3 (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads for this command, shared by the points a sweep runs at once "
+                        "(default: OMP_NUM_THREADS, else the cores other processes leave free)")
+
+
+def _configure_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (or a load-aware default) before torch is imported (simu_core.threads)."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        raise SystemExit(2)
+    if hasattr(args, "threads"):
+        from simu_core.threads import configure_threads
+
+        configure_threads(args.threads)
 
 
 def _format(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def print_run_summary(summary: dict) -> None:
+RUN_COLUMNS = (("target", "target_metrics"), ("unlearned", "metrics"), ("retain reference", "reference_metrics"))
+EVAL_COLUMNS = (("model", "metrics"), ("reference", "reference_metrics"))
+
+
+def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_COLUMNS) -> None:
     """Print dataset sizes, training figures, the metrics table and where the results are."""
     sizes = summary.get("dataset_sizes") or {}
     if sizes:
@@ -30,19 +50,23 @@ def print_run_summary(summary: dict) -> None:
         if stats:
             print(f"trained {name}: {stats.get('examples')} examples, {stats.get('wall_seconds', 0):.1f} s, "
                   f"{stats.get('tokens_per_second', 0):.0f} tokens/s")
-    rows = [("metric", "target", "unlearned", "retain reference")]
-    metrics = summary.get("metrics") or {}
-    target = summary.get("target_metrics") or {}
-    reference = summary.get("reference_metrics") or {}
+    rows = [("metric", *(title for title, _ in columns))]
+    sources = [summary.get(key) or {} for _, key in columns]
     for name in ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio",
                  "forget_quality", "model_utility", "privleak"):
-        if any(name in source for source in (metrics, target, reference)):
-            rows.append((name, _format(target.get(name)), _format(metrics.get(name)), _format(reference.get(name))))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+        if any(name in source for source in sources):
+            rows.append((name, *(_format(source.get(name)) for source in sources)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for index, row in enumerate(rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+    if summary.get("knockout"):
+        import pandas as pd
+
+        from simu_core.knockout import format_summary
+
+        print("\n".join(format_summary(pd.DataFrame(summary["knockout"]))))
     stages = summary.get("states") or {}
     print("stages: " + ", ".join(f"{label}={state}" for label, state in stages.items()))
     print(f"results: {summary.get('run_dir')}  (runs table: {os.path.join(summary.get('results', ''), 'runs.parquet')})")
@@ -51,10 +75,13 @@ def print_run_summary(summary: dict) -> None:
 def command_run(args: argparse.Namespace) -> int:
     """Validate the config, then run the pipeline flow once."""
     try:
-        check_inputs(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        check_pipeline_models(config)
+        check_inputs(config)
     except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    lifecycle.start_temporary_server()
     from flows.pipeline import simu_pipeline  # imported late: Prefect start-up is slow
 
     summary = simu_pipeline(overrides=args.overrides, config_path=args.config)
@@ -75,16 +102,37 @@ def command_ablate(args: argparse.Namespace) -> int:
             grid[key] = values
         points = sweep_points(grid, args.seeds, args.overrides, args.config)
         for point in points:
-            check_inputs(load_config(args.config, point))
+            config = load_config(args.config, point)
+            check_pipeline_models(config)
+            check_inputs(config)
     except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"sweep of {len(points)} runs")
+    lifecycle.start_temporary_server()
     from flows.ablation import simu_ablation
 
     outcome = simu_ablation(grid=grid, seeds=args.seeds, overrides=args.overrides, config_path=args.config,
                             max_parallel=args.max_parallel, dask_address=args.dask_address)
     print(f"report: {outcome['report']['report']}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    """Validate, then evaluate the model (and the reference) on the configured benchmark."""
+    from flows.evaluate import eval_config  # no Prefect import before the config is valid
+
+    try:
+        check_inputs(eval_config(args.model, args.reference, args.overrides, args.config))
+    except (ConfigError, PreflightError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    lifecycle.start_temporary_server()
+    from flows.evaluate import simu_eval
+
+    summary = simu_eval(model=args.model, reference=args.reference, overrides=args.overrides,
+                        config_path=args.config)
+    print_run_summary(summary, EVAL_COLUMNS)
     return 0
 
 
@@ -119,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--max-parallel", type=int, default=2, help="points run at once on this machine")
     ablate.add_argument("--dask-address", default=None, help="run points on this Dask scheduler (prefect-dask)")
     ablate.set_defaults(handler=command_ablate)
+    evaluate = commands.add_parser("eval", help="evaluate a model folder or hub id on the benchmark (no unlearning)")
+    evaluate.add_argument("--model", required=True, help="model to evaluate: a Hugging Face folder or hub id")
+    evaluate.add_argument("--reference", default=None,
+                          help="retain model (folder or hub id) for forget quality and privleak (default: none)")
+    _add_config_arguments(evaluate)
+    evaluate.set_defaults(handler=command_eval)
     report = commands.add_parser("report", help="comparison table and plots from a results folder")
     report.add_argument("--results", default="results", help="results folder holding runs.parquet")
     report.add_argument("--out", default=None, help="output folder (default: <results>/report)")
@@ -127,9 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``simu`` console script."""
+    """Entry point of the ``simu`` console script.
+
+    SIGTERM stops a command like Ctrl-C: the run is recorded as ``interrupted`` and the process
+    exits within seconds (exit status 128 + the signal's number), its temporary server stopped.
+    """
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    _configure_threads(args)
+    if args.handler is command_report:
+        return args.handler(args)
+    lifecycle.configure_environment()  # before Prefect is imported
+    lifecycle.install_signal_handlers()
+    exit_code = 1
+    try:
+        exit_code = args.handler(args)
+    except lifecycle.Interrupted as stop:
+        exit_code = 128 + stop.signum
+        print(f"simu {args.command}: {stop}; stopped (an unfinished run is recorded as 'interrupted')",
+              file=sys.stderr)
+    finally:
+        lifecycle.shutdown(exit_code)
+    return exit_code
 
 
 if __name__ == "__main__":

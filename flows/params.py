@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from simu_core.config import SimuConfig
+from simu_core.models.identity import model_fingerprint
+from simu_core.stages import uses_tiny_model
 
 MASKED_METHODS = ("simu", "simu_npo")
 
@@ -20,23 +22,68 @@ def uses_mask(config: SimuConfig) -> bool:
     return config.unlearn.method in MASKED_METHODS
 
 
+# Data fields that only the synthetic generator reads; LUME reads only its source.
+_SYNTHETIC_ONLY = ("num_authors", "holdout_authors", "qa_per_author", "general_facts", "seed")
+
+
+def _data_params(data: dict[str, Any]) -> dict[str, Any]:
+    """The data fields that change the prepared benchmark (depends on which benchmark)."""
+    if data["benchmark"] == "synthetic":
+        return {key: value for key, value in data.items() if key != "source"}
+    if data["benchmark"] == "lume":
+        return {key: data[key] for key in ("benchmark", "source")}
+    return {key: value for key, value in data.items() if key not in _SYNTHETIC_ONLY}
+
+
+def _fingerprint(reference: str | None, field: str) -> dict[str, Any] | None:
+    """A model the user names, keyed by content (folder files or hub commit), not by its name."""
+    return model_fingerprint(reference, field) if reference else None
+
+
 def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
-    """Cache-key parameters of every stage."""
+    """Cache-key parameters of every stage: the config fields that change its output, nothing else.
+
+    Models and tokenizers the user names are keyed by content (:func:`model_fingerprint`); a model
+    an earlier stage produced is keyed through that stage's input key. ``run.dtype`` (autocast) is
+    keyed only where autocast is used: unlearning.
+    """
     tree = config.model_dump(mode="json")
-    model = tree["model"]
-    model_identity = {key: model[key] for key in ("base", "target", "tokenizer", "dtype", "trust_remote_code", "max_length")}
-    training = {key: value for key, value in model.items() if key not in ("target", "retain_reference")}
+    model, run = tree["model"], tree["run"]
+    tiny = uses_tiny_model(config)
+    tokenizer = _fingerprint(model["tokenizer"], "model.tokenizer")
+    # How a produced or given model is loaded and its inputs encoded (attribute, unlearn, evaluate).
+    model_identity = {"tokenizer": tokenizer, "dtype": model["dtype"], "trust_remote_code": model["trust_remote_code"],
+                      "max_length": model["max_length"]}
+    if tiny:
+        # The tiny model is built in float32 with the data stage's tokenizer: model.dtype, model.tokenizer
+        # and trust_remote_code only matter when it is loaded later.
+        training = {"tiny": model["tiny"], "max_length": model["max_length"], "finetune": model["finetune"]}
+    else:
+        training = {"base": _fingerprint(model["base"], "model.base"), **model_identity, "finetune": model["finetune"]}
+    target = {"external": _fingerprint(model["target"], "model.target")} if model["target"] else training
+    reference = ({"external": _fingerprint(model["retain_reference"], "model.retain_reference")}
+                 if model["retain_reference"] else training)
+    evaluation = dict(tree["eval"])
+    full_reference = evaluation.pop("reference_full")
+    if config.data.benchmark != "lume":
+        evaluation.pop("mmlu_source")  # read only by LUME's final score
     return {
-        "prepare_data": {"data": tree["data"], "base": model["base"], "tokenizer": model["tokenizer"],
-                         "tiny_vocab_size": model["tiny"]["vocab_size"]},
-        "train_target": {"model": training, "autocast": tree["run"]["dtype"]},
-        "train_retain_reference": {"model": training, "retain_reference": model["retain_reference"],
-                                   "autocast": tree["run"]["dtype"]},
-        "attribute": {"attribution": tree["attribution"], "model": model_identity, "seed": tree["run"]["seed"]},
-        "threshold_mask": {"mask": tree["mask"]},
-        "unlearn": {"unlearn": tree["unlearn"], "model": model_identity, "seed": tree["run"]["seed"],
-                    "autocast": tree["run"]["dtype"]},
-        "evaluate": {"eval": tree["eval"], "model": model_identity, "autocast": tree["run"]["dtype"]},
+        "prepare_data": {"data": _data_params(tree["data"]), "tiny_tokenizer": tiny,
+                         **({"tiny_vocab_size": model["tiny"]["vocab_size"]} if tiny else {})},
+        "train_target": target,
+        "train_retain_reference": reference,
+        "attribute": {"attribution": tree["attribution"], "model": model_identity, "seed": run["seed"]},
+        # run.seed draws the random control's neurons; no other rule reads it.
+        "threshold_mask": {"mask": tree["mask"], **({"seed": run["seed"]} if tree["mask"]["rule"] == "random" else {})},
+        # The critical sets come from the mask input (its key holds mask.*); run.seed draws the random sets.
+        "knockout": {"knockout": {key: value for key, value in tree["knockout"].items() if key != "enabled"},
+                     "model": model_identity, "seed": run["seed"]},
+        # checkpoint_every only decides how often progress is saved: resuming is bit-identical.
+        "unlearn": {"unlearn": {key: value for key, value in tree["unlearn"].items() if key != "checkpoint_every"},
+                    "model": model_identity, "seed": run["seed"], "autocast": run["dtype"]},
+        "evaluate": {"eval": evaluation, "model": model_identity},
+        # The retain reference: by default only what forget quality and privleak compare.
+        "evaluate_reference": {"eval": evaluation, "model": model_identity, "full": full_reference},
     }
 
 

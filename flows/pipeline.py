@@ -1,6 +1,7 @@
 """The SIMU pipeline flow: one run from a config, every stage a cached task.
 
     prepare_data -> train_target -> attribute(forget), attribute(retain) -> threshold_mask
+                 -> knockout (check of the mask on the target)
                  -> unlearn -> evaluate(unlearned, vs the retain reference) -> report
                  -> train_retain_reference -> evaluate(reference)
 """
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from flows.lifecycle import raise_if_stopping
 from flows.params import run_name, stage_params, uses_mask
-from simu_core.config import SimuConfig, load_config
+from simu_core.config import SimuConfig, check_pipeline_models, load_config
 from tasks import stages as stage_tasks
 from tasks.caching import entry_is_valid
 from tasks.report import append_run_row, current_run_id, report, run_row
@@ -39,14 +42,20 @@ class _StageRunner:
         self.seconds: dict[str, float] = {}
 
     def __call__(self, label: str, task: Callable, stage: str, inputs: dict, extra_params: dict | None = None, **kwargs: Any) -> dict:
+        raise_if_stopping()  # a stopping command (SIGTERM, Ctrl-C) starts no further stage
         params = {**self.params[stage], **(extra_params or {})}
         version = stage_code_version(stage)
         started = time.perf_counter()
         external = stage in ("train_target", "train_retain_reference") and self._external_model(stage)
         refresh = not external and not entry_is_valid(self.config.run.store, stage, version, params, inputs)
-        state = task.with_options(task_run_name=label, refresh_cache=refresh)(
-            self.raw, self.config.run.store, version, params, inputs, return_state=True, **kwargs
-        )
+        try:
+            state = task.with_options(task_run_name=label, refresh_cache=refresh)(
+                self.raw, self.config.run.store, version, params, inputs, return_state=True, **kwargs
+            )
+        except BaseException as error:  # interrupted inside the stage: the runs row names it
+            self.seconds[label] = round(time.perf_counter() - started, 3)
+            self.states[label] = "Failed" if isinstance(error, Exception) else "Interrupted"
+            raise
         self.seconds[label] = round(time.perf_counter() - started, 3)
         self.states[label] = state.name
         return state.result()
@@ -68,20 +77,35 @@ def checkpoint_folder(config: SimuConfig) -> str:
 def simu_pipeline(overrides: list[str] | None = None, config_path: str | None = None) -> dict[str, Any]:
     """Run SIMU (or a baseline) end to end on one configuration; return the run's summary."""
     config = load_config(config_path, overrides or [])
+    check_pipeline_models(config)
     run = _StageRunner(config)
     try:
         return _run_stages(config, run)
-    except Exception as error:
-        # A failed run gets its row too (status 'failed'), so sweeps can see what broke.
-        append_run_row(Path(config.run.results).resolve(),
-                       run_row(config, current_run_id(), "failed", {}, run.states, run.seconds, error=repr(error)[:2000]))
+    except (Exception, KeyboardInterrupt, TerminationSignal) as error:
+        # A failed or interrupted (Ctrl-C, SIGTERM) run gets its row too, so sweeps can see what broke.
+        record_unfinished_run(config, run, error)
         raise
 
 
+def record_unfinished_run(config: SimuConfig, run: _StageRunner, error: BaseException, kind: str = "run") -> None:
+    """Append the runs-table row of a run that stopped: status 'failed', or 'interrupted' on a signal."""
+    status = "failed" if isinstance(error, Exception) else "interrupted"
+    append_run_row(Path(config.run.results).resolve(),
+                   run_row(config, current_run_id(), status, {}, run.states, run.seconds, error=repr(error)[:2000],
+                           kind=kind))
+
+
 def has_retain_reference(config: SimuConfig) -> bool:
-    """False only for LUME with a given target and no way to get a retain model (not needed there)."""
+    """Whether the run builds (or takes) and evaluates a retain reference.
+
+    TOFU-style benchmarks: always (forget quality and privleak compare with it). LUME: its scores
+    compare with no retain model, so only when its full evaluation is asked for
+    (``eval.reference_full``) and a retain model can be had.
+    """
     model = config.model
-    return config.data.benchmark != "lume" or bool(model.retain_reference or model.base)
+    if config.data.benchmark == "lume":
+        return config.eval.reference_full and bool(model.retain_reference or model.base)
+    return True
 
 
 def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
@@ -91,7 +115,7 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     if has_retain_reference(config):
         reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
                         {"data": data})
-    mask = forget_scores = retain_scores = None
+    mask = forget_scores = retain_scores = knockout = None
     if uses_mask(config):
         forget_scores = run("attribute_forget", stage_tasks.attribute, "attribute", {"data": data, "target": target},
                             {"which": "forget"})
@@ -99,17 +123,20 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
                             {"which": "retain"})
         mask = run("threshold_mask", stage_tasks.threshold_mask, "threshold_mask",
                    {"forget_scores": forget_scores, "retain_scores": retain_scores})
+        if config.knockout.enabled:
+            knockout = run("knockout", stage_tasks.knockout, "knockout", {"data": data, "target": target, "mask": mask})
     unlearned = run("unlearn", stage_tasks.unlearn, "unlearn", {"data": data, "target": target, "mask": mask},
                     checkpoint_dir=checkpoint_folder(config))
     if reference is not None:
-        reference_eval = run("evaluate_reference", stage_tasks.evaluate, "evaluate", {"data": data, "model": reference})
+        reference_eval = run("evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
+                             {"data": data, "model": reference})
     target_eval = run("evaluate_target", stage_tasks.evaluate, "evaluate",
                       {"data": data, "model": target, "reference_eval": reference_eval})
     unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",
                          {"data": data, "model": unlearned, "reference_eval": reference_eval})
     refs = {
         "data": data, "target": target, "reference": reference, "forget_scores": forget_scores,
-        "retain_scores": retain_scores, "mask": mask, "unlearned": unlearned, "evaluate": unlearned_eval,
+        "retain_scores": retain_scores, "mask": mask, "knockout": knockout, "unlearned": unlearned, "evaluate": unlearned_eval,
         "evaluate_target": target_eval, "evaluate_reference": reference_eval,
     }
     return report(config.model_dump(mode="json"), refs, run.states, run.seconds)

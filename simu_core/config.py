@@ -1,6 +1,6 @@
 """The one validated configuration of a simu run.
 
-Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``unlearn``, ``eval``,
+Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``knockout``, ``unlearn``, ``eval``,
 ``run``. Load with :func:`load_config` (YAML file, then ``--set section.key=value`` overrides).
 Every invalid value raises :class:`ConfigError` naming the field, the value and what is allowed.
 """
@@ -18,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from simu_core.paths import DEFAULT_CONFIG_PATH
 
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+
+#: Settings whose right value depends on the benchmark; a field left unset (None) takes its
+#: benchmark's value when the config is validated. TOFU and LUME: their reference evaluators'
+#: values; the built-in benchmark's items are short.
+BENCHMARK_DEFAULTS: dict[str, dict[str, int]] = {
+    "synthetic": {"model.max_length": 128, "eval.max_new_tokens": 48},
+    "tofu": {"model.max_length": 512, "eval.max_new_tokens": 200},
+    "lume": {"model.max_length": 512, "eval.max_new_tokens": 256},
+}
 
 
 class ConfigError(ValueError):
@@ -77,7 +86,9 @@ class ModelConfig(_Section):
     tokenizer: str | None = Field(None, description="tokenizer id/path when it differs from the model")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    max_length: int = Field(512, ge=16, le=131072)
+    max_length: int | None = Field(
+        None, ge=16, le=131072, description="None: the benchmark's own (synthetic 128, TOFU 512, LUME 512)"
+    )
     tiny: TinyModelConfig = TinyModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
@@ -114,10 +125,43 @@ class AttributionConfig(_Section):
 class MaskConfig(_Section):
     """Thresholding of attribution scores into the critical-neuron mask."""
 
-    threshold: float = Field(0.2, gt=0, le=1, description="t: critical when score > t * layer max")
-    rule: Literal["layer_relative", "global_top_fraction"] = "layer_relative"
+    threshold: float = Field(0.2, gt=0, le=1, description="t: critical when score >= t * layer max")
+    rule: Literal["layer_relative", "global_top_fraction", "random"] = Field(
+        "layer_relative",
+        description="random: the control; per layer as many neurons as the layer-relative rule picks at t "
+        "(for the variant), drawn uniformly with run.seed",
+    )
     top_fraction: float = Field(0.05, gt=0, le=1, description="global rule: fraction of all neurons")
+    score: Literal["forget", "contrastive"] = Field(
+        "forget",
+        description="what C_f thresholds: the forget-set attribution (the paper) or 'contrastive', the forget "
+        "score minus the retain score, each per attributed answer token (needs the retain attribution)",
+    )
     variant: Literal["include", "exclude", "only"] = "include"
+
+
+class KnockoutConfig(_Section):
+    """Knockout check of the mask (``simu_core.knockout``): zero the critical neurons' activations,
+    compare with random neurons and retain-critical neurons of the same per-layer counts."""
+
+    enabled: bool = True
+    random_draws: int = Field(5, ge=1, le=1000, description="random sets averaged (mean and std)")
+    max_items: int | None = Field(
+        None, ge=1, description="measure on at most N forget and N retain items (seeded sample); None = all"
+    )
+    curve_sizes: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
+        description="neurons per layer for the top-k-by-score vs random curve; [] = no curve",
+    )
+    curve_draws: int = Field(2, ge=1, le=100, description="random draws per curve point")
+    batch_size: int = Field(32, ge=1, le=4096)
+
+    @field_validator("curve_sizes")
+    @classmethod
+    def _sizes_positive(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError(f"every curve size must be >= 1 neuron per layer, got {value}")
+        return sorted(set(value))
 
 
 class UnlearnConfig(_Section):
@@ -176,10 +220,23 @@ class EvalConfig(_Section):
 
     batch_size: int = Field(16, ge=1, le=4096)
     max_new_tokens: int | None = Field(
-        None, ge=1, le=4096, description="None: the benchmark's own (TOFU 200, LUME 256)"
+        None, ge=1, le=4096, description="None: the benchmark's own (synthetic 48, TOFU 200, LUME 256)"
     )
     max_items: int | None = Field(None, ge=1, description="evaluate at most N items per split")
     mmlu_source: str | None = Field(None, description="local MMLU-format dataset (LUME final score)")
+    template: Literal["simu", "open_unlearning", "chat"] = Field(
+        "simu",
+        description="QA prompt template of the TOFU-style evaluation (simu_core/prompting.py): simu = the one "
+        "training uses ('Question: {q}\\nAnswer:' + ' {a}', or the tokenizer's chat template when it has one); "
+        "open_unlearning = its default 'Question: {q}\\nAnswer: ' tokenized as open-unlearning does; chat = the "
+        "tokenizer's chat template as open-unlearning applies it",
+    )
+    reference_full: bool = Field(
+        False,
+        description="evaluate the retain reference with the whole suite; by default only what is compared "
+        "with it (TOFU-style: forget and holdout scores for forget quality and privleak, no generations; "
+        "LUME: nothing, its scores compare with no reference)",
+    )
 
 
 class RunConfig(_Section):
@@ -206,9 +263,32 @@ class SimuConfig(_Section):
     data: DataConfig = DataConfig()
     attribution: AttributionConfig = AttributionConfig()
     mask: MaskConfig = MaskConfig()
+    knockout: KnockoutConfig = KnockoutConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark_defaults(cls, tree: Any) -> Any:
+        """Fill unset benchmark-dependent fields (:data:`BENCHMARK_DEFAULTS`) with the benchmark's values."""
+        if not isinstance(tree, Mapping):
+            return tree
+        data = tree.get("data")
+        benchmark = (data.get("benchmark") if isinstance(data, Mapping) else getattr(data, "benchmark", None)) or "synthetic"
+        if benchmark not in BENCHMARK_DEFAULTS:
+            return tree  # the field's own validation names the bad value
+        tree = dict(tree)
+        for dotted, value in BENCHMARK_DEFAULTS[benchmark].items():
+            section, name = dotted.split(".")
+            fields = tree.get(section)
+            if fields is None:
+                fields = {}
+            if isinstance(fields, Mapping) and fields.get(name) is None:
+                tree[section] = {**fields, name: value}
+            elif isinstance(fields, BaseModel) and getattr(fields, name) is None:
+                tree[section] = fields.model_copy(update={name: value})
+        return tree
 
     @model_validator(mode="after")
     def _model_source_fits_benchmark(self) -> "SimuConfig":
@@ -218,11 +298,8 @@ class SimuConfig(_Section):
                 "model.base or model.target is required for data.benchmark='lume' "
                 "(the QA benchmarks can build their own tiny model; LUME documents need a real one)"
             )
-        if model.target and not (model.retain_reference or model.base) and self.data.benchmark != "lume":
-            raise ValueError(
-                "model.target is set: also set model.retain_reference (or model.base to train one) so that "
-                "forget quality has its reference"
-            )
+        # A target without a retain reference is valid (``simu eval``); the pipeline, which reports
+        # forget quality, refuses it in check_pipeline_models.
         return self
 
     def config_hash(self) -> str:
@@ -310,6 +387,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
     return tree
+
+
+def check_pipeline_models(config: SimuConfig) -> None:
+    """The pipeline's (``simu run``, ``simu ablate``) rule on models: a given target on a QA benchmark
+    needs a retain reference (given, or trained from ``model.base``) for forget quality. Raises
+    :class:`ConfigError`; ``simu eval`` evaluates a model without one."""
+    model = config.model
+    if model.target and not (model.retain_reference or model.base) and config.data.benchmark != "lume":
+        raise ConfigError(
+            "invalid config: model.target is set: also set model.retain_reference (or model.base to train one) "
+            "so that forget quality has its reference (`simu eval --model` evaluates a model without one)"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SimuConfig:

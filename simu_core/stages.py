@@ -127,17 +127,23 @@ def evaluate(
     model_dir: Path,
     out_dir: Path,
     reference_items_path: Path | None = None,
+    light: bool = False,
 ) -> dict[str, float]:
     """Evaluate a model folder on the prepared benchmark; write ``items.parquet`` and
     ``metrics.parquet`` into ``out_dir`` and return the headline (split "all") metrics.
 
     ``reference_items_path``: the retain reference's ``items.parquet`` (TOFU-style benchmarks), for
-    forget quality and privleak; without it they are reported as not computed.
+    forget quality and privleak; without it they are reported as not computed. ``light``: the
+    retain reference's own evaluation, only what those two compare (TOFU-style benchmarks; see
+    :func:`~simu_core.evaluation.evaluate_qa`). LUME compares with no reference: light is refused.
     """
     # Imported here: the evaluation package pulls in rouge-score, which training stages do not need.
     from simu_core.evaluation import evaluate_lume, evaluate_qa
 
     benchmark = read_benchmark(data_dir)
+    if light and isinstance(benchmark, LumeBenchmark):
+        raise ValueError("a light evaluation compares with nothing on LUME: evaluate its full suite "
+                         "(eval.reference_full=true) or none")
     model, tokenizer = load_trained(model_dir, config)
     if isinstance(benchmark, LumeBenchmark):
         result = evaluate_lume(
@@ -150,7 +156,7 @@ def evaluate(
                 raise FileNotFoundError(f"reference items file {str(reference_items_path)!r} does not exist")
             reference_items = pd.read_parquet(reference_items_path)
         result = evaluate_qa(
-            model, tokenizer, benchmark, config.eval, reference_items, max_length=config.model.max_length
+            model, tokenizer, benchmark, config.eval, reference_items, max_length=config.model.max_length, light=light
         )
     result.save(out_dir)
     if result.notes:
@@ -371,7 +377,9 @@ def threshold_mask(
     retain_score) with both sets' metadata. Returns the mask counts.
     """
     from simu_core.attribution import attribution_table, read_scores, scores_from_table, write_scores
-    from simu_core.thresholding import dual_neuron_analysis, select_mask, threshold_jaccard
+    import numpy as np
+
+    from simu_core.thresholding import contrastive_scores, dual_neuron_analysis, select_mask, threshold_jaccard
 
     forget_table, forget_meta = read_scores(Path(forget_scores_dir) / SCORES_FILE)
     forget = scores_from_table(forget_table, "score")
@@ -385,27 +393,127 @@ def threshold_mask(
                 f"forget scores ({forget_scores_dir}) and retain scores ({retain_scores_dir}) come from different models"
             )
     settings = config.mask
+    selection_scores = forget
+    if settings.score == "contrastive":
+        if retain is None:
+            raise ValueError("mask.score='contrastive' needs the retain-set attribution scores")
+        selection_scores = contrastive_scores(forget, int(forget_meta["num_samples"]), retain,
+                                              int(retain_meta["num_samples"]))
     selection = select_mask(
-        forget, retain, threshold=settings.threshold, variant=settings.variant, rule=settings.rule,
-        top_fraction=settings.top_fraction,
+        selection_scores, retain, threshold=settings.threshold, variant=settings.variant, rule=settings.rule,
+        top_fraction=settings.top_fraction, seed=config.run.seed,
     )
+    if selection.critical_forget.total() == 0:
+        raise ValueError(
+            f"mask.threshold={settings.threshold} ({settings.rule}) selects no critical forget neuron: no attribution "
+            "score is positive; there is nothing for SIMU to train in the MLP"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     selection.table().to_parquet(out_dir / MASK_FILE, index=False)
     thresholds = sorted(set(ANALYSIS_THRESHOLDS) | {settings.threshold})
     # The analysis variant must be computable: exclude/only need the retain set.
     variant = settings.variant if retain is not None else "include"
-    dual_neuron_analysis(forget, retain, thresholds, variant).to_parquet(out_dir / DUAL_ANALYSIS_FILE, index=False)
-    threshold_jaccard(forget, retain, thresholds, variant).to_parquet(out_dir / THRESHOLD_JACCARD_FILE, index=False)
-    write_scores(
-        attribution_table(forget, retain), out_dir / SCORES_FILE, {"forget": forget_meta, "retain": retain_meta}
-    )
+    dual_neuron_analysis(selection_scores, retain, thresholds, variant).to_parquet(out_dir / DUAL_ANALYSIS_FILE, index=False)
+    threshold_jaccard(selection_scores, retain, thresholds, variant).to_parquet(out_dir / THRESHOLD_JACCARD_FILE, index=False)
+    scores_table = attribution_table(forget, retain)
+    # What C_f was thresholded on (the forget score, or the contrastive one): the knockout curve ranks by it.
+    scores_table["selection_score"] = np.concatenate(selection_scores) if settings.score == "contrastive" \
+        else scores_table["forget_score"].to_numpy()
+    write_scores(scores_table, out_dir / SCORES_FILE, {"forget": forget_meta, "retain": retain_meta})
     counts = {
         "rule": settings.rule,
         "threshold": settings.threshold,
         "top_fraction": settings.top_fraction,
+        "score": settings.score,
         "variant": settings.variant,
         **selection.counts(),
     }
     (out_dir / "counts.json").write_text(json.dumps(counts, indent=2))
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Knockout check of the mask (issue 10)
+
+KNOCKOUT_FILES = ("knockout.parquet", "knockout_summary.parquet", "knockout_curve.parquet")
+
+
+def _knockout_items(
+    config: SimuConfig, benchmark: QABenchmark | LumeBenchmark, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    """Forget and retain items of the knockout check: all of each split, or a seeded sample of
+    ``knockout.max_items`` (numpy default_rng(run.seed), kept in split order)."""
+    import numpy as np
+
+    lume = isinstance(benchmark, LumeBenchmark)
+    limit = config.knockout.max_items
+    encoded = []
+    for offset, split in enumerate(("forget", "retain")):
+        frame = benchmark.split(split) if lume else benchmark[split]
+        if limit is not None and limit < len(frame):
+            chosen = np.sort(np.random.default_rng([config.run.seed, offset]).choice(len(frame), limit, replace=False))
+            frame = frame.iloc[chosen]
+        if lume:
+            max_length = config.model.max_length
+            encoded.append([encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])])
+        else:
+            encoded.append(encode_frame(tokenizer, frame, config.model.max_length))
+    return encoded[0], encoded[1]
+
+
+def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Knockout check of the mask written by :func:`threshold_mask` on the target (nothing trained).
+
+    The critical set is the mask variant's set of *critical* neurons (``mask.parquet``'s
+    critical_forget / critical_retain columns), whatever the rule, so a ``random`` mask is checked
+    against the neurons it stands in for. Writes ``knockout.parquet`` (one row per set and draw,
+    the intact model first), ``knockout_summary.parquet`` (per set kind) and
+    ``knockout_curve.parquet`` (top-k by forget score vs random, per k); returns the headline
+    figures plus ``forward_passes`` and ``wall_seconds``.
+    """
+    import time
+
+    from simu_core.knockout import knockout_check, knockout_sets_from_mask_table, scores_per_layer
+    from simu_core.prompting import pad_token_id
+
+    started = time.perf_counter()
+    mask_table = pd.read_parquet(Path(mask_dir) / MASK_FILE)
+    scores = pd.read_parquet(Path(mask_dir) / SCORES_FILE)
+    critical = knockout_sets_from_mask_table(mask_table, config.mask.variant)
+    if critical.total() == 0:
+        raise ValueError(
+            f"knockout: the critical set of mask.variant={config.mask.variant!r} at mask.threshold="
+            f"{config.mask.threshold} is empty; nothing to knock out (lower the threshold or use variant 'include')"
+        )
+    has_retain = "retain_score" in scores.columns and scores["retain_score"].notna().all()
+    benchmark = read_benchmark(data_dir)
+    model, tokenizer = load_trained(target_dir, config)
+    forget, retain = _knockout_items(config, benchmark, tokenizer)
+    settings = config.knockout
+    result = knockout_check(
+        model, forget, retain, pad_token_id(tokenizer), critical,
+        retain_scores=scores_per_layer(scores, "retain_score") if has_retain else None,
+        forget_scores=scores_per_layer(scores, "selection_score" if "selection_score" in scores else "forget_score"),
+        random_draws=settings.random_draws, curve_sizes=settings.curve_sizes, curve_draws=settings.curve_draws,
+        seed=config.run.seed, batch_size=settings.batch_size,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.sets.to_parquet(out_dir / KNOCKOUT_FILES[0], index=False)
+    result.summary.to_parquet(out_dir / KNOCKOUT_FILES[1], index=False)
+    result.curve.to_parquet(out_dir / KNOCKOUT_FILES[2], index=False)
+    summary = {**result.headline(), "knockout_forward_passes": result.forward_passes,
+               "knockout_forget_items": len(forget), "knockout_retain_items": len(retain),
+               "knockout_wall_seconds": time.perf_counter() - started}
+    # inf (a set that spares the retain items) travels as null in strict JSON; the Parquet keeps it.
+    summary = {key: None if isinstance(value, float) and not np_isfinite(value) else value for key, value in summary.items()}
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def np_isfinite(value: float) -> bool:
+    """math.isfinite for floats (a name that reads at the call site)."""
+    import math
+
+    return math.isfinite(value)

@@ -12,6 +12,19 @@ Rules
     all layers, ties broken by (layer, neuron); only positive scores qualify, as in the layer rule
     (a neuron that does not raise the answer's log-probability is never critical).
 
+    ``random`` (the control): the layer-relative critical sets are computed as usual (C_f, C_r
+    and the variant's mask are recorded), but the mask that is trained holds, in every layer, as
+    many neurons as the variant's layer-relative mask, drawn uniformly without replacement with
+    ``numpy.random.default_rng(seed)``. SIMU with this mask is SIMU at the same sparsity with
+    the attribution's choice taken away.
+
+Scores (``mask.score``)
+    ``forget`` (the paper): C_f thresholds the forget-set attribution. ``contrastive``: C_f
+    thresholds ``Att_f / n_f - Att_r / n_r`` (each set's score per attributed answer token), the
+    neurons that help the forget answers *more than* the retain answers; C_r is unchanged. A
+    neuron every answer needs (formatting, frequent tokens) scores high on both sets and drops
+    out of the contrastive C_f. See :func:`contrastive_scores`.
+
 Variants (C_f = forget-critical, C_r = retain-critical, same rule and t)
     ``include`` mask = C_f (the default), ``exclude`` mask = C_f minus C_r, ``only`` mask =
     C_f intersect C_r (the dual neurons). ``exclude`` and ``only`` partition ``include``.
@@ -35,7 +48,7 @@ import pandas as pd
 from simu_core.attribution import AttributionResult
 from simu_core.masking import NeuronMask
 
-RULES = ("layer_relative", "global_top_fraction")
+RULES = ("layer_relative", "global_top_fraction", "random")
 VARIANTS = ("include", "exclude", "only")
 
 Scores = AttributionResult | Sequence[np.ndarray]
@@ -104,6 +117,9 @@ def critical_neurons(
         return layer_relative_critical(scores, threshold)
     if rule == "global_top_fraction":
         return global_top_fraction_critical(scores, top_fraction)
+    if rule == "random":
+        # The critical sets of the random control are the layer-relative ones (see select_mask).
+        return layer_relative_critical(scores, threshold)
     raise ValueError(f"threshold rule must be one of {list(RULES)}, got {rule!r}")
 
 
@@ -164,6 +180,29 @@ class MaskSelection:
         }
 
 
+def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
+    """Per layer, as many neurons as ``mask`` holds there, drawn uniformly without replacement."""
+    rng = np.random.default_rng(seed)
+    per_layer = []
+    for count, size in zip(mask.counts(), mask.num_neurons):
+        chosen = np.zeros(size, dtype=bool)
+        chosen[rng.choice(size, size=count, replace=False)] = True
+        per_layer.append(chosen)
+    return NeuronMask.from_boolean(per_layer)
+
+
+def contrastive_scores(forget_scores: Scores, forget_samples: int, retain_scores: Scores, retain_samples: int) -> list[np.ndarray]:
+    """Per neuron, forget score per answer token minus retain score per answer token."""
+    if forget_samples < 1 or retain_samples < 1:
+        raise ValueError(
+            f"contrastive scores need positive sample counts, got forget {forget_samples}, retain {retain_samples}"
+        )
+    forget, retain = _layers(forget_scores, "forget"), _layers(retain_scores, "retain")
+    if [len(layer) for layer in forget] != [len(layer) for layer in retain]:
+        raise ValueError("forget and retain scores have different shapes")
+    return [f / forget_samples - r / retain_samples for f, r in zip(forget, retain)]
+
+
 def select_mask(
     forget_scores: Scores,
     retain_scores: Scores | None = None,
@@ -171,13 +210,16 @@ def select_mask(
     variant: str = "include",
     rule: str = "layer_relative",
     top_fraction: float = 0.05,
+    seed: int = 0,
 ) -> MaskSelection:
-    """Threshold forget (and retain) scores and build the variant's mask."""
+    """Threshold forget (and retain) scores and build the variant's mask (``seed``: rule ``random`` only)."""
     if variant not in VARIANTS:
         raise ValueError(f"mask variant must be one of {list(VARIANTS)}, got {variant!r}")
     critical_forget = critical_neurons(forget_scores, rule, threshold, top_fraction)
     critical_retain = None if retain_scores is None else critical_neurons(retain_scores, rule, threshold, top_fraction)
     mask = apply_variant(critical_forget, critical_retain, variant)
+    if rule == "random":
+        mask = random_mask_like(mask, seed)
     return MaskSelection(mask, critical_forget, critical_retain, variant, rule, float(threshold))
 
 

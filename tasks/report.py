@@ -63,12 +63,15 @@ def append_run_row(results: Path, row: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
-def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states: dict, seconds: dict, error: str = "") -> dict:
-    """One row of the runs table: identity, status, flattened config, headline metrics, timings."""
+def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states: dict, seconds: dict, error: str = "",
+            kind: str = "run") -> dict:
+    """One row of the runs table: identity, kind ('run': pipeline, 'eval': ``simu eval``), status
+    ('completed', 'failed', 'interrupted'), flattened config, headline metrics, timings."""
     row: dict[str, Any] = {
         "run_id": run_id,
         "run_name": flow_run.name or "",
         "time": pd.Timestamp.now(tz="UTC"),
+        "kind": kind,
         "status": status,
         "error": error,
         "config_hash": config.config_hash(),
@@ -93,8 +96,13 @@ def current_run_id() -> str:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], seconds: dict[str, float]) -> dict[str, Any]:
-    """Write the run's results and create its Prefect artifacts; return the headline summary."""
+def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], seconds: dict[str, float],
+           headline_ref: str = "evaluate", kind: str = "run") -> dict[str, Any]:
+    """Write the run's results and create its Prefect artifacts; return the headline summary.
+
+    ``headline_ref`` names the evaluation whose metrics go into the runs-table row (``evaluate``:
+    the unlearned model; ``simu eval`` reports ``evaluate_target``, the model it was given).
+    """
     started = time.perf_counter()
     cfg = config_from_dict(config)
     store = open_store(cfg.run.store)
@@ -116,27 +124,40 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     copies = (("mask", "scores.parquet", "attribution.parquet"), ("mask", "mask.parquet", "mask.parquet"),
               ("mask", "dual_analysis.parquet", "dual_analysis.parquet"),
               ("mask", "threshold_jaccard.parquet", "threshold_jaccard.parquet"),
-              ("unlearned", "train_log.parquet", "train_log.parquet"))
+              ("unlearned", "train_log.parquet", "train_log.parquet"),
+              ("knockout", "knockout.parquet", "knockout.parquet"),
+              ("knockout", "knockout_summary.parquet", "knockout_summary.parquet"),
+              ("knockout", "knockout_curve.parquet", "knockout_curve.parquet"))
     for ref_name, source, target_name in copies:
         table = _table(store, refs.get(ref_name), source)
         if table is not None:
             _write_parquet_atomic(table, run_dir / target_name)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    headline = _summary(store, refs.get("evaluate"))
+    headline = _summary(store, refs.get(headline_ref))
     seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
-    append_run_row(results, run_row(cfg, run_id, "completed", headline, states, seconds))
+    knockout = _summary(store, refs.get("knockout"))
+    knockout_table = _table(store, refs.get("knockout"), "knockout_summary.parquet")
+    # The knockout figures land in the runs table as metric.knockout_* columns.
+    append_run_row(results, run_row(cfg, run_id, "completed", {**headline, **knockout}, states, seconds, kind=kind))
 
     reference = _summary(store, refs.get("evaluate_reference"))
     target = _summary(store, refs.get("evaluate_target"))
-    lines = [f"# {flow_run.name or run_id}", "", "| metric | target | unlearned | retain reference |", "|---|---|---|---|"]
+    columns = ({"target": target, "unlearned": headline, "retain reference": reference} if kind == "run"
+               else {"model": headline, "reference": reference})
+    lines = [f"# {flow_run.name or run_id}", "", "| metric | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     table_rows = []
     for name in HEADLINE:
-        values = [summary.get(name) for summary in (target, headline, reference)]
+        values = [summary.get(name) for summary in columns.values()]
         if all(value is None for value in values):
             continue
         lines.append("| " + name + " | " + " | ".join("-" if v is None else f"{v:.4g}" for v in values) + " |")
-        table_rows.append({"metric": name, "target": values[0], "unlearned": values[1], "retain_reference": values[2]})
+        table_rows.append({"metric": name, **{column.replace(" ", "_"): value for column, value in zip(columns, values)}})
+    if knockout_table is not None:
+        from simu_core.knockout import format_summary
+
+        lines += ["", "## Knockout check (target, nothing trained)", "", "```", *format_summary(knockout_table), "```"]
     stage_lines = [f"- {label}: {states.get(label, '')}, {value:.1f} s" for label, value in seconds.items()]
     lines += ["", "## Stages", *stage_lines, "", f"Results: `{run_dir}`"]
     markdown = "\n".join(lines)
@@ -148,4 +169,5 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
             "dataset_sizes": _summary(store, refs.get("data")),
             "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
             "unlearning": _summary(store, refs.get("unlearned")),
+            "knockout": knockout_table.to_dict(orient="records") if knockout_table is not None else None,
             "markdown": markdown}

@@ -32,7 +32,7 @@ def _train(config: dict, stage: str, which: str, external: str | None, store_url
            params: dict, inputs: dict) -> Ref:
     """A training stage, or a reference to the model the user brings instead."""
     if external:
-        return external_model_ref(external)
+        return external_model_ref(external, params["external"])
     cfg = config_from_dict(config)
     return run_stage(stage, store_url, code_version, params, inputs,
                      lambda out, dirs: stages.train_model(cfg, dirs["data"], out, which))
@@ -67,6 +67,14 @@ def threshold_mask(config: dict, store_url: str, code_version: str, params: dict
                      lambda out, dirs: stages.threshold_mask(cfg, dirs["forget_scores"], dirs["retain_scores"], out))
 
 
+@task(name="knockout", cache_policy=stage_cache_policy("knockout"), **_TASK_OPTIONS)
+def knockout(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Knockout check of the mask on the target: critical vs random vs retain-critical neurons."""
+    cfg = config_from_dict(config)
+    return run_stage("knockout", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.knockout(cfg, dirs["data"], dirs["target"], dirs["mask"], out))
+
+
 @task(name="unlearn", cache_policy=stage_cache_policy("unlearn"), **_TASK_OPTIONS)
 def unlearn(config: dict, store_url: str, code_version: str, params: dict, inputs: dict, checkpoint_dir: str) -> Ref:
     """Run one unlearning method from the target; a progress artifact follows the steps."""
@@ -96,3 +104,11 @@ def evaluate(config: dict, store_url: str, code_version: str, params: dict, inpu
         return stages.evaluate(cfg, dirs["data"], dirs["model"], out, reference_items_path=reference_items)
 
     return run_stage("evaluate", store_url, code_version, params, inputs, compute)
+
+
+@task(name="evaluate_reference", cache_policy=stage_cache_policy("evaluate_reference"), **_TASK_OPTIONS)
+def evaluate_reference(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """The retain reference: only what is compared with it, or the whole suite (``eval.reference_full``)."""
+    cfg = config_from_dict(config)
+    return run_stage("evaluate_reference", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.evaluate(cfg, dirs["data"], dirs["model"], out, light=not params["full"]))
