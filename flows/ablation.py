@@ -4,12 +4,19 @@ Shared upstream stages are computed once: the first point runs alone and fills t
 others then find those stages cached (and per-stage file locks keep concurrent points on one host
 from computing the same entry twice). Points run a bounded number at a time in threads, or on a
 Dask cluster through ``prefect-dask`` when an address is given.
+
+Points running at once in threads share the cores: each sets its own torch thread count (torch's
+is per thread) to the process's torch threads divided by ``max_parallel``; the first point,
+alone, gets them all (``simu`` sets that budget from the free cores: ``simu_core.threads``). With
+every point on every core, torch processes sharing 2 cores ran 10-60x slower than their fair share
+(issue 11).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -18,18 +25,26 @@ from flows.pipeline import simu_pipeline
 from flows.report import simu_report
 from flows.grid import sweep_points
 from simu_core.config import load_config
+from simu_core.threads import set_torch_threads
 
 
 @task(name="ablation_point", cache_policy=NO_CACHE)
-def run_point(overrides: list[str], config_path: str | None) -> dict[str, Any]:
-    """One grid point: the whole pipeline as a nested flow run."""
-    summary = simu_pipeline(overrides=overrides, config_path=config_path)
+def run_point(overrides: list[str], config_path: str | None, threads: int | None = None) -> dict[str, Any]:
+    """One grid point: the whole pipeline as a nested flow run, on ``threads`` torch threads (None: as is)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        # In this worker thread: the nested flow's tasks run in it, other points keep theirs.
+        set_torch_threads(threads)
+    try:
+        summary = simu_pipeline(overrides=overrides, config_path=config_path)
+    finally:
+        set_torch_threads(previous)
     return {key: summary[key] for key in ("run_id", "metrics", "states", "run_dir")}
 
 
 @flow(name="simu-sweep-points")
-def _run_points(points: list[list[str]], config_path: str | None) -> list[dict[str, Any]]:
-    futures = [run_point.submit(point, config_path) for point in points]
+def _run_points(points: list[list[str]], config_path: str | None, threads: int | None = None) -> list[dict[str, Any]]:
+    futures = [run_point.submit(point, config_path, threads) for point in points]
     return [future.result() for future in futures]
 
 
@@ -41,12 +56,28 @@ def simu_ablation(
     config_path: str | None = None,
     max_parallel: int = 2,
     dask_address: str | None = None,
+    threads: int | None = None,
+    first_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run a grid of settings through the pipeline and write the comparison report."""
+    """Run a grid of settings through the pipeline and write the comparison report.
+
+    ``threads``: torch threads per point running in parallel (default: the caller's torch thread
+    count divided by ``max_parallel``; on Dask, the workers' own setting). ``first_threads``: those
+    of the first point, which runs alone (default: the caller's count).
+    """
+    for name, value in (("max_parallel", max_parallel), ("threads", threads), ("first_threads", first_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     points = sweep_points(grid, seeds, list(overrides or []), config_path)
+    budget = torch.get_num_threads()  # the process's (``simu`` sets it from the free cores)
+    first_threads = first_threads or budget
+    if threads is None and not dask_address:
+        threads = max(1, budget // max_parallel)
     print(f"sweep: {len(points)} runs ({len(points) // max(1, seeds if 'run.seed' not in grid else 1)} settings)")
     # The first point alone computes the stages every point shares.
-    summaries = [run_point(points[0], config_path)]
+    print(f"torch threads: {first_threads} for the first point, "
+          + (f"{threads} per point for the others ({max_parallel} at a time)" if threads else "the workers' own after it"))
+    summaries = [run_point(points[0], config_path, first_threads)]
     if len(points) > 1:
         if dask_address:
             from prefect_dask import DaskTaskRunner
@@ -54,7 +85,7 @@ def simu_ablation(
             runner = DaskTaskRunner(address=dask_address)
         else:
             runner = ThreadPoolTaskRunner(max_workers=max(1, max_parallel))
-        summaries += _run_points.with_options(task_runner=runner)(points[1:], config_path)
+        summaries += _run_points.with_options(task_runner=runner)(points[1:], config_path, threads)
     results = load_config(config_path, points[0]).run.results
     report = simu_report(results)
     return {"runs": summaries, "report": report}
