@@ -136,12 +136,23 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def command_report(args: argparse.Namespace) -> int:
     """Write the comparison report of a results folder."""
     from flows.report import write_report
 
     try:
-        written = write_report(args.results, args.out)
+        written = write_report(args.results, args.out, fq_level=args.fq_level)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -176,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="comparison table and plots from a results folder")
     report.add_argument("--results", default="results", help="results folder holding runs.parquet")
     report.add_argument("--out", default=None, help="output folder (default: <results>/report)")
+    report.add_argument("--fq-level", type=_probability, default=0.05,
+                        help="forget-quality level of the matched-forgetting table (a KS p-value; default 0.05)")
     report.set_defaults(handler=command_report)
     return parser
 

@@ -26,12 +26,15 @@ _BOOKKEEPING = ("config.run.seed", "config.run.store", "config.run.results", "co
 
 
 def read_runs(results: str | Path) -> pd.DataFrame:
-    """Completed runs of ``<results>/runs.parquet``, one (latest) row per configuration."""
+    """Completed pipeline runs of ``<results>/runs.parquet`` (not ``simu eval`` rows), one (latest)
+    row per configuration."""
     path = Path(results) / "runs.parquet"
     if not path.exists():
         raise FileNotFoundError(f"no runs table at {path}: run `simu run` or `simu ablate` first")
     runs = pd.read_parquet(path)
     runs = runs[runs["status"] == "completed"]
+    if "kind" in runs.columns:  # tables written before ``kind`` existed hold pipeline runs only
+        runs = runs[runs["kind"].fillna("run") == "run"]
     if runs.empty:
         raise ValueError(f"{path} holds no completed run")
     return runs.sort_values("time").drop_duplicates("config_hash", keep="last").reset_index(drop=True)
@@ -193,3 +196,97 @@ def _save(figure, path: str | Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_frontier(runs: pd.DataFrame, path: str | Path, curve_columns: Sequence[str], levels: Sequence = (),
+                  reference_points: pd.DataFrame | None = None) -> Path:
+    """Forgetting vs utility, one line per curve (a setting minus lr and seed) through its lr grid
+    (mean over seeds per lr): forget probability vs model utility and vs retain probability, and
+    forget quality vs model utility. ``levels`` (``simu_core.matched.Level``) are drawn as
+    vertical lines: where matched forgetting reads each curve."""
+    from simu_core.matched import LR_COLUMN, curve_label
+
+    panels = [("forget_prob", "model_utility"), ("forget_prob", "retain_prob"), ("forget_quality", "model_utility")]
+    panels = [(x, y) for x, y in panels if x in runs.columns and y in runs.columns and runs[x].notna().any()]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for axis, (x_metric, y_metric) in zip(axes[0], panels):
+        for _, rows in runs.groupby(list(curve_columns), sort=True, dropna=False):
+            stats = rows.groupby(LR_COLUMN)[[x_metric, y_metric]].mean().sort_index()
+            axis.plot(stats[x_metric], stats[y_metric], marker="o", label=curve_label(rows.iloc[0], curve_columns))
+        for level in levels:
+            if level.metric == x_metric:
+                axis.axvline(level.value, color="black", linestyle="--", linewidth=1, label=f"level ({level.source})")
+        if reference_points is not None and not reference_points.empty:
+            for _, point in reference_points.iterrows():
+                x_value = 1.0 if (x_metric == "forget_quality" and point["model"] == "retain reference") \
+                    else point.get(f"{x_metric}_mean", np.nan)
+                y_value = point.get(f"{y_metric}_mean", np.nan)
+                if np.isfinite(x_value) and np.isfinite(y_value):
+                    axis.scatter([x_value], [y_value], marker="*" if point["model"] == "retain reference" else "X",
+                                 s=140, color="black", zorder=5)
+                    axis.annotate(point["model"], (x_value, y_value), textcoords="offset points", xytext=(5, 5),
+                                  fontsize=8)
+        axis.set_xscale("log")
+        if x_metric == "forget_prob":
+            axis.invert_xaxis()  # forgetting grows to the right
+        axis.set_xlabel(f"{x_metric.replace('_', ' ')} (log)")
+        axis.set_ylabel(y_metric.replace("_", " "))
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Trade-off curves over the lr grid (mean over seeds per lr)")
+    return _save(figure, path)
+
+
+def plot_knockout(summary: pd.DataFrame, curve: pd.DataFrame | None, path: str | Path, title: str = "") -> Path:
+    """Knockout check: forget and retain drops per neuron set (bars, std over random draws), and
+    the drops as the number of knocked-out neurons per layer grows (top-k by score vs random)."""
+    with_curve = curve is not None and not curve.empty
+    figure, axes = plt.subplots(1, 2 if with_curve else 1, figsize=(11 if with_curve else 5.5, 4.2), squeeze=False)
+    axis = axes[0][0]
+    positions = np.arange(len(summary))
+    for offset, (column, label) in zip((-0.2, 0.2), (("forget_drop", "forget items"), ("retain_drop", "retain items"))):
+        axis.bar(positions + offset, summary[column], width=0.4, yerr=summary[f"{column}_std"].fillna(0), capsize=3,
+                 label=label)
+    axis.set_xticks(positions)
+    axis.set_xticklabels([f"{kind}\n({int(n)} neurons)" for kind, n in zip(summary["kind"], summary["neurons"])])
+    axis.set_ylabel("drop of mean answer log-prob (nats/token)")
+    axis.set_title(title or "Knockout of neuron sets (target)")
+    axis.legend()
+    axis.grid(True, axis="y", alpha=0.3)
+    if with_curve:
+        axis = axes[0][1]
+        for kind, style in (("top_forget_score", "-"), ("random", "--")):
+            rows = curve[curve["kind"] == kind]
+            if rows.empty:
+                continue
+            stats = rows.groupby("k")[["forget_drop", "retain_drop"]].mean()
+            name = "top-k by score" if kind != "random" else "random k"
+            axis.plot(stats.index, stats["forget_drop"], style, marker="o", color="C0", label=f"{name}: forget")
+            axis.plot(stats.index, stats["retain_drop"], style, marker="s", color="C1", label=f"{name}: retain")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("neurons knocked out per layer (k)")
+        axis.set_ylabel("drop of mean answer log-prob")
+        axis.set_title("Knockout size curve")
+        axis.legend(fontsize=8)
+        axis.grid(True, which="both", alpha=0.3)
+    return _save(figure, path)
+
+
+def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """The knockout summaries of the masked runs, one per distinct mask (latest run of each):
+    the mask settings, then the per-set rows of ``knockout_summary.parquet``."""
+    mask_columns = [column for column in runs.columns if column.startswith(("config.mask.", "config.attribution."))
+                    and column != "config.mask.rule"]
+    frames = []
+    masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
+    for _, rows in masked.groupby(mask_columns, sort=True, dropna=False) if mask_columns else []:
+        latest = rows.sort_values("time").iloc[-1]
+        path = Path(results) / "runs" / str(latest["run_id"]) / "knockout_summary.parquet"
+        if path.exists():
+            frame = pd.read_parquet(path)
+            for column in ("config.mask.score", "config.mask.threshold", "config.mask.variant"):
+                if column in latest.index:
+                    frame.insert(0, column.removeprefix("config."), latest[column])
+            frame["run_id"] = latest["run_id"]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
