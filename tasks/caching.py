@@ -11,6 +11,7 @@ gone or altered. Inside the task, :func:`run_stage` computes the entry at most o
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import threading
 import time
@@ -84,9 +85,14 @@ def stage_lock(store_url: str, stage: str, key: str) -> Iterator[None]:
 EXTERNAL = "external"
 
 
-def external_model_ref(model_id: str) -> dict[str, str]:
-    """A reference to a model the user brings (hub id or path) instead of a trained artifact."""
-    digest = hashlib.sha256(model_id.encode()).hexdigest()
+def external_model_ref(model_id: str, fingerprint: Mapping[str, Any]) -> dict[str, str]:
+    """A reference to a model the user brings (hub id or path) instead of a trained artifact.
+
+    Its key is its content (``fingerprint``: a folder's files or a hub commit, see
+    ``simu_core.models.identity``), so a retrained folder or a new hub revision is a new input to
+    every stage after it, while the same files under another path are not.
+    """
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     return {"stage": EXTERNAL, "key": digest, "uri": model_id, "manifest_sha256": digest}
 
 

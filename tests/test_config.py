@@ -67,3 +67,36 @@ def test_config_hash_is_stable_and_sensitive():
     assert first == load_config().config_hash()
     assert first != load_config(overrides=["mask.threshold=0.3"]).config_hash()
     assert apply_overrides({}, ["a.b=1"]) == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize(
+    "overrides, max_length, max_new_tokens",
+    [
+        ([], 128, 48),  # the built-in benchmark's short items
+        (["data.benchmark=tofu"], 512, 200),  # TOFU's reference evaluator
+        (["data.benchmark=lume", "model.base=org/model"], 512, 256),
+        (["data.benchmark=tofu", "model.max_length=256"], 256, 200),  # set explicitly: kept
+        (["data.benchmark=tofu", "eval.max_new_tokens=64"], 512, 64),
+        (["model.max_length=96", "eval.max_new_tokens=8"], 96, 8),
+    ],
+)
+def test_benchmark_dependent_defaults_follow_the_benchmark(overrides, max_length, max_new_tokens):
+    config = load_config(overrides=overrides)
+    assert (config.model.max_length, config.eval.max_new_tokens) == (max_length, max_new_tokens)
+    # Resolved once: the dumped config round-trips to the same values.
+    again = SimuConfig.model_validate(config.model_dump(mode="json"))
+    assert (again.model.max_length, again.eval.max_new_tokens) == (max_length, max_new_tokens)
+
+
+def test_benchmark_defaults_match_the_evaluators_and_bad_values_name_the_field():
+    from simu_core.config import BENCHMARK_DEFAULTS
+    from simu_core.evaluation import LUME_MAX_NEW_TOKENS, TOFU_MAX_NEW_TOKENS
+
+    assert BENCHMARK_DEFAULTS["tofu"]["eval.max_new_tokens"] == TOFU_MAX_NEW_TOKENS
+    assert BENCHMARK_DEFAULTS["lume"]["eval.max_new_tokens"] == LUME_MAX_NEW_TOKENS
+    assert set(BENCHMARK_DEFAULTS) == set(SimuConfig.model_fields["data"].annotation.model_fields["benchmark"]
+                                          .annotation.__args__)
+    with pytest.raises(ConfigError, match="model.max_length"):
+        load_config(overrides=["data.benchmark=tofu", "model.max_length=4"])
+    with pytest.raises(ConfigError, match="data.benchmark"):
+        load_config(overrides=["data.benchmark=mmlu"])

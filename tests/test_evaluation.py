@@ -229,3 +229,29 @@ def test_shared_prompt_scoring_equals_full_sequences(architecture):
         np.testing.assert_array_equal(shared.argmax_match[index], full.argmax_match[index])
     with pytest.raises(ValueError, match="no unlabelled prompt"):
         score_examples(model, [EncodedExample([1, 5, 6], [1, 5, 6])], 0, share_prompts=True)
+
+
+def test_light_reference_suite_scores_only_what_is_compared(tiny, synthetic):
+    """A retain reference needs only its forget truth ratios and forget/holdout MIA scores (issue 11, 12)."""
+    model, tokenizer = tiny
+    config = EvalConfig(max_items=4, max_new_tokens=3, batch_size=32)
+    full = evaluate_qa(model, tokenizer, synthetic, config)
+    light = evaluate_qa(model, tokenizer, synthetic, config, light=True)
+    assert set(light.items["split"]) == {"forget", "holdout"} and light.items["generation"].isna().all()
+    compared = full.items[full.items["split"].isin(["forget", "holdout"])].reset_index(drop=True)
+    for column in ("nll", "truth_ratio", "mia_min_k", "mia_zlib"):
+        np.testing.assert_allclose(light.items[column], compared[column], rtol=1e-5, atol=1e-7, err_msg=column)
+    headline, full_headline = light.headline(), full.headline()
+    # What is not computed is absent, with a flag and a note; nothing is made up.
+    assert "model_utility" not in headline and headline["model_utility_computed"] == 0.0
+    assert full_headline["model_utility_computed"] == 1.0
+    assert not [name for name in headline if name.endswith("_rouge") or name.split("_")[0] in ("retain", "ra", "wf")]
+    assert set(light.metrics["split"]) == {"forget", "holdout", "all"}
+    assert "eval.reference_full" in light.notes[0]
+    for name in ("forget_prob", "forget_truth_ratio", "mia_min_k_auc", "extraction_strength"):
+        assert math.isclose(headline[name], full_headline[name], rel_tol=1e-5), name
+    # Forget quality and privleak of a model are the same against either suite of its reference.
+    against_full = evaluate_qa(model, tokenizer, synthetic, config, reference_items=full.items).headline()
+    against_light = evaluate_qa(model, tokenizer, synthetic, config, reference_items=light.items).headline()
+    for name in ("forget_quality", "privleak"):
+        assert math.isclose(against_full[name], against_light[name], rel_tol=1e-6, abs_tol=1e-9), name

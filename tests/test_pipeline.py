@@ -38,7 +38,7 @@ def run_flow(overrides):
     return simu_pipeline(overrides=PIPELINE_OVERRIDES + overrides)
 
 
-def test_threshold_change_unchanged_rerun_and_results(prefect_api, workspace):
+def test_threshold_change_unchanged_rerun_and_results(prefect_api, workspace, capsys):
     paths, root = workspace
     first = run_flow(paths)
     assert all(state == "Completed" for state in first["states"].values()), first["states"]
@@ -62,6 +62,17 @@ def test_threshold_change_unchanged_rerun_and_results(prefect_api, workspace):
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert {"benchmark", "split", "metric", "value", "model"} <= set(metrics.columns)
     assert set(metrics["model"]) == {"unlearned", "target", "reference"}
+    # The retain reference is evaluated lightly: only what forget quality and privleak compare;
+    # what it did not compute is absent, in the tables and in the printed summary.
+    reference = metrics[metrics["model"] == "reference"]
+    assert set(reference["split"]) == {"forget", "holdout", "all"}
+    assert again["reference_metrics"]["model_utility_computed"] == 0.0
+    assert "model_utility" not in again["reference_metrics"] and "forget_truth_ratio" in again["reference_metrics"]
+    from flows.cli import print_run_summary
+
+    print_run_summary(again)
+    utility_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model_utility"))
+    assert utility_row.split()[-1] == "-" and utility_row.split()[1] != "-"
 
 
 def test_resume_after_a_failure_inside_unlearn(prefect_api, workspace):

@@ -39,6 +39,14 @@ GENERATION_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts")
 # Per-token statistics feed MIA (forget vs holdout) and extraction strength (forget).
 TOKEN_STAT_SPLITS = ("forget", "holdout")
 MIA_STATISTICS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+#: The light suite of a retain reference: the splits whose truth ratios and MIA statistics forget
+#: quality and privleak compare with it; no generations.
+LIGHT_SPLITS = ("forget", "holdout")
+LIGHT_NOTE = (
+    "light evaluation (a retain reference): only the forget and holdout splits were scored, without "
+    "generations, as forget quality and privleak need; ROUGE, model utility and the retain, real-authors and "
+    "world-facts metrics were not computed (eval.reference_full=true computes them)"
+)
 
 ITEM_COLUMNS = (
     "item_id", "split", "question", "answer", "num_tokens", "nll", "probability", "probability_normalised",
@@ -146,14 +154,21 @@ def evaluate_qa(
     *,
     max_length: int = 512,
     share_prompts: bool = True,
+    light: bool = False,
 ) -> EvaluationResult:
     """Run the TOFU suite on ``model``; forget quality and privleak against ``reference_items``
     (the retain reference's per-item table) when given, otherwise reported as not computed.
 
     ``share_prompts`` scores each question's prompt once for all its answer variants (see
     :func:`~simu_core.evaluation.scoring.score_examples`); False runs every variant in full.
+    ``light`` (for a retain reference) scores only :data:`LIGHT_SPLITS` and generates nothing: the
+    items other models' forget quality and privleak need, with the metrics that come free with
+    them (forget probability and truth-ratio score, MIA AUCs, extraction strength); the rest is
+    absent, with ``model_utility_computed = 0`` and a note.
     """
     splits = evaluation_splits(benchmark, config.max_items)
+    if light:
+        splits = {split: splits[split] for split in LIGHT_SPLITS}
     pad_id = pad_token_id(tokenizer)
 
     requests = scoring_requests(tokenizer, splits, max_length)
@@ -162,17 +177,21 @@ def evaluate_qa(
     )
     where = {key: position for position, key in enumerate(requests.keys)}
 
-    generation_keys, prompts = generation_prompts(tokenizer, splits)
-    max_new_tokens = config.max_new_tokens or TOFU_MAX_NEW_TOKENS
-    generations = dict(
-        zip(generation_keys, generate_greedy(model, tokenizer, prompts, max_new_tokens, config.batch_size))
-    )
+    generations: dict[tuple[str, int], str] = {}
+    if not light:
+        generation_keys, prompts = generation_prompts(tokenizer, splits)
+        max_new_tokens = config.max_new_tokens or TOFU_MAX_NEW_TOKENS
+        generations = dict(
+            zip(generation_keys, generate_greedy(model, tokenizer, prompts, max_new_tokens, config.batch_size))
+        )
 
     frames = [
         _split_items(split, frame, scored, where, generations) for split, frame in splits.items()
     ]
     items = pd.concat(frames, ignore_index=True)[list(ITEM_COLUMNS)]
     metrics, notes = _aggregate(benchmark.name, items, reference_items)
+    if light:
+        notes.insert(0, LIGHT_NOTE)
     return EvaluationResult(items=items, metrics=metrics, notes=notes)
 
 
@@ -215,7 +234,7 @@ def _split_items(
             right = nll
             out["probability_normalised"] = tofu.normalised_probability(nll, perturbed)
         out["truth_ratio"] = tofu.truth_ratio(right, perturbed)
-    if split in GENERATION_SPLITS:
+    if split in GENERATION_SPLITS and (split, 0) in generations:
         texts = [generations[(split, row)] for row in range(count)]
         out["generation"] = texts
         out["rouge"] = rouge_l_recall_batch(texts, list(frame["answer"]))
@@ -283,10 +302,12 @@ def _aggregate(
     headline: dict[str, float] = {}
     for split in QA_SPLITS:
         rows = _split(items, split)
+        if rows.empty:
+            continue  # not scored (the light suite of a retain reference)
         table.add(split, "num_items", len(rows))
         probability = rows["probability_normalised" if split in OPTION_SPLITS else "probability"]
         values = {"probability": float(probability.mean())}
-        if split in GENERATION_SPLITS:
+        if split in GENERATION_SPLITS and rows["generation"].notna().all():
             values["rouge"] = float(rows["rouge"].mean())
         if split == "forget":
             values["truth_ratio_score"] = tofu.truth_ratio_score_forget(rows["truth_ratio"].to_numpy())
@@ -297,17 +318,20 @@ def _aggregate(
         if split in SPLIT_PREFIX:
             prefix = SPLIT_PREFIX[split]
             headline[f"{prefix}_prob"] = values["probability"]
-            headline[f"{prefix}_rouge"] = values["rouge"]
+            if "rouge" in values:
+                headline[f"{prefix}_rouge"] = values["rouge"]
             headline[f"{prefix}_truth_ratio"] = values["truth_ratio_score"]
     forget = _split(items, "forget")
     headline["extraction_strength"] = float(forget["extraction_strength"].mean())
     headline["exact_memorization"] = float(forget["exact_memorization"].mean())
-    headline["model_utility"] = tofu.model_utility({name: headline[name] for name in tofu.MODEL_UTILITY_COMPONENTS})
+    utility_computed = all(name in headline for name in tofu.MODEL_UTILITY_COMPONENTS)
+    if utility_computed:
+        headline["model_utility"] = tofu.model_utility({name: headline[name] for name in tofu.MODEL_UTILITY_COMPONENTS})
     aucs = mia_aucs(items)
     for name, value in aucs.items():
         headline[f"mia_{name}_auc"] = value
 
-    computed = {"forget_quality": False, "privleak": False}
+    computed = {"model_utility": utility_computed, "forget_quality": False, "privleak": False}
     if reference_items is None:
         notes.append("forget_quality and privleak not computed: no retain-reference items were given")
     else:

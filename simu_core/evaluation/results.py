@@ -10,7 +10,9 @@ TOFU / built-in benchmark, split ``"all"``:
   ra_rouge, ra_truth_ratio, wf_prob, wf_rouge, wf_truth_ratio`` and ``model_utility``;
   ``mia_loss_auc, mia_zlib_auc, mia_min_k_auc, mia_min_k_plus_plus_auc`` (forget = members vs
   holdout); ``forget_quality`` and ``privleak`` (only with a retain reference's items);
-  flags ``forget_quality_computed`` and ``privleak_computed`` (1.0 / 0.0).
+  flags ``model_utility_computed``, ``forget_quality_computed`` and ``privleak_computed`` (1.0 /
+  0.0). The light suite of a retain reference scores only forget and holdout, without
+  generations: no ROUGE, no model utility or its components, no retain / ra / wf splits.
   Per split (forget, retain_eval, real_authors, world_facts, holdout): ``num_items``,
   ``probability``, ``rouge``, ``truth_ratio_score`` (where defined).
 
