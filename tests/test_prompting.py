@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simu_core.models.tiny import train_tokenizer
-from simu_core.prompting import IGNORE_INDEX, collate, encode_completion, encode_qa, format_prompt
+from simu_core.prompting import IGNORE_INDEX, collate, encode_completion, encode_qa, format_prompt, prompt_ids
 
 LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -75,3 +75,49 @@ def test_collate_pads_on_the_requested_side(plain_tokenizer):
     assert torch.all(right["labels"][0, n:] == IGNORE_INDEX)
     with pytest.raises(ValueError, match="empty batch"):
         collate([], 0)
+
+
+# ---------------------------------------------------------------- eval.template
+
+
+def test_open_unlearning_template_tokenizes_prompt_and_answer_together(plain_tokenizer):
+    question, answer = "Who wrote Hamlet?", "William Shakespeare wrote Hamlet."
+    assert format_prompt(plain_tokenizer, question, "open_unlearning") == "Question: Who wrote Hamlet?\nAnswer: "
+    example = encode_qa(plain_tokenizer, question, answer, template="open_unlearning")
+    full = plain_tokenizer("Question: Who wrote Hamlet?\nAnswer: " + answer)["input_ids"]
+    prompt = prompt_ids(plain_tokenizer, question, "open_unlearning")
+    assert prompt == plain_tokenizer("Question: Who wrote Hamlet?\nAnswer: ")["input_ids"]
+    assert example.input_ids == full + [plain_tokenizer.eos_token_id]
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + example.input_ids[len(prompt):]
+    # The prompt ends in a lone space token that the whole text merges into the first answer word:
+    # that word's first token is in the input but never labelled (open-unlearning's default).
+    assert plain_tokenizer.decode(prompt[-1:]) == " "
+    simu = encode_qa(plain_tokenizer, question, answer)
+    assert example.num_answer_tokens == simu.num_answer_tokens - 1
+    assert example.input_ids == simu.input_ids
+
+
+def test_chat_template_as_open_unlearning_applies_it(chat_tokenizer, plain_tokenizer):
+    example = encode_qa(chat_tokenizer, "hello", "world", template="chat")
+    # The template renders the whole conversation, " world</s>" included; no second EOS is appended.
+    assert chat_tokenizer.decode(example.input_ids) == "<s>[INST] hello [/INST] world</s>"
+    labelled = [token for token, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert chat_tokenizer.decode(labelled) == " world</s>"
+    assert chat_tokenizer.decode(prompt_ids(chat_tokenizer, "hello", "chat")) == "<s>[INST] hello [/INST]"
+    with pytest.raises(ValueError, match="eval.template='chat' needs a tokenizer with a chat template"):
+        encode_qa(plain_tokenizer, "hello", "world", template="chat")
+    with pytest.raises(ValueError, match="eval.template must be one of"):
+        prompt_ids(plain_tokenizer, "hello", "alpaca")
+
+
+def test_eval_template_is_a_validated_setting_in_the_evaluate_keys():
+    from flows.params import stage_params
+    from simu_core.config import ConfigError, load_config
+
+    assert load_config().eval.template == "simu"
+    with pytest.raises(ConfigError, match="eval.template"):
+        load_config(overrides=["eval.template=alpaca"])
+    simu, ours = (stage_params(load_config(overrides=[f"eval.template={value}"]))
+                  for value in ("simu", "open_unlearning"))
+    assert simu["evaluate"] != ours["evaluate"] and simu["evaluate_reference"] != ours["evaluate_reference"]
+    assert simu["unlearn"] == ours["unlearn"] and simu["attribute"] == ours["attribute"]

@@ -8,11 +8,18 @@ Splits: ``forget``, ``retain_eval`` (TOFU retain_perturbed), ``real_authors``, `
 Forget quality and privleak compare with a retain-reference model: pass that model's per-item
 table (``EvaluationResult.items`` of the same suite on the same items, e.g. read back from its
 ``items.parquet``). Without it both are reported as not computed.
+
+As open-unlearning's evaluator: the token-level statistics (Min-K%, Min-K%++, extraction strength,
+exact memorisation) leave out the last labelled token, the appended EOS (its
+``tokenwise_logprobs``: "-1 to ignore eos prediction"); LOSS and ZLib use every labelled token;
+ZLib compresses the decoded label tokens (``decode(labels, skip_special_tokens=True)``), not the
+answer text. ``EvalConfig.template`` picks the prompt template (:mod:`simu_core.prompting`).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -26,7 +33,14 @@ from simu_core.evaluation.results import HEADLINE_SPLIT, EvaluationResult, Metri
 from simu_core.evaluation.scoring import ScoredExamples, score_examples
 from simu_core.metrics import mia, tofu
 from simu_core.metrics.rouge import rouge_l_recall_batch
-from simu_core.prompting import EncodedExample, encode_qa, pad_token_id, prompt_ids
+from simu_core.prompting import (
+    DEFAULT_TEMPLATE,
+    IGNORE_INDEX,
+    EncodedExample,
+    encode_qa,
+    pad_token_id,
+    prompt_ids,
+)
 
 TOFU_MAX_NEW_TOKENS = 200
 QA_SPLITS = ("forget", "retain_eval", "real_authors", "world_facts", "holdout")
@@ -116,28 +130,40 @@ class ScoringRequests:
 
 
 def scoring_requests(
-    tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], max_length: int = 512
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, pd.DataFrame],
+    max_length: int = 512,
+    template: str = DEFAULT_TEMPLATE,
 ) -> ScoringRequests:
     """Answers, paraphrases and perturbed answers of every split, flattened for one batched pass."""
     requests = ScoringRequests()
+
+    def encode(question: str, answer: str) -> EncodedExample:
+        return encode_qa(tokenizer, question, answer, max_length, template=template)
+
     for split, frame in splits.items():
         stats = split in TOKEN_STAT_SPLITS
         for row, item in enumerate(frame.itertuples(index=False)):
-            requests.add(encode_qa(tokenizer, item.question, item.answer, max_length), split, row, "answer", stats=stats)
+            requests.add(encode(item.question, item.answer), split, row, "answer", stats=stats)
             if split in PARAPHRASE_SPLITS:
-                requests.add(encode_qa(tokenizer, item.question, item.paraphrased_answer, max_length), split, row, "para")
+                requests.add(encode(item.question, item.paraphrased_answer), split, row, "para")
             if split != "holdout":
                 for option, wrong in enumerate(item.perturbed_answer):
-                    requests.add(encode_qa(tokenizer, item.question, str(wrong), max_length), split, row, "pert", option)
+                    requests.add(encode(item.question, str(wrong)), split, row, "pert", option)
     return requests
 
 
 def generation_prompts(
-    tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame]
+    tokenizer: PreTrainedTokenizerBase, splits: dict[str, pd.DataFrame], template: str = DEFAULT_TEMPLATE
 ) -> tuple[list[tuple[str, int]], list[list[int]]]:
     """``(split, row)`` keys and prompt ids of every item that gets a greedy generation."""
     keys = [(split, row) for split in GENERATION_SPLITS if split in splits for row in range(len(splits[split]))]
-    return keys, [prompt_ids(tokenizer, splits[split]["question"].iloc[row]) for split, row in keys]
+    return keys, [prompt_ids(tokenizer, splits[split]["question"].iloc[row], template) for split, row in keys]
+
+
+def label_text(tokenizer: PreTrainedTokenizerBase, example: EncodedExample) -> str:
+    """The decoded labelled tokens, special tokens skipped: the text open-unlearning's ZLib compresses."""
+    return tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX], skip_special_tokens=True)
 
 
 def _nonnegative(values: np.ndarray) -> np.ndarray:
@@ -171,22 +197,27 @@ def evaluate_qa(
         splits = {split: splits[split] for split in LIGHT_SPLITS}
     pad_id = pad_token_id(tokenizer)
 
-    requests = scoring_requests(tokenizer, splits, max_length)
+    requests = scoring_requests(tokenizer, splits, max_length, config.template)
     scored = score_examples(
         model, requests.examples, pad_id, config.batch_size, requests.token_stats, share_prompts=share_prompts
     )
     where = {key: position for position, key in enumerate(requests.keys)}
+    zlib_texts = {
+        key: label_text(tokenizer, requests.examples[position])
+        for key, position in where.items()
+        if key[0] in TOKEN_STAT_SPLITS and key[2] == "answer"
+    }
 
     generations: dict[tuple[str, int], str] = {}
     if not light:
-        generation_keys, prompts = generation_prompts(tokenizer, splits)
+        generation_keys, prompts = generation_prompts(tokenizer, splits, config.template)
         max_new_tokens = config.max_new_tokens or TOFU_MAX_NEW_TOKENS
         generations = dict(
             zip(generation_keys, generate_greedy(model, tokenizer, prompts, max_new_tokens, config.batch_size))
         )
 
     frames = [
-        _split_items(split, frame, scored, where, generations) for split, frame in splits.items()
+        _split_items(split, frame, scored, where, generations, zlib_texts) for split, frame in splits.items()
     ]
     items = pd.concat(frames, ignore_index=True)[list(ITEM_COLUMNS)]
     metrics, notes = _aggregate(benchmark.name, items, reference_items)
@@ -201,6 +232,7 @@ def _split_items(
     scored: ScoredExamples,
     where: dict[tuple, int],
     generations: dict[tuple[str, int], str],
+    zlib_texts: dict[tuple, str],
 ) -> pd.DataFrame:
     count = len(frame)
     nan = np.full(count, np.nan)
@@ -247,19 +279,30 @@ def _split_items(
     if split in TOKEN_STAT_SPLITS:
         stats = {name: [] for name in ("mia_zlib", "mia_min_k", "mia_min_k_plus_plus")}
         for row, position in enumerate(answer_at):
-            logprobs = np.minimum(scored.token_logprobs[position], 0.0)
-            stats["mia_zlib"].append(mia.zlib_statistic(nll[row], frame["answer"].iloc[row]))
+            text = zlib_texts[(split, row, "answer", 0)]
+            # An answer whose only labelled token is special decodes to "" (open-unlearning compresses it too).
+            stats["mia_zlib"].append(
+                mia.zlib_statistic(nll[row], text) if text else float(nll[row]) / len(zlib.compress(b""))
+            )
+            # The last labelled token (the EOS) is left out, as open-unlearning does.
+            logprobs = np.minimum(scored.token_logprobs[position][:-1], 0.0)
+            if logprobs.size == 0:  # open-unlearning scores an item without tokens 0
+                stats["mia_min_k"].append(0.0)
+                stats["mia_min_k_plus_plus"].append(0.0)
+                continue
             stats["mia_min_k"].append(mia.min_k_statistic(logprobs))
             stats["mia_min_k_plus_plus"].append(
-                mia.min_k_plus_plus_statistic(logprobs, scored.vocab_mean[position], scored.vocab_std[position])
+                mia.min_k_plus_plus_statistic(logprobs, scored.vocab_mean[position][:-1], scored.vocab_std[position][:-1])
             )
         out["mia_loss"] = nll
         for column, values in stats.items():
             out[column] = values
         if split == "forget":
-            matches = [scored.argmax_match[position] for position in answer_at]
-            out["extraction_strength"] = [tofu.extraction_strength(match) for match in matches]
-            out["exact_memorization"] = [tofu.exact_memorization(match) for match in matches]
+            matches = [scored.argmax_match[position][:-1] for position in answer_at]
+            # Without tokens open-unlearning scores extraction strength 0 and leaves exact
+            # memorisation out of the mean (None; NaN here, which the mean skips).
+            out["extraction_strength"] = [tofu.extraction_strength(m) if m.size else 0.0 for m in matches]
+            out["exact_memorization"] = [tofu.exact_memorization(m) if m.size else np.nan for m in matches]
     return out
 
 
