@@ -204,7 +204,7 @@ def test_reference_items_must_cover_the_same_items(tiny, synthetic, tmp_path):
         evaluate_qa(model, tokenizer, synthetic, config, reference_items=reference.drop(columns=["truth_ratio"]))
 
 
-@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "olmo", "olmo2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "olmo", "olmo2", "gpt2", "gpt_neox", "opt"])
 def test_shared_prompt_scoring_equals_full_sequences(architecture):
     from model_factory import build
 
