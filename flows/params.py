@@ -94,5 +94,11 @@ def run_name(config: SimuConfig) -> str:
     parts = [config.data.benchmark, config.data.split, config.unlearn.method]
     if uses_mask(config):
         parts.append(f"t{config.mask.threshold:g}-{config.mask.variant}-m{config.attribution.steps}")
+        if config.mask.score != "forget":
+            parts.append(config.mask.score)
+        if config.mask.rule != "layer_relative":
+            parts.append(config.mask.rule)  # "random": the random-neuron control
+        if not config.unlearn.train_attention:
+            parts.append("mlp-only")
     parts += [f"lr{config.unlearn.lr:g}", f"s{config.run.seed}"]
     return "-".join(parts)

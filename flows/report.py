@@ -120,9 +120,8 @@ def _knockout_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict)
              "random: mean ± std over draws; selectivity = forget drop / retain drop.", "",
              "| " + " | ".join(["mask", "set", "neurons", "forget drop", "retain drop", "selectivity",
                                 "forget drop / random"]) + " |", "|---|---|---|---|---|---|---|"]
-    for row in tables.itertuples(index=False):
-        row = row._asdict()
-        mask = ", ".join(f"{key.split('_', 1)[-1]}={row[key]}" for key in row if key.startswith("mask_"))
+    for _, row in tables.iterrows():
+        mask = ", ".join(f"{key.removeprefix('mask.')}={row[key]}" for key in row.index if key.startswith("mask."))
         lines.append(f"| {mask} | {row['kind']} | {int(row['neurons'])} | {row['forget_drop']:.4g} ± "
                      f"{row['forget_drop_std']:.2g} | {row['retain_drop']:.4g} ± {row['retain_drop_std']:.2g} | "
                      f"{row['selectivity']:.3g} | {row['forget_drop_over_random']:.3g} |")

@@ -51,15 +51,34 @@ class MatchedForgettingError(ValueError):
 
 def curve_columns(runs: pd.DataFrame, setting_columns: Sequence[str]) -> list[str]:
     """The columns that name a curve: the sweep's setting columns minus the lr (and the seed)."""
-    columns = [column for column in setting_columns if column not in (LR_COLUMN, SEED_COLUMN)]
+    # The knockout check reads the target, never the unlearned model: its settings name no curve.
+    columns = [column for column in setting_columns
+               if column not in (LR_COLUMN, SEED_COLUMN) and not column.startswith("config.knockout.")]
     return columns or ["config.unlearn.method"]
 
 
+MASKED_METHODS = ("simu", "simu_npo")
+# Settings that only masked methods read: a baseline's curve is not named by them.
+_MASK_ONLY = ("config.mask.", "config.attribution.", "config.knockout.", "config.unlearn.train_attention")
+
+
 def curve_label(row: pd.Series, columns: Sequence[str]) -> str:
-    """Readable curve name: the method, then every other setting as key=value."""
-    parts = [str(row["config.unlearn.method"])] if "config.unlearn.method" in row.index else []
+    """Readable curve name: the method, then the settings that distinguish it ("random neurons"
+    for ``mask.rule=random``, "MLP only" for ``unlearn.train_attention=false``, others as
+    key=value); a baseline is not named by mask settings it does not read."""
+    method = str(row["config.unlearn.method"]) if "config.unlearn.method" in row.index else ""
+    parts = [method] if method else []
     for column in columns:
-        if column == "config.unlearn.method":
+        if column == "config.unlearn.method" or (method not in MASKED_METHODS and column.startswith(_MASK_ONLY)):
+            continue
+        if column == "config.mask.rule" and row[column] == "random":
+            parts.append("(random neurons)")
+            continue
+        if column == "config.mask.rule":
+            continue
+        if column == "config.unlearn.train_attention":
+            if not bool(row[column]):
+                parts.append("(MLP only)")
             continue
         value = row[column]
         if isinstance(value, float) and value.is_integer():
@@ -102,22 +121,25 @@ def matched_forgetting(
     min_lrs: int = 2,
 ) -> pd.DataFrame:
     """One row per curve: seeds, seeds that reach the level, the interpolated lr and utilities
-    (mean and std over the seeds that reach it) and a note. Raises
-    :class:`MatchedForgettingError` when a curve has fewer than ``min_lrs`` learning rates or
-    the level's metric is missing."""
+    (mean and std over the seeds that reach it) and a note. A curve with fewer than ``min_lrs``
+    learning rates gets a row that says so; :class:`MatchedForgettingError` when every curve has
+    too few, or the level's metric is missing."""
     if level.metric not in runs.columns or runs[level.metric].notna().sum() == 0:
         raise MatchedForgettingError(f"no run reports {level.metric}: nothing to match on")
     utilities = [name for name in utilities if name in runs.columns and runs[name].notna().any()]
     columns = curve_columns(runs, setting_columns)
-    rows = []
+    rows, too_few = [], []
     for _, curve_runs in runs.groupby(columns, sort=True, dropna=False):
         label = curve_label(curve_runs.iloc[0], columns)
         lrs = sorted(curve_runs[LR_COLUMN].unique())
         if len(lrs) < min_lrs:
-            raise MatchedForgettingError(
-                f"the matched-forgetting table needs at least {min_lrs} learning rates per method; "
-                f"{label!r} has {len(lrs)} ({', '.join(f'{lr:g}' for lr in lrs)}): sweep unlearn.lr"
-            )
+            shown = ", ".join(f"{lr:g}" for lr in lrs)
+            too_few.append(f"{label!r} has {len(lrs)} ({shown})")
+            rows.append({"curve": label, "lrs": len(lrs), "seeds": int(curve_runs[SEED_COLUMN].nunique()),
+                         "seeds_reached": 0,
+                         **{f"{name}_{stat}": float("nan") for name in ("lr", *utilities) for stat in ("mean", "std")},
+                         "note": f"not compared: {len(lrs)} learning rate ({shown}); needs at least {min_lrs}"})
+            continue
         per_seed = [crossing(seed_runs.sort_values(LR_COLUMN), level, utilities)
                     for _, seed_runs in curve_runs.groupby(SEED_COLUMN)]
         reached = [item for item in per_seed if item["reached"]]
@@ -136,6 +158,11 @@ def matched_forgetting(
             notes.append("already past the level at the smallest lr (read there, not interpolated)")
         row["note"] = "; ".join(notes)
         rows.append(row)
+    if len(too_few) == len(rows):
+        raise MatchedForgettingError(
+            f"the matched-forgetting table needs at least {min_lrs} learning rates per method; "
+            + "; ".join(too_few) + ": sweep unlearn.lr (e.g. --grid unlearn.lr=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2)"
+        )
     return pd.DataFrame(rows)
 
 

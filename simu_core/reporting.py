@@ -138,6 +138,8 @@ def plot_tradeoff(runs: pd.DataFrame, path: str | Path, reference_points: pd.Dat
         for _, point in reference_points.iterrows():
             is_reference = point["model"] == "retain reference"
             quality = 1.0 if is_reference else point.get("forget_quality_mean", np.nan)
+            if not np.isfinite(point.get("model_utility_mean", np.nan)):
+                continue  # not computed (a retain reference's light evaluation): no point, no legend entry
             axis.scatter([point["model_utility_mean"]], [quality], marker="*" if is_reference else "X", s=140,
                          color="black", zorder=5, label=point["model"])
     axis.set_yscale("log")
@@ -280,9 +282,12 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     frames = []
     masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
     for _, rows in masked.groupby(mask_columns, sort=True, dropna=False) if mask_columns else []:
-        latest = rows.sort_values("time").iloc[-1]
-        path = Path(results) / "runs" / str(latest["run_id"]) / "knockout_summary.parquet"
-        if path.exists():
+        # The latest run of this mask that ran the check (knockout.enabled may have been off since).
+        with_check = [row for _, row in rows.sort_values("time").iterrows()
+                      if (Path(results) / "runs" / str(row["run_id"]) / "knockout_summary.parquet").exists()]
+        if with_check:
+            latest = with_check[-1]
+            path = Path(results) / "runs" / str(latest["run_id"]) / "knockout_summary.parquet"
             frame = pd.read_parquet(path)
             for column in ("config.mask.score", "config.mask.threshold", "config.mask.variant"):
                 if column in latest.index:

@@ -96,3 +96,15 @@ def test_contrastive_score_drops_neurons_every_answer_needs():
     assert layer_relative_critical(scores, 0.5).neurons == ((1,),)
     with pytest.raises(ValueError, match="positive sample counts"):
         contrastive_scores(forget, 0, retain, 2)
+
+
+def test_curve_labels_name_the_controls_and_not_a_baselines_mask_settings():
+    from simu_core.matched import curve_label
+
+    columns = ["config.unlearn.method", "config.mask.rule", "config.unlearn.train_attention", "config.mask.score"]
+    row = pd.Series({"config.unlearn.method": "simu", "config.mask.rule": "random",
+                     "config.unlearn.train_attention": False, "config.mask.score": "contrastive"})
+    assert curve_label(row, columns) == "simu (random neurons) (MLP only) score=contrastive"
+    baseline = row.copy()
+    baseline["config.unlearn.method"] = "so_graddiff"
+    assert curve_label(baseline, columns) == "so_graddiff"
