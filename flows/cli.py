@@ -120,10 +120,12 @@ def command_ablate(args: argparse.Namespace) -> int:
 
 def command_eval(args: argparse.Namespace) -> int:
     """Validate, then evaluate the model (and the reference) on the configured benchmark."""
-    from flows.evaluate import eval_config  # no Prefect import before the config is valid
+    from flows.eval_inputs import check_model_folders, eval_config
 
     try:
-        check_inputs(eval_config(args.model, args.reference, args.overrides, args.config))
+        config = eval_config(args.model, args.reference, args.overrides, args.config)
+        check_model_folders(config)
+        check_inputs(config)
     except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
