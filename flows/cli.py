@@ -61,6 +61,10 @@ def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_CO
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+    if (summary.get("reference_metrics") or {}).get("model_utility_computed") == 0.0:
+        # Say why the reference's column has gaps: not computed, not missing.
+        print("retain reference: light evaluation, only what forget quality and privleak compare "
+              "(--set eval.reference_full=true evaluates it fully)")
     if summary.get("knockout"):
         import pandas as pd
 

@@ -119,3 +119,29 @@ def test_report_table_and_plots(tmp_path):
     assert simu["model_utility_std"] == pytest.approx(0.01)
     assert "0.610 ± 0.010" in written["markdown"]
     assert (tmp_path / "results" / "report" / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_report_with_a_lightly_evaluated_retain_reference(tmp_path):
+    """The retain reference's light evaluation has no model utility: its table cell is '-' and the
+    trade-off plot has no point for it, never a made-up one (issue 11, defect 12)."""
+    from flows.report import write_report
+
+    results = tmp_path / "results"
+    rows = []
+    for seed in range(2):
+        run_id = f"simu{seed}"
+        rows.append({"run_id": run_id, "time": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(seconds=seed),
+                     "status": "completed", "config_hash": run_id, "config.unlearn.method": "simu",
+                     "config.run.seed": seed, "config.mask.threshold": 0.2, "config.unlearn.lr": 3e-4,
+                     "forget_quality": 0.3, "model_utility": 0.6, "forget_rouge": 0.4, "forget_prob": 0.2,
+                     "retain_prob": 0.8})
+        metrics = [("target", "model_utility", 0.7), ("target", "forget_quality", 1e-5),
+                   ("reference", "forget_truth_ratio", 0.6), ("reference", "model_utility_computed", 0.0)]
+        (results / "runs" / run_id).mkdir(parents=True)
+        pd.DataFrame([{"benchmark": "synthetic", "split": "all", "metric": metric, "value": value, "model": model}
+                      for model, metric, value in metrics]).to_parquet(results / "runs" / run_id / "metrics.parquet")
+    pd.DataFrame(rows).to_parquet(results / "runs.parquet")
+    written = write_report(results)
+    reference_row = next(line for line in written["markdown"].splitlines() if line.startswith("| retain reference |"))
+    assert "0.700" not in reference_row and "| - |" in reference_row
+    assert (results / "report" / "tradeoff.png").stat().st_size > 10_000
