@@ -7,12 +7,14 @@ torch process doing the same work with torch's defaults (what issue 11 measured 
 
 Part ``sweep``: ``simu_ablation`` over 4 values of ``unlearn.lr`` on a store whose shared stages
 (data, target, reference, attribution) one run has already filled, so every point computes its
-unlearning and evaluation: once with ``--max-parallel 1`` (each point gets the free cores), once with
-2 in parallel sharing the cores (threads per point = free cores / 2, as ``simu ablate`` picks), and
-once with 2 in parallel each using every core (the old behaviour).
+unlearning and its evaluation; each sweep in a fresh process, timed around the flow call: one point
+after another (every core each), 2 in parallel sharing the cores (threads per point = cores / 2,
+passive waiting: what ``simu ablate`` does) and 2 in parallel each on every core with torch's
+default active waiting (the old behaviour).
 
-Usage: ``python benchmarks/threads.py [--part options|sweep|all] [--seconds S]``. Figures on a
-machine other processes also use are noisy: the script prints how many cores were busy.
+Usage: ``python benchmarks/threads.py [--part options|sweep|all] [--seconds S] [--cores N]``.
+Figures on a machine other processes also use are noisy: the script prints how many cores were
+busy before each measurement.
 """
 
 from __future__ import annotations
@@ -109,35 +111,57 @@ def options(seconds: float) -> None:
                       f"{figures['steps']:>5} {busy:>11.2f}", flush=True)
 
 
-def sweep(values: list[float]) -> None:
-    with tempfile.TemporaryDirectory() as root:
-        os.environ.setdefault("PREFECT_HOME", os.path.join(root, "prefect"))
-        from flows.ablation import simu_ablation
-        from flows.pipeline import simu_pipeline
-        from simu_core.threads import threads_for
+def _sweep_child(args: argparse.Namespace) -> None:
+    """One sweep (or the warm-up run) in this process; prints its wall time as JSON."""
+    from flows.ablation import simu_ablation
+    from flows.pipeline import simu_pipeline
 
-        base = [f"run.store={root}/store", f"run.results={root}/results"]
+    base = [f"run.store={args.root}/store", f"run.results={args.root}/results"]
+    auto = args.threads < 0  # as `simu ablate` does: budget from the free cores, points share it
+    started = time.perf_counter()
+    if args.parallel == 0:
+        simu_pipeline(overrides=base)
+    else:
+        grid = {"unlearn.lr": [f"{lr * args.lr_factor:.3g}" for lr in (3e-4, 2e-4, 1e-4, 5e-5)]}
+        simu_ablation(grid=grid, overrides=base, max_parallel=args.parallel, threads=None if auto else args.threads,
+                      first_threads=None if auto else args.first_threads)
+    print(json.dumps({"seconds": time.perf_counter() - started, "budget": args.budget}))
+
+
+def _run_child(root: str, parallel: int, threads: int, first: int, factor: float, policy: str | None) -> dict:
+    env = _env(policy)
+    env["PREFECT_HOME"] = os.path.join(root, "prefect")
+    cmd = [sys.executable, __file__, "--sweep-child", "--root", root, "--parallel", str(parallel),
+           "--threads", str(threads), "--first-threads", str(first), "--lr-factor", str(factor)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"sweep child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sweep(cores: int) -> None:
+    with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
-        simu_pipeline(overrides=base)  # fills the stages every point shares
-        print(f"== sweep: 4 points (unlearn.lr), shared stages cached (warm-up run {time.perf_counter() - started:.0f} s)")
-        cores = available_cores()
-        free_one, free_two = threads_for(1), threads_for(2)
-        modes = [
-            ("one after another", 1, free_one, free_one),
-            ("2 in parallel, cores shared", 2, free_one, free_two),
-            ("2 in parallel, all cores each (old)", 2, cores, cores),
+        _run_child(root, 0, cores, cores, 1.0, "PASSIVE")  # fills the stages every point shares
+        print(f"== sweep: 4 points (unlearn.lr) after the shared stages are cached (warm-up run "
+              f"{time.perf_counter() - started:.0f} s); each mode in a fresh process, {cores} cores of budget")
+        modes = [  # label, --max-parallel, threads per point (-1: simu's choice), first point's, OMP_WAIT_POLICY
+            ("one after another", 1, cores, cores, "PASSIVE"),
+            ("2 in parallel, cores shared", 2, max(1, cores // 2), cores, "PASSIVE"),
+            ("simu ablate --max-parallel 2 (load-aware)", 2, -1, -1, None),
+            ("2 in parallel, all cores each (old)", 2, cores, cores, None),
         ]
         results = {}
-        for index, (label, parallel, first, per_point) in enumerate(modes):
-            grid = {"unlearn.lr": [f"{value * (1 + index / 10):.3g}" for value in values]}  # new points each mode
+        for index, (label, parallel, threads, first, policy) in enumerate(modes):
             busy = busy_cores(0.5)
-            started = time.perf_counter()
-            simu_ablation(grid=grid, overrides=base, max_parallel=parallel, threads=per_point, first_threads=first)
-            results[label] = time.perf_counter() - started
-            print(f"{label:<38} threads per point {per_point} (first point {first}): {results[label]:6.1f} s  "
-                  f"(busy cores before: {busy:.2f})", flush=True)
-        ratio = results["2 in parallel, cores shared"] / results["one after another"]
-        print(f"2 in parallel / one after another: {ratio:.2f} ({'no slower' if ratio <= 1.0 else 'SLOWER'})")
+            figures = _run_child(root, parallel, threads, first, 1 + (index + 1) / 10, policy)
+            results[label] = figures["seconds"]
+            setting = (f"threads/point {threads} (first {first}), OMP_WAIT_POLICY {policy or 'unset'}" if threads > 0
+                       else f"budget {figures['budget']} thread(s), passive waiting")
+            print(f"{label:<42} {setting}: {results[label]:6.1f} s   (cores busy before: {busy:.2f})", flush=True)
+        for label in ("2 in parallel, cores shared", "simu ablate --max-parallel 2 (load-aware)"):
+            ratio = results[label] / results["one after another"]
+            print(f"{label} / one after another: {ratio:.2f} ({'no slower' if ratio <= 1.0 else 'SLOWER'})")
 
 
 def main() -> None:
@@ -146,15 +170,33 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per thread setting")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forever", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", type=int, default=None, help="thread budget of the sweep (default: all cores)")
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--first-threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--lr-factor", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.threads, args.seconds, args.forever)
         return
+    if args.sweep_child:
+        if args.threads < 0:
+            from simu_core.threads import configure_threads
+
+            args.budget = configure_threads(None)  # before torch is imported, as the CLI does
+        else:
+            import torch
+
+            torch.set_num_threads(args.first_threads)
+            args.budget = args.first_threads
+        _sweep_child(args)
+        return
     if args.part in ("options", "all"):
         options(args.seconds)
     if args.part in ("sweep", "all"):
-        sweep([3e-4, 2e-4, 1e-4, 5e-5])
+        sweep(args.cores or available_cores())
 
 
 if __name__ == "__main__":

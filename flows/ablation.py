@@ -62,8 +62,9 @@ def simu_ablation(
     """Run a grid of settings through the pipeline and write the comparison report.
 
     ``threads``: torch threads per point running in parallel (default: the caller's torch thread
-    count divided by ``max_parallel``; on Dask, the workers' own setting). ``first_threads``: those
-    of the first point, which runs alone (default: the caller's count).
+    count divided by the points at once, which are ``max_parallel`` but never more than that
+    count; on Dask, the workers' own setting). ``first_threads``: those of the first point, which
+    runs alone (default: the caller's count).
     """
     for name, value in (("max_parallel", max_parallel), ("threads", threads), ("first_threads", first_threads)):
         if value is not None and value < 1:
@@ -71,12 +72,16 @@ def simu_ablation(
     points = sweep_points(grid, seeds, list(overrides or []), config_path)
     budget = torch.get_num_threads()  # the process's (``simu`` sets it from the free cores)
     first_threads = first_threads or budget
+    parallel = max_parallel
     if threads is None and not dask_address:
-        threads = max(1, budget // max_parallel)
+        # More points at once than threads to give them only adds contention (and, in one process,
+        # waits on the GIL): with one free core, points run one after another.
+        parallel = min(max_parallel, budget)
+        threads = max(1, budget // parallel)
     print(f"sweep: {len(points)} runs ({len(points) // max(1, seeds if 'run.seed' not in grid else 1)} settings)")
     # The first point alone computes the stages every point shares.
     print(f"torch threads: {first_threads} for the first point, "
-          + (f"{threads} per point for the others ({max_parallel} at a time)" if threads else "the workers' own after it"))
+          + (f"{threads} per point for the others ({parallel} at a time)" if threads else "the workers' own after it"))
     summaries = [run_point(points[0], config_path, first_threads)]
     if len(points) > 1:
         if dask_address:
@@ -84,7 +89,7 @@ def simu_ablation(
 
             runner = DaskTaskRunner(address=dask_address)
         else:
-            runner = ThreadPoolTaskRunner(max_workers=max(1, max_parallel))
+            runner = ThreadPoolTaskRunner(max_workers=parallel)
         summaries += _run_points.with_options(task_runner=runner)(points[1:], config_path, threads)
     results = load_config(config_path, points[0]).run.results
     report = simu_report(results)

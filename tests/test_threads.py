@@ -103,5 +103,10 @@ def test_sweep_points_in_parallel_share_the_threads(prefect_api, tmp_path, monke
     seen.clear()
     ablation.simu_ablation(grid=grid, overrides=overrides, max_parallel=2, threads=1, first_threads=3)
     assert {lr: count for lr, _, count in seen} == {1e-4: 3, 2e-4: 1, 3e-4: 1, 4e-4: 1, 5e-4: 1}
+    # One thread to give: points run one after another (in parallel they would only contend).
+    seen.clear()
+    torch.set_num_threads(1)
+    ablation.simu_ablation(grid=grid, overrides=overrides, max_parallel=2)
+    assert {count for _, _, count in seen} == {1} and len({ident for _, ident, _ in seen[1:]}) == 1
     with pytest.raises(ValueError, match="threads must be >= 1"):
         ablation.simu_ablation(grid=grid, overrides=overrides, threads=0)
