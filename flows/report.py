@@ -76,7 +76,7 @@ def _matched_forgetting_section(runs: pd.DataFrame, points: pd.DataFrame, out: P
     from simu_core.matched import Level, MatchedForgettingError, curve_columns, matched_forgetting, matched_markdown
 
     lines = ["## Comparison at matched forgetting", ""]
-    if runs[matched_lr_column()].nunique() < 2:
+    if matched_lr_column() not in runs.columns or runs[matched_lr_column()].nunique() < 2:
         return lines + ["Not computed: the runs hold fewer than 2 learning rates (sweep `unlearn.lr`, the same grid "
                         "for every method, e.g. `--grid unlearn.lr=1e-4,2e-4,5e-4,1e-3,2e-3,5e-3`).", ""]
     levels = []

@@ -190,7 +190,8 @@ def test_threshold_mask_stage(tmp_path, small_config):
     assert at_t["masked"].tolist() == expected.mask.counts()
     assert len(pd.read_parquet(tmp_path / "out" / "threshold_jaccard.parquet")) == 10  # 5 choose 2
     combined, meta = read_scores(tmp_path / "out" / "scores.parquet")
-    assert list(combined.columns) == ["layer", "neuron", "forget_score", "retain_score"]
+    assert list(combined.columns) == ["layer", "neuron", "forget_score", "retain_score", "selection_score"]
+    assert combined["selection_score"].equals(combined["forget_score"])  # mask.score=forget (the paper)
     assert meta["forget"]["which"] == "forget" and meta["retain"]["which"] == "retain"
     # Without retain scores: include works, exclude cannot.
     config.mask.variant = "include"
@@ -211,3 +212,25 @@ def test_attribution_table_feeds_thresholding():
 
     assert select_mask(scores_from_table(table, "forget_score"), scores_from_table(table, "retain_score"), 0.2).mask \
         == select_mask(forget, retain, 0.2).mask
+
+
+def test_threshold_mask_stage_contrastive_score(tmp_path, small_config):
+    from simu_core.stages import threshold_mask
+    from simu_core.thresholding import contrastive_scores
+
+    forget, retain = random_scores(13), random_scores(14)
+    for folder, scores, which, samples in (("f", forget, "forget", 30), ("r", retain, "retain", 60)):
+        table = pd.concat([pd.DataFrame({"layer": layer, "neuron": np.arange(len(s)), "score": s})
+                           for layer, s in enumerate(scores)], ignore_index=True)
+        write_scores(table, tmp_path / folder / "scores.parquet",
+                     {"which": which, "num_samples": samples, "model": {"down_proj_sha256": "same"}})
+    config = small_config.model_copy(deep=True)
+    config.mask.score = "contrastive"
+    threshold_mask(config, tmp_path / "f", tmp_path / "r", tmp_path / "out")
+    contrast = contrastive_scores(forget, 30, retain, 60)
+    mask_table = pd.read_parquet(tmp_path / "out" / "mask.parquet")
+    assert NeuronMask.from_table(mask_table) == select_mask(contrast, retain, config.mask.threshold).mask
+    combined, _ = read_scores(tmp_path / "out" / "scores.parquet")
+    np.testing.assert_allclose(combined["selection_score"], np.concatenate(contrast))
+    with pytest.raises(ValueError, match="needs the retain-set attribution"):
+        threshold_mask(config, tmp_path / "f", None, tmp_path / "out2")
