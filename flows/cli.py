@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = args.handler(args)
     except lifecycle.Interrupted as stop:
         exit_code = 128 + stop.signum
-        print(f"simu {args.command}: {stop}; stopped (an unfinished run is recorded as 'interrupted')",
+        print(f"\nsimu {args.command}: {stop}; stopped (an unfinished run is recorded as 'interrupted')",
               file=sys.stderr)
     finally:
         lifecycle.shutdown(exit_code)

@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from flows.eval_inputs import eval_config, eval_run_name
-from flows.pipeline import _StageRunner, record_unfinished_run
+from flows.pipeline import _StageRunner, recorded_if_unfinished
 from tasks import stages as stage_tasks
 from tasks.report import report
 
@@ -36,7 +35,7 @@ def simu_eval(model: str, reference: str | None = None, overrides: list[str] | N
     """Evaluate a model (folder or hub id) on the configured benchmark; return the run's summary."""
     config = eval_config(model, reference, overrides, config_path)
     run = _StageRunner(config)
-    try:
+    with recorded_if_unfinished(config, run, kind="eval"):
         data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
         # The given models' references (content-keyed), from the pipeline's own stages.
         model_ref = run("model", stage_tasks.train_target, "train_target", {"data": data})
@@ -52,6 +51,3 @@ def simu_eval(model: str, reference: str | None = None, overrides: list[str] | N
                 "evaluate_reference": reference_eval}
         return report(config.model_dump(mode="json"), refs, run.states, run.seconds,
                       headline_ref="evaluate_target", kind="eval")
-    except (Exception, KeyboardInterrupt, TerminationSignal) as error:
-        record_unfinished_run(config, run, error, kind="eval")
-        raise

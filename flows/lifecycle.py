@@ -5,6 +5,10 @@
   traceback on a fresh ``PREFECT_HOME``) and phones home from a research tool.
 - SIGTERM (``kill``, batch schedulers, ``timeout``) is handled like Ctrl-C: the work stops with a
   ``KeyboardInterrupt``, the pipeline records the run as ``interrupted`` and the command exits.
+  A watcher thread sees the signal even while the main thread waits in C (a sweep waiting for its
+  points): it sets :data:`STOP` at once and, when the command is still running
+  ``_STOP_GRACE_SECONDS`` later (a sweep point inside a long stage in another thread), records
+  the runs still open as ``interrupted`` (:func:`on_forced_exit`) and ends the process.
 - Without ``PREFECT_API_URL``, the temporary API server is started here, in its own session (a
   Ctrl-C or ``timeout``'s signal to the process group does not kill it before the run's final
   states reach it) and under :mod:`flows.server_guard` (it exits when this process dies, even by
@@ -17,13 +21,14 @@ Everything here runs only from ``simu``'s ``main``: importing this module change
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 # Set when the command was asked to stop; stages check it, so pipeline runs in worker threads
 # (sweeps) stop at their next stage and record themselves as interrupted too.
@@ -32,9 +37,15 @@ STOP = threading.Event()
 _DRAIN_SECONDS = 5.0
 _SERVER_STOP_SECONDS = 3.0
 _EXIT_GRACE_SECONDS = 10.0
+_STOP_GRACE_SECONDS = 20.0
 # Prefect's default (20 s) is too short for a first start (database migrations) on a busy machine.
 _STARTUP_TIMEOUT_SECONDS = 120
 _server: Any = None
+_stop_signal = signal.SIGTERM
+_raised = threading.Event()
+_forced_exit_callbacks: dict[int, Callable[[int], None]] = {}
+_callbacks_lock = threading.Lock()
+_tokens = itertools.count()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,21 +64,79 @@ def configure_environment() -> None:
 def raise_if_stopping() -> None:
     """Raise :class:`Interrupted` when the command was asked to stop (checked between stages)."""
     if STOP.is_set():
-        raise Interrupted(signal.SIGTERM)
+        raise Interrupted(_stop_signal)
+
+
+def on_forced_exit(callback: Callable[[int], None]) -> int:
+    """Call ``callback(signum)`` if the process is ended by the stop watchdog; returns a token."""
+    token = next(_tokens)
+    with _callbacks_lock:
+        _forced_exit_callbacks[token] = callback
+    return token
+
+
+def forget(token: int) -> bool:
+    """Drop a callback of :func:`on_forced_exit`; False when it was already taken (called)."""
+    with _callbacks_lock:
+        return _forced_exit_callbacks.pop(token, None) is not None
+
+
+def _request_stop(signum: int) -> None:
+    global _stop_signal
+    if STOP.is_set():
+        return
+    _stop_signal = signum
+    STOP.set()
+    timer = threading.Timer(_STOP_GRACE_SECONDS, _stop_now, args=(signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _stop_now(signum: int) -> None:
+    """The command did not stop in time (e.g. a sweep point inside a long stage): end it."""
+    print(f"\nsimu: still running {_STOP_GRACE_SECONDS:.0f} s after {signal.Signals(signum).name}; "
+          "stopping now", file=sys.stderr)
+    with _callbacks_lock:
+        callbacks = list(_forced_exit_callbacks.values())
+        _forced_exit_callbacks.clear()
+    for callback in callbacks:
+        try:
+            callback(signum)
+        except Exception as error:  # noqa: BLE001 - record what can be recorded, then stop anyway
+            print(f"simu: could not record an interrupted run: {error!r}", file=sys.stderr)
+    _force_exit(128 + signum)
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
-    first = not STOP.is_set()
-    STOP.set()
-    if first:
+    _request_stop(signum)
+    if not _raised.is_set():
+        _raised.set()
         raise Interrupted(signum)
     # A second signal while stopping: the shutdown is already bounded, let it finish.
 
 
+def _watch_signals(read_fd: int) -> None:
+    while True:
+        try:
+            received = os.read(read_fd, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                _request_stop(signum)
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, once."""
+    """SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, once; a watcher thread
+    (the signal module's wakeup fd) sets :data:`STOP` even while the main thread is blocked."""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch_signals, args=(read_fd,), name="simu-signal-watcher", daemon=True).start()
 
 
 def _guarded_popen(popen: Any) -> Any:

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import flow
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from flows import lifecycle
 from flows.lifecycle import raise_if_stopping
 from flows.params import run_name, stage_params, uses_mask
 from simu_core.config import SimuConfig, check_pipeline_models, load_config
@@ -40,12 +42,13 @@ class _StageRunner:
         self.params = stage_params(config)
         self.states: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # stages running now (label: start time)
 
     def __call__(self, label: str, task: Callable, stage: str, inputs: dict, extra_params: dict | None = None, **kwargs: Any) -> dict:
         raise_if_stopping()  # a stopping command (SIGTERM, Ctrl-C) starts no further stage
         params = {**self.params[stage], **(extra_params or {})}
         version = stage_code_version(stage)
-        started = time.perf_counter()
+        started = self.started[label] = time.perf_counter()
         external = stage in ("train_target", "train_retain_reference") and self._external_model(stage)
         refresh = not external and not entry_is_valid(self.config.run.store, stage, version, params, inputs)
         try:
@@ -56,6 +59,8 @@ class _StageRunner:
             self.seconds[label] = round(time.perf_counter() - started, 3)
             self.states[label] = "Failed" if isinstance(error, Exception) else "Interrupted"
             raise
+        finally:
+            self.started.pop(label, None)
         self.seconds[label] = round(time.perf_counter() - started, 3)
         self.states[label] = state.name
         return state.result()
@@ -79,20 +84,36 @@ def simu_pipeline(overrides: list[str] | None = None, config_path: str | None = 
     config = load_config(config_path, overrides or [])
     check_pipeline_models(config)
     run = _StageRunner(config)
-    try:
+    with recorded_if_unfinished(config, run):
         return _run_stages(config, run)
+
+
+@contextmanager
+def recorded_if_unfinished(config: SimuConfig, run: _StageRunner, kind: str = "run") -> Iterator[None]:
+    """A run that does not complete gets its runs-table row too, so sweeps can see what broke:
+    status 'failed' (an error), or 'interrupted' (Ctrl-C, SIGTERM; also when the stopping process
+    ends while this run is still inside a stage in another thread: :func:`lifecycle.on_forced_exit`)."""
+    run_id, name = current_run_id(), flow_run.name or ""
+
+    def record(error: BaseException) -> None:
+        status = "failed" if isinstance(error, Exception) else "interrupted"
+        states, seconds = dict(run.states), dict(run.seconds)
+        for label, started in list(run.started.items()):  # still inside these stages
+            states.setdefault(label, "Interrupted")
+            seconds.setdefault(label, round(time.perf_counter() - started, 3))
+        append_run_row(Path(config.run.results).resolve(),
+                       run_row(config, run_id, status, {}, states, seconds, error=repr(error)[:2000], kind=kind,
+                               run_name=name))
+
+    token = lifecycle.on_forced_exit(lambda signum: record(lifecycle.Interrupted(signum)))
+    try:
+        yield
     except (Exception, KeyboardInterrupt, TerminationSignal) as error:
-        # A failed or interrupted (Ctrl-C, SIGTERM) run gets its row too, so sweeps can see what broke.
-        record_unfinished_run(config, run, error)
+        if lifecycle.forget(token):  # else the stopping process recorded it already
+            record(error)
         raise
-
-
-def record_unfinished_run(config: SimuConfig, run: _StageRunner, error: BaseException, kind: str = "run") -> None:
-    """Append the runs-table row of a run that stopped: status 'failed', or 'interrupted' on a signal."""
-    status = "failed" if isinstance(error, Exception) else "interrupted"
-    append_run_row(Path(config.run.results).resolve(),
-                   run_row(config, current_run_id(), status, {}, run.states, run.seconds, error=repr(error)[:2000],
-                           kind=kind))
+    finally:
+        lifecycle.forget(token)
 
 
 def has_retain_reference(config: SimuConfig) -> bool:

@@ -64,12 +64,12 @@ def append_run_row(results: Path, row: dict[str, Any]) -> pd.DataFrame:
 
 
 def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states: dict, seconds: dict, error: str = "",
-            kind: str = "run") -> dict:
+            kind: str = "run", run_name: str | None = None) -> dict:
     """One row of the runs table: identity, kind ('run': pipeline, 'eval': ``simu eval``), status
     ('completed', 'failed', 'interrupted'), flattened config, headline metrics, timings."""
     row: dict[str, Any] = {
         "run_id": run_id,
-        "run_name": flow_run.name or "",
+        "run_name": (flow_run.name or "") if run_name is None else run_name,
         "time": pd.Timestamp.now(tz="UTC"),
         "kind": kind,
         "status": status,
