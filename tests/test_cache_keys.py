@@ -317,3 +317,23 @@ def test_every_keyed_stage_has_a_code_version():
 
     for stage in stage_params(load_config()):
         assert len(stage_code_version(stage)) == 16
+
+
+def test_hub_lookup_failure_falls_back_to_the_cache(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from simu_core.models.identity import model_fingerprint
+
+    def unreachable(self, repo_id, revision=None, **_):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ValueError, match=r"model\.base: .*hub lookup failed \(ConnectionError: no route to host\)"):
+        model_fingerprint("org/base", "model.base")
+    ref = tmp_path / "hub" / "models--org--base" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("4" * 40)
+    assert model_fingerprint("org/base", "model.base")["commit"] == "4" * 40

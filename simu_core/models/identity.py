@@ -89,7 +89,7 @@ def resolve_hub_commit(repo_id: str, revision: str = "main") -> str:
     ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
     if ref.is_file():
         return ref.read_text().strip()
-    reason = f"the hub is unreachable ({error})" if error else "offline (HF_HUB_OFFLINE)"
+    reason = f"the hub lookup failed ({type(error).__name__}: {error})" if error else "offline (HF_HUB_OFFLINE)"
     raise LookupError(f"cannot resolve hub id {repo_id!r} to a commit: {reason} and it is not in the local cache")
 
 
