@@ -81,9 +81,9 @@ def sophia_state_bytes(
 
 
 def adamw_state_bytes(named_params: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Bytes torch.optim.AdamW allocates over all params: exp_avg and exp_avg_sq in the param dtype,
-    plus a 4-byte step tensor per param (FO-GradDiff)."""
-    return sum(2 * p.numel() * p.element_size() + 4 for _, p in named_params)
+    """Bytes ``MasterAdamW`` allocates over all params (FO-GradDiff): fp32 exp_avg and exp_avg_sq,
+    an fp32 master for non-fp32 params, and a 4-byte step tensor per param."""
+    return sum((2 if p.dtype == torch.float32 else 3) * 4 * p.numel() + 4 for _, p in named_params)
 
 
 def describe_simu_set(model: nn.Module, specs: Mapping[str, MaskSpec]) -> list[str]:
