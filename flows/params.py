@@ -3,7 +3,8 @@
 A stage's key covers exactly these fields, so changing ``mask.threshold`` re-runs only
 threshold_mask and what follows, changing ``attribution.steps`` re-runs attribution onwards, and
 changing ``unlearn.lr`` re-runs unlearning onwards. Fields that do not change results (device,
-store, results folder, run name, tags, fault injection) are in no key.
+number of devices, store, results folder, run name, tags, fault injection, gradient checkpointing)
+are in no key.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
     tree = config.model_dump(mode="json")
     model, run = tree["model"], tree["run"]
     tiny = uses_tiny_model(config)
+    # Gradient checkpointing recomputes activations and leaves results unchanged (tests/test_checkpointing.py).
+    model["finetune"] = {key: value for key, value in model["finetune"].items() if key != "gradient_checkpointing"}
     tokenizer = _fingerprint(model["tokenizer"], "model.tokenizer")
     # How a produced or given model is loaded and its inputs encoded (attribute, unlearn, evaluate).
     model_identity = {"tokenizer": tokenizer, "dtype": model["dtype"], "trust_remote_code": model["trust_remote_code"],
@@ -78,8 +81,10 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         # The critical sets come from the mask input (its key holds mask.*); run.seed draws the random sets.
         "knockout": {"knockout": {key: value for key, value in tree["knockout"].items() if key != "enabled"},
                      "model": model_identity, "seed": run["seed"]},
-        # checkpoint_every only decides how often progress is saved: resuming is bit-identical.
-        "unlearn": {"unlearn": {key: value for key, value in tree["unlearn"].items() if key != "checkpoint_every"},
+        # checkpoint_every only decides how often progress is saved: resuming is bit-identical; gradient
+        # checkpointing recomputes activations with the same results.
+        "unlearn": {"unlearn": {key: value for key, value in tree["unlearn"].items()
+                                if key not in ("checkpoint_every", "gradient_checkpointing")},
                     "model": model_identity, "seed": run["seed"], "autocast": run["dtype"]},
         "evaluate": {"eval": evaluation, "model": model_identity},
         # The retain reference: by default only what forget quality and privleak compare.

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from simu_core.config import FinetuneConfig
+from simu_core.models.checkpointing import gradient_checkpointing
 from simu_core.optim import MasterAdamW
 from simu_core.prompting import EncodedExample, collate, encode_qa, pad_token_id
 from simu_core.scoring import answer_loss
@@ -73,32 +74,33 @@ def finetune(
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model.train()
-    rows, tokens_seen, micro_step = [], 0, 0
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=description, disable=not progress, leave=False)
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            batch = collate([examples[i] for i in order[start : start + config.batch_size]], pad_id)
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = answer_loss(logits, batch["labels"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{description}: non-finite loss at epoch {epoch}, batch {start}")
-            (loss / config.grad_accum).backward()
-            tokens_seen += int(batch["attention_mask"].sum())
-            micro_step += 1
-            if micro_step % config.grad_accum == 0 or (epoch == config.epochs - 1 and start + config.batch_size >= len(order)):
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                rows.append(
-                    {"step": len(rows) + 1, "epoch": epoch, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                     "grad_norm": float(grad_norm)}
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
+    with gradient_checkpointing(model, config.gradient_checkpointing):
+        rows, tokens_seen, micro_step = [], 0, 0
+        started = time.perf_counter()
+        bar = tqdm(total=total_steps, desc=description, disable=not progress, leave=False)
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for start in range(0, len(order), config.batch_size):
+                batch = collate([examples[i] for i in order[start : start + config.batch_size]], pad_id)
+                batch = {key: value.to(device) for key, value in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = answer_loss(logits, batch["labels"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{description}: non-finite loss at epoch {epoch}, batch {start}")
+                (loss / config.grad_accum).backward()
+                tokens_seen += int(batch["attention_mask"].sum())
+                micro_step += 1
+                if micro_step % config.grad_accum == 0 or (epoch == config.epochs - 1 and start + config.batch_size >= len(order)):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    rows.append(
+                        {"step": len(rows) + 1, "epoch": epoch, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": float(grad_norm)}
+                    )
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.close()
     model.eval()
     return FinetuneResult(log=pd.DataFrame(rows), wall_seconds=time.perf_counter() - started, tokens_seen=tokens_seen)

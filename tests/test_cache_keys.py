@@ -32,13 +32,14 @@ COMMON_ROWS = [
     ("knockout.enabled", set()),
     ("knockout.*", {"knockout"}),
     ("unlearn.checkpoint_every", set()),  # resuming is bit-identical: only how often progress is saved
+    ("unlearn.gradient_checkpointing", set()),  # recomputes activations: same results (test_checkpointing.py)
     ("unlearn.*", {"unlearn"}),
     ("eval.mmlu_source", set()),  # LUME only
     ("eval.reference_full", {"evaluate_reference"}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
     ("run.seed", {"attribute", "unlearn", "knockout"}),
     ("run.dtype", {"unlearn"}),  # autocast: only the unlearning trainer uses it
-    ("run.*", set()),  # device, store, results, name, tags, fault injection
+    ("run.*", set()),  # device, devices (FSDP: same result within rounding), store, results, name, tags, fault injection
 ]
 # The built-in default: the tiny model is trained from scratch with the data stage's tokenizer.
 TINY_ROWS = [
@@ -49,6 +50,7 @@ TINY_ROWS = [
     ("model.max_length", TRAININGS | ALL_MODEL_USERS),
     ("model.tiny.vocab_size", {"prepare_data"} | TRAININGS),
     ("model.tiny.*", TRAININGS),
+    ("model.finetune.gradient_checkpointing", set()),  # same results (test_checkpointing.py)
     ("model.finetune.*", TRAININGS),
     ("model.*", ALL_MODEL_USERS),  # tokenizer, dtype, trust_remote_code: how the models are loaded
 ]

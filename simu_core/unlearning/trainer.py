@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from simu_core.config import UnlearnConfig
+from simu_core.models.checkpointing import gradient_checkpointing
 from simu_core.optim import ColumnMask, MaskedSophia, MasterAdamW, MaskSpec, sample_gnb_labels
 from simu_core.prompting import EncodedExample, collate
 from simu_core.scoring import answer_loss
@@ -347,6 +348,7 @@ class UnlearningTrainer:
         """Identity of the run a checkpoint belongs to (resuming a different run is an error)."""
         settings = self.config.model_dump(mode="json")
         settings.pop("checkpoint_every", None)  # how often to save does not change the result
+        settings.pop("gradient_checkpointing", None)  # nor does recomputing activations
         identity = {
             "format": _FORMAT,
             "family": self.optimizer_family,
@@ -483,6 +485,8 @@ class UnlearningTrainer:
         started = time.perf_counter()
         previous_flags = self._freeze()
         was_training = self.model.training
+        checkpointing = gradient_checkpointing(self.model, self.config.gradient_checkpointing)
+        checkpointing.__enter__()
         try:
             self.optimizer = self.create_optimizer()
             warmup = int(self.config.warmup_ratio * self.total_steps)
@@ -540,6 +544,7 @@ class UnlearningTrainer:
             bar.close()
             state_bytes = _state_bytes(self.optimizer)
         finally:
+            checkpointing.__exit__(None, None, None)
             self.model.train(was_training)
             self._restore_flags(previous_flags)
         log = pd.DataFrame(rows, columns=list(LOG_COLUMNS))
