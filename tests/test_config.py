@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simu_core.config import ConfigError, SimuConfig, apply_overrides, load_config
+from simu_core.config import ConfigError, SimuConfig, apply_overrides, check_pipeline_models, load_config
 
 
 def test_default_yaml_loads_and_matches_sections():
@@ -46,8 +46,10 @@ def test_invalid_values_name_the_field(override, field):
 def test_real_benchmark_requires_a_model():
     with pytest.raises(ConfigError, match="model.base or model.target"):
         load_config(overrides=["data.benchmark=lume"])
+    # A target without a retain reference: a valid config (``simu eval``), refused by the pipeline.
+    given_target = load_config(overrides=["data.benchmark=tofu", "model.target=org/tofu-target"])
     with pytest.raises(ConfigError, match="model.retain_reference"):
-        load_config(overrides=["data.benchmark=tofu", "model.target=org/tofu-target"])
+        check_pipeline_models(given_target)
     assert load_config(overrides=["data.benchmark=tofu"]).model.base is None  # tiny model trained on TOFU
 
 
