@@ -1,5 +1,5 @@
 """The ``simu`` command line: ``simu run`` (one pipeline run), ``simu ablate``, ``simu eval`` (evaluate a
-model, no unlearning) and ``simu report``."""
+model, no unlearning), ``simu report`` and ``simu plan`` (memory per stage and device)."""
 
 from __future__ import annotations
 
@@ -169,6 +169,41 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_counts(text: str) -> list[int]:
+    """argparse type: comma-separated device counts, each >= 1."""
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected device counts like 1,2,4,8, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"device counts must be >= 1, got {text!r}")
+    return counts
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    """Print the memory each stage needs per device (no stage runs, no weights are loaded)."""
+    from simu_core.planning import PlanError, device_memory, format_plan, plan_memory, read_plan_mask
+
+    try:
+        config = load_config(args.config, args.overrides)
+        check_inputs(config)
+        memory, source = device_memory(config.run.device, args.device_memory)
+        mask = read_plan_mask(args.mask) if args.mask else None
+        plan = plan_memory(config, device_memory=memory, device_counts=args.devices, mask=mask,
+                           mask_fraction=args.mask_fraction, device_memory_source=source)
+    except (ConfigError, PreflightError, PlanError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as handle:
+            json.dump(plan.to_json(), handle, indent=2)
+        print(f"plan: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``simu``."""
     parser = argparse.ArgumentParser(prog="simu", description="SIMU unlearning pipeline (Prefect, cached stages)")
@@ -196,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--fq-level", type=_probability, default=0.05,
                         help="forget-quality level of the matched-forgetting table (a KS p-value; default 0.05)")
     report.set_defaults(handler=command_report)
+    plan = commands.add_parser("plan", help="memory per stage and device from the model's config.json (nothing runs)")
+    _add_config_arguments(plan)
+    plan.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                      help="memory of one device in GiB (default: the GPU's here, else 80)")
+    plan.add_argument("--devices", type=_device_counts, default=[1, 2, 4, 8], metavar="N,N,...",
+                      help="device counts planned for FSDP unlearning (default 1,2,4,8; run.devices is added)")
+    plan.add_argument("--mask", default=None, metavar="PATH",
+                      help="a mask.parquet (or a folder holding one, e.g. a run folder) to plan SIMU with")
+    plan.add_argument("--mask-fraction", type=_probability, default=0.05,
+                      help="without --mask: the fraction of each layer's neurons SIMU trains (default 0.05)")
+    plan.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON (bytes)")
+    plan.set_defaults(handler=command_plan)
     return parser
 
 
@@ -207,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     _configure_threads(args)
-    if args.handler is command_report:
+    if args.handler in (command_report, command_plan):
         return args.handler(args)
     lifecycle.configure_environment()  # before Prefect is imported
     lifecycle.install_signal_handlers()

@@ -7,7 +7,26 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["gradient_checkpointing"]
+__all__ = ["disable_gradient_checkpointing", "enable_gradient_checkpointing", "gradient_checkpointing"]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Switch on transformers' non-reentrant checkpointing of every decoder layer (see below)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Switch it off, with the hook that makes the input embeddings require a gradient."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 @contextlib.contextmanager
@@ -17,23 +36,13 @@ def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[N
     Non-reentrant ``torch.utils.checkpoint`` (transformers' default): a layer's forward is run again
     in the backward instead of keeping its activations, with the RNG state of the first run, so
     the gradients are those of a run without it (bit for bit on CPU, ``tests/test_checkpointing.py``).
-    Transformers checkpoints in training mode only. Switched off again on exit, with the hook that
-    makes the input embeddings require a gradient.
+    Transformers checkpoints in training mode only. Switched off again on exit.
     """
     if not enabled:
         yield
         return
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     try:
         yield
     finally:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
-        if hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
+        disable_gradient_checkpointing(model)

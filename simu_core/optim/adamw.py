@@ -9,6 +9,10 @@ torch's own AdamW arithmetic on the masters with fp32 moments, and copies the re
 parameter. The model keeps its dtype; fp32 parameters are updated in place exactly as
 ``torch.optim.AdamW`` would (same kernel, same arguments: bit-identical results).
 
+Memory: the multi-tensor kernel's temporaries (and the fp32 copies of bf16 gradients) are made for
+at most ``foreach_chunk_numel`` coordinates at a time; the update is per coordinate, so chunking does
+not change it. Sharded parameters (FSDP2's DTensors) are updated through their local shards.
+
 :class:`simu_core.optim.MaskedSophia` follows the same contract, so first- and second-order methods
 are compared on equal terms whatever ``model.dtype`` is.
 """
@@ -21,7 +25,12 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from simu_core.optim.sharded import local_tensor
+
 __all__ = ["MasterAdamW"]
+
+#: Coordinates whose step temporaries exist at once.
+FOREACH_CHUNK_NUMEL = 2**25
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,6 +45,7 @@ class MasterAdamW(torch.optim.Optimizer):
         eps: term added to the denominator.
         weight_decay: decoupled weight decay (``torch.optim.AdamW``'s default 0.01).
         foreach: use the multi-tensor kernel (None: torch's default choice).
+        foreach_chunk_numel: at most this many coordinates' temporaries exist at once in a step.
     """
 
     def __init__(
@@ -47,8 +57,12 @@ class MasterAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         *,
         foreach: bool | None = None,
+        foreach_chunk_numel: int = FOREACH_CHUNK_NUMEL,
     ) -> None:
         _validate(lr, betas, eps, weight_decay)
+        if foreach_chunk_numel < 1:
+            raise ValueError(f"foreach_chunk_numel must be >= 1, got {foreach_chunk_numel}")
+        self.foreach_chunk_numel = foreach_chunk_numel
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
@@ -65,12 +79,13 @@ class MasterAdamW(torch.optim.Optimizer):
         """Lazily allocated fp32 state (as torch's AdamW lays it out), plus a master for non-fp32 params."""
         state = self.state[p]
         if not state:
+            local = local_tensor(p)
             # A CPU fp32 step counter, as torch.optim.AdamW keeps it (non-capturable, non-fused).
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
+            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
             if p.dtype != torch.float32:
-                state["master"] = p.detach().to(torch.float32, copy=True)
+                state["master"] = local.detach().to(torch.float32, copy=True)
         return state
 
     @torch.no_grad()
@@ -81,33 +96,48 @@ class MasterAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, writeback = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("MasterAdamW does not support sparse gradients")
-                state = self._state(p)
-                master = state.get("master")
-                params.append(p if master is None else master)
-                grads.append(p.grad if master is None else p.grad.float())
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-                if master is not None:
-                    writeback.append((p, master))
-            if not params:
-                continue
             beta1, beta2 = group["betas"]
-            adam(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                foreach=group["foreach"], decoupled_weight_decay=True, amsgrad=False,
-                beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                eps=group["eps"], maximize=False,
-            )
-            for p, master in writeback:
-                p.copy_(master)  # rounds the fp32 result once; the master keeps what rounding drops
+            for chunk in self._chunks(group):
+                params, grads, exp_avgs, exp_avg_sqs, steps, writeback = [], [], [], [], [], []
+                for p in chunk:
+                    state = self._state(p)
+                    master = state.get("master")
+                    local, grad = local_tensor(p), local_tensor(p.grad)
+                    params.append(local if master is None else master)
+                    grads.append(grad if master is None else grad.float())
+                    exp_avgs.append(state["exp_avg"])
+                    exp_avg_sqs.append(state["exp_avg_sq"])
+                    steps.append(state["step"])
+                    if master is not None:
+                        writeback.append((local, master))
+                adam(
+                    params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                    foreach=group["foreach"], decoupled_weight_decay=True, amsgrad=False,
+                    beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=False,
+                )
+                del grads
+                for local, master in writeback:
+                    local.copy_(master)  # rounds the fp32 result once; the master keeps what rounding drops
         return loss
+
+    def _chunks(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """The group's parameters with a gradient, in order, in runs of at most ``foreach_chunk_numel``
+        coordinates (a larger tensor is a run of its own)."""
+        chunks: list[list[Tensor]] = []
+        size = 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("MasterAdamW does not support sparse gradients")
+            numel = local_tensor(p).numel()
+            if not chunks or size + numel > self.foreach_chunk_numel:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(p)
+            size += numel
+        return chunks
 
     def state_bytes(self) -> int:
         """Total bytes of the optimizer's state tensors (moments and fp32 masters)."""
@@ -129,7 +159,7 @@ class MasterAdamW(torch.optim.Optimizer):
             state = self.state[p]
             for key in ("exp_avg", "exp_avg_sq", "master"):
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    state[key] = saved[key].to(device=local_tensor(p).device, dtype=torch.float32, copy=True)
 
 
 def _validate(lr: float, betas: Iterable[float], eps: float, weight_decay: float) -> None:

@@ -24,20 +24,35 @@ the trainable coordinates in its state (``state["master"]``), updates that and w
 value back into the parameter; a Sophia step is often clipped to +-lr and 1e-5 steps vanish in bf16.
 The master copy is taken from the parameter at the first step and is the source of truth after
 that, so do not edit low-precision parameters behind the optimizer's back.
+
+Memory: the step's temporaries (fp32 gradients of bf16 parameters, the ratio's denominator, the
+ratio, the sign) are made for at most ``foreach_chunk_numel`` coordinates at a time (the arithmetic
+is per coordinate, so the result does not depend on the chunking): without it they would take
+16 bytes per trainable coordinate at once (75 GiB for SO-GradDiff on a 7B fp32 model).
+
+Sharded parameters (FSDP2's DTensors, ``simu_core.distributed``): each process updates its local
+shard. A mask is given for the whole parameter and cut to the shard here (a :class:`ColumnMask` on
+the sharded dim keeps the indices that fall in the shard), so freezing stays exact and the state
+stays compact per process; the win rate is summed over the processes. Because the update is per
+coordinate, the sharded run computes what one process computes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from simu_core.optim.sharded import all_reduce_sum, is_dtensor, local_tensor, shard_range
 
 __all__ = ["ColumnMask", "MaskSpec", "MaskedSophia", "sample_gnb_labels"]
 
 _EPS = 1e-15  # SophiaG's constant in the ratio's denominator
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Coordinates whose step temporaries exist at once (4 fp32 temporaries: 512 MiB).
+FOREACH_CHUNK_NUMEL = 2**25
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +137,30 @@ def _validate_mask(p: Tensor, spec: Any) -> _Mask:
     raise ValueError(f"mask must be None, a bool tensor or a ColumnMask, got {type(spec).__name__}")
 
 
+def _localize(mask: _Mask, p: Tensor) -> _Mask:
+    """The part of a whole-parameter mask that falls in this process's shard of ``p`` (a DTensor)."""
+    where = shard_range(p)
+    local = p.to_local()
+    if where is None or mask.kind == "frozen":
+        return mask if mask.kind != "full" else _Mask("full", local.numel())
+    dim, offset, length = where
+    if mask.kind == "full":
+        return _Mask("full", local.numel())
+    if mask.kind == "dense":
+        dense = mask.dense.narrow(dim, offset, length)
+        numel = int(dense.sum())
+        return _Mask("dense", numel, dense=dense.to(local.device)) if numel else _Mask("frozen", 0)
+    if mask.dim != dim:  # the columns are cut along another dim: every shard holds all of them
+        per_slice = local.numel() // max(1, local.shape[mask.dim])
+        return _Mask("columns", mask.indices.numel() * per_slice, dim=mask.dim, indices=mask.indices.to(local.device))
+    inside = (mask.indices >= offset) & (mask.indices < offset + length)
+    indices = mask.indices[inside] - offset  # in the given order: compact state slice i is indices[i]
+    if indices.numel() == 0:
+        return _Mask("frozen", 0)
+    per_slice = local.numel() // max(1, length)
+    return _Mask("columns", indices.numel() * per_slice, dim=dim, indices=indices.to(local.device))
+
+
 class MaskedSophia(torch.optim.Optimizer):
     """SophiaG with SIMU's exact-freezing masks, fp32 state and an fp32 master for bf16/fp16 params.
 
@@ -137,6 +176,7 @@ class MaskedSophia(torch.optim.Optimizer):
             ``rho * bs * h`` is the paper's gamma * h_GNB. SOUL keeps it fixed at 5120.
         masks: ``{parameter: spec}`` (by identity), spec ``None`` | bool tensor | :class:`ColumnMask`.
         track_win_rate: compute :attr:`last_win_rate` each step (two extra foreach passes).
+        foreach_chunk_numel: at most this many coordinates' temporaries exist at once in a step.
     """
 
     def __init__(
@@ -150,8 +190,14 @@ class MaskedSophia(torch.optim.Optimizer):
         masks: Mapping[Tensor, MaskSpec] | None = None,
         *,
         track_win_rate: bool = True,
+        foreach_chunk_numel: int = FOREACH_CHUNK_NUMEL,
     ) -> None:
         _validate_hparams(lr, betas, rho, weight_decay, hessian_batch_size)
+        if foreach_chunk_numel < 1:
+            raise ValueError(f"foreach_chunk_numel must be >= 1, got {foreach_chunk_numel}")
+        self.foreach_chunk_numel = foreach_chunk_numel
+        self._process_group: Any = None  # set when parameters are sharded (DTensor)
+        self._mesh_device = torch.device("cpu")
         # add_param_group (called by the base constructor) reads these.
         self._mask_arg: dict[int, MaskSpec] = {id(p): spec for p, spec in (masks or {}).items()}
         self._masks: dict[int, _Mask] = {}
@@ -185,7 +231,15 @@ class MaskedSophia(torch.optim.Optimizer):
                 if spec is not None:
                     raise ValueError(f"parameter of shape {_shape(p)} has a mask both in `masks` and in its group")
                 spec = group_masks[i]
-            self._masks[id(p)] = _validate_mask(p, spec)
+            mask = _validate_mask(p, spec)
+            if is_dtensor(p):
+                mask = _localize(mask, p)
+                group_of_p = p.device_mesh.get_group()
+                if self._process_group is not None and self._process_group is not group_of_p:
+                    raise ValueError("MaskedSophia: every sharded parameter must live on the same device mesh")
+                self._process_group = group_of_p
+                self._mesh_device = torch.device(p.device_mesh.device_type)
+            self._masks[id(p)] = mask
 
     def _trainable(self, p: Tensor) -> _Mask | None:
         """The mask of ``p`` if it takes part in this step, else None (no state is ever touched)."""
@@ -200,13 +254,32 @@ class MaskedSophia(torch.optim.Optimizer):
         """Lazily allocated fp32 state: compact for column masks, plus a master copy for bf16/fp16."""
         state = self.state[p]
         if not state:
-            shape = mask.state_shape(p)
+            local = local_tensor(p)
+            shape = mask.state_shape(local)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["hessian"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=local.device)
+            state["hessian"] = torch.zeros(shape, dtype=torch.float32, device=local.device)
             if p.dtype != torch.float32:
-                state["master"] = mask.gather(p.detach()).to(torch.float32, copy=True)
+                state["master"] = mask.gather(local.detach()).to(torch.float32, copy=True)
         return state
+
+    def _chunks(self, group: dict[str, Any]) -> Iterator[list[tuple[Tensor, _Mask]]]:
+        """The group's trainable (parameter, mask) pairs, in order, in runs of at most
+        ``foreach_chunk_numel`` coordinates (a larger tensor is a run of its own)."""
+        chunk: list[tuple[Tensor, _Mask]] = []
+        size = 0
+        for p in group["params"]:
+            mask = self._trainable(p)
+            if mask is None:
+                continue
+            numel = mask.state_shape(local_tensor(p)).numel()
+            if chunk and size + numel > self.foreach_chunk_numel:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((p, mask))
+            size += numel
+        if chunk:
+            yield chunk
 
     # ------------------------------------------------------------------------------- updates
 
@@ -215,21 +288,20 @@ class MaskedSophia(torch.optim.Optimizer):
         """h <- beta2 * h + (1 - beta2) * g * g on trainable coordinates, with g the current ``.grad``."""
         for group in self.param_groups:
             beta2 = group["betas"][1]
-            hs, gs = [], []
-            for p in group["params"]:
-                mask = self._trainable(p)
-                if mask is None:
-                    continue
-                h = self._state(p, mask)["hessian"]
-                g = mask.gather(p.grad).float()
-                if mask.kind == "dense":
-                    h.copy_(torch.where(mask.dense, h.mul(beta2).addcmul_(g, g, value=1 - beta2), h))
-                else:
-                    hs.append(h)
-                    gs.append(g)
-            if hs:
-                torch._foreach_mul_(hs, beta2)
-                torch._foreach_addcmul_(hs, gs, gs, value=1 - beta2)
+            for chunk in self._chunks(group):
+                hs, gs = [], []
+                for p, mask in chunk:
+                    h = self._state(p, mask)["hessian"]
+                    g = mask.gather(local_tensor(p.grad)).float()
+                    if mask.kind == "dense":
+                        h.copy_(torch.where(mask.dense, h.mul(beta2).addcmul_(g, g, value=1 - beta2), h))
+                    else:
+                        hs.append(h)
+                        gs.append(g)
+                if hs:
+                    torch._foreach_mul_(hs, beta2)
+                    torch._foreach_addcmul_(hs, gs, gs, value=1 - beta2)
+                del hs, gs
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: int | None = None) -> Tensor | None:
@@ -247,60 +319,68 @@ class MaskedSophia(torch.optim.Optimizer):
             beta1 = group["betas"][0]
             group_bs = group["hessian_batch_size"] if bs is None else bs
 
-            # Work lists: the foreach math below runs in place on `thetas` and `ms`. For a plain fp32
-            # parameter those are the parameter and its state; otherwise they are fp32 copies that
-            # `writeback` puts back (only the trainable coordinates, so frozen ones are never written).
-            thetas, grads, ms, hs, masks, writeback = [], [], [], [], [], []
-            for p in group["params"]:
-                mask = self._trainable(p)
-                if mask is None:
-                    continue
-                state = self._state(p, mask)
-                state["step"] += 1
-                theta = state["master"] if "master" in state else mask.gather(p)
-                m = state["exp_avg"]
-                if mask.kind == "dense":
-                    theta, m = theta.clone(), m.clone()
-                thetas.append(theta)
-                grads.append(mask.gather(p.grad).float())
-                ms.append(m)
-                hs.append(state["hessian"])
-                masks.append(mask)
-                writeback.append((p, state, mask, theta, m))
-                n_trainable += mask.numel
-            if not thetas:
-                continue
+            # Per chunk, work lists: the foreach math below runs in place on `thetas` and `ms`. For a
+            # plain fp32 parameter those are the parameter and its state; otherwise they are fp32 copies
+            # that `writeback` puts back (only the trainable coordinates, so frozen ones are never written).
+            for chunk in self._chunks(group):
+                thetas, grads, ms, hs, masks, writeback = [], [], [], [], [], []
+                for p, mask in chunk:
+                    state = self._state(p, mask)
+                    state["step"] += 1
+                    theta = state["master"] if "master" in state else mask.gather(local_tensor(p))
+                    m = state["exp_avg"]
+                    if mask.kind == "dense":
+                        theta, m = theta.clone(), m.clone()
+                    thetas.append(theta)
+                    grads.append(mask.gather(local_tensor(p.grad)).float())
+                    ms.append(m)
+                    hs.append(state["hessian"])
+                    masks.append(mask)
+                    writeback.append((p, state, mask, theta, m))
+                    n_trainable += mask.numel
 
-            # SophiaG's arithmetic, in its order, so unmasked results match it exactly.
-            if wd != 0:  # SophiaG multiplies by 1.0 when wd == 0, which is a no-op
-                torch._foreach_mul_(thetas, 1 - lr * wd)
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, grads, alpha=1 - beta1)
-            denom = torch._foreach_mul(hs, rho * group_bs)
-            torch._foreach_add_(denom, _EPS)
-            ratio = torch._foreach_abs(ms)
-            torch._foreach_div_(ratio, denom)
-            torch._foreach_clamp_max_(ratio, 1.0)
-            torch._foreach_addcmul_(thetas, torch._foreach_sign(ms), ratio, value=-lr)
+                # SophiaG's arithmetic, in its order, so unmasked results match it exactly.
+                if wd != 0:  # SophiaG multiplies by 1.0 when wd == 0, which is a no-op
+                    torch._foreach_mul_(thetas, 1 - lr * wd)
+                torch._foreach_mul_(ms, beta1)
+                torch._foreach_add_(ms, grads, alpha=1 - beta1)
+                del grads
+                denom = torch._foreach_mul(hs, rho * group_bs)
+                torch._foreach_add_(denom, _EPS)
+                ratio = torch._foreach_abs(ms)
+                torch._foreach_div_(ratio, denom)
+                del denom
+                torch._foreach_clamp_max_(ratio, 1.0)
+                torch._foreach_addcmul_(thetas, torch._foreach_sign(ms), ratio, value=-lr)
 
-            if self.track_win_rate:
-                # ratio is in [0, 1] after the clamp, so floor() is 1 exactly where it was clipped
-                # (in place: ratio is not needed any more).
-                torch._foreach_floor_(ratio)
-                flags = [torch.where(mk.dense, r, 0.0) if mk.kind == "dense" else r for r, mk in zip(ratio, masks)]
-                clipped.extend(torch._foreach_norm(flags, 1))
+                if self.track_win_rate:
+                    # ratio is in [0, 1] after the clamp, so floor() is 1 exactly where it was clipped
+                    # (in place: ratio is not needed any more).
+                    torch._foreach_floor_(ratio)
+                    flags = [torch.where(mk.dense, r, 0.0) if mk.kind == "dense" else r for r, mk in zip(ratio, masks)]
+                    clipped.extend(torch._foreach_norm(flags, 1))
+                del ratio
 
-            for p, state, mask, theta, m in writeback:
-                self._write_back(p, state, mask, theta, m)
+                for p, state, mask, theta, m in writeback:
+                    self._write_back(p, state, mask, theta, m)
 
         self._win_rate = None
-        if self.track_win_rate and n_trainable:
+        if self.track_win_rate and self._process_group is not None:
+            # Sharded: the win rate of the whole model (every process calls step, so all take part).
+            counts = torch.zeros(2, dtype=torch.float64, device=self._mesh_device)
+            counts[0] = n_trainable
+            if clipped:
+                counts[1] = torch.stack(clipped).double().sum()
+            counts = all_reduce_sum(counts, self._process_group)
+            self._win_rate = (counts[0] - counts[1]) / counts[0]
+        elif self.track_win_rate and n_trainable:
             self._win_rate = (n_trainable - torch.stack(clipped).double().sum()) / n_trainable
         return loss
 
     @staticmethod
     def _write_back(p: Tensor, state: dict[str, Any], mask: _Mask, theta: Tensor, m: Tensor) -> None:
         """Copy updated trainable coordinates into state and parameter, leaving the rest untouched."""
+        p = local_tensor(p)
         master = state.get("master")
         if mask.kind == "dense":
             state["exp_avg"].copy_(torch.where(mask.dense, m, state["exp_avg"]))
@@ -342,9 +422,10 @@ class MaskedSophia(torch.optim.Optimizer):
             saved = state_dict["state"].get(pid)
             if saved is None:
                 continue
-            state = {k: v.to(device=p.device, dtype=torch.float32, copy=True) if isinstance(v, Tensor) else v
+            local = local_tensor(p)
+            state = {k: v.to(device=local.device, dtype=torch.float32, copy=True) if isinstance(v, Tensor) else v
                      for k, v in saved.items()}
-            expected = self._masks[id(p)].state_shape(p)
+            expected = self._masks[id(p)].state_shape(local)
             for key in ("exp_avg", "hessian", "master"):
                 if key in state and state[key].shape != expected:
                     raise ValueError(

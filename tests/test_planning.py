@@ -1,0 +1,159 @@
+"""The memory plan (issue 12): estimates from config.json, checked against measured peaks.
+
+The plan simulates each stage's step on fake tensors. Here the same steps run for real on tiny
+models on CPU under the same tensor-memory tracker (live tensor storage bytes: the CPU counterpart
+of ``torch.cuda.max_memory_allocated``), and the estimate must be within 20 % of the measured peak.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from simu_core import planning
+from simu_core.config import load_config
+from simu_core.finetune import finetune
+from simu_core.masking import NeuronMask
+from simu_core.memtrack import TensorMemoryTracker
+from simu_core.paths import PROJECT_ROOT
+from simu_core.prompting import IGNORE_INDEX, EncodedExample
+from simu_core.unlearning import build_trainer
+
+LLAMA2_7B = PROJECT_ROOT / "data" / "model_shapes" / "llama2-7b"
+TINY = ["model.tiny.num_layers=3", "model.tiny.hidden_size=96", "model.tiny.intermediate_size=384",
+        "model.tiny.vocab_size=768", "model.max_length=128", "unlearn.batch_size=6", "model.finetune.batch_size=6"]
+SEQ = 80
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def examples(count: int, seed: int, vocab: int) -> list[EncodedExample]:
+    """Items of exactly SEQ tokens (the plan assumes full-length sequences), answer = second half."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        ids = rng.integers(3, vocab, SEQ).tolist()
+        items.append(EncodedExample(ids, [IGNORE_INDEX] * (SEQ // 2) + ids[SEQ // 2:]))
+    return items
+
+
+def measured_unlearning_peak(config) -> int:
+    shape = planning.architecture_config(config)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape).to(getattr(torch, config.model.dtype))
+    mask = planning.mask_for_plan([shape.intermediate_size] * shape.num_hidden_layers, 0.05) \
+        if config.unlearn.method == "simu" else None
+    trainer = build_trainer(
+        model, examples(12, 1, shape.vocab_size), examples(12, 2, shape.vocab_size),
+        config.unlearn.model_copy(update={"max_steps": 3}), pad_token_id=0, mask=mask, progress=False,
+        autocast_dtype=torch.bfloat16 if config.run.dtype == "bfloat16" else None,
+    )
+    tracker = TensorMemoryTracker()
+    tracker.register([*model.parameters(), *model.buffers()])
+    if trainer.reference is not None:
+        tracker.register([*trainer.reference.parameters(), *trainer.reference.buffers()])
+    with tracker:
+        trainer.train()
+    return tracker.peak
+
+
+@pytest.mark.parametrize("overrides", [
+    ["unlearn.method=simu"],
+    ["unlearn.method=so_graddiff"],
+    ["unlearn.method=fo_graddiff"],
+    ["unlearn.method=npo"],
+    ["unlearn.method=simu", "model.dtype=bfloat16", "unlearn.gradient_checkpointing=true"],
+    ["unlearn.method=so_graddiff", "run.dtype=bfloat16", "unlearn.gradient_checkpointing=true"],
+], ids=["simu", "so_graddiff", "fo_graddiff", "npo", "simu-bf16-ckpt", "so-autocast-ckpt"])
+def test_unlearning_estimate_is_within_20_percent_of_the_measured_peak(overrides):
+    config = load_config(overrides=TINY + overrides)
+    estimate = planning.simulate_step(planning.architecture_config(config), config, "unlearn", seq_len=SEQ)
+    measured = measured_unlearning_peak(config)
+    assert estimate.peak == pytest.approx(measured, rel=0.20)
+
+
+def test_finetuning_estimate_is_within_20_percent_of_the_measured_peak():
+    config = load_config(overrides=TINY)
+    shape = planning.architecture_config(config)
+    estimate = planning.simulate_step(shape, config, "finetune", seq_len=SEQ)
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape)
+    tracker = TensorMemoryTracker()
+    tracker.register([*model.parameters(), *model.buffers()])
+    with tracker:
+        finetune(model, Tokenizer(), examples(12, 3, shape.vocab_size),
+                 config.model.finetune.model_copy(update={"epochs": 1}), progress=False)
+    assert estimate.peak == pytest.approx(tracker.peak, rel=0.20)
+
+
+def test_deep_models_are_extrapolated_from_two_and_three_layers(monkeypatch):
+    config = load_config(overrides=TINY + ["model.tiny.num_layers=7", "unlearn.method=so_graddiff"])
+    shape = planning.architecture_config(config)
+    extrapolated = planning.simulate_step(shape, config, "unlearn", seq_len=SEQ)
+    monkeypatch.setattr(planning, "EXACT_LAYERS", 100)
+    whole = planning.simulate_step(shape, config, "unlearn", seq_len=SEQ)
+    for name in ("weights", "optimizer", "gradients", "activations", "fwd_bwd_peak", "optimizer_peak", "trainable"):
+        assert getattr(extrapolated, name) == pytest.approx(getattr(whole, name), rel=0.01), name
+
+
+def test_plan_of_llama2_7b_so_graddiff_needs_fsdp(capsys, tmp_path):
+    from flows.cli import main
+
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--set", f"model.base={LLAMA2_7B}", "--set", "unlearn.method=so_graddiff",
+                 "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "6.74 B parameters" in printed
+    assert "does NOT fit one 80 GiB device" in printed
+    assert "unlearning with FSDP on 4 devices" in printed
+    plan = json.loads(out.read_text())
+    rows = {row["devices"]: row for row in plan["stages"] if row["stage"] == "unlearn"}
+    assert not rows[1]["fits"] and rows[4]["fits"]
+    # fp32 weights, Sophia's m and h, fp32 gradients: 16 bytes per parameter on one device, a quarter on 4.
+    parameters = plan["parameters"]
+    assert rows[1]["weights"] + rows[1]["optimizer"] + rows[1]["gradients"] == pytest.approx(16 * parameters, rel=0.01)
+    assert rows[4]["optimizer"] == pytest.approx(8 * parameters / 4, rel=0.01)
+    assert rows[4]["peak"] < 0.9 * 80 * 2**30 < rows[1]["peak"]
+
+
+def test_simu_plan_counts_only_the_masks_columns_and_attention():
+    config = load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=simu", "model.dtype=bfloat16"])
+    plan = planning.plan_memory(config, stages=("unlearn",), mask_fraction=0.05)
+    single = plan.unlearn(1)
+    attention = 32 * 4 * 4096 * 4096
+    columns = 32 * round(0.05 * 11008) * 4096
+    assert plan.trainable == attention + columns
+    assert single.optimizer == 8 * plan.trainable and single.master == 4 * plan.trainable
+
+
+def test_a_mask_of_another_model_shape_is_refused_naming_both(tmp_path, capsys):
+    from flows.cli import main
+
+    mask = NeuronMask(neurons=((0, 1),) * 2, num_neurons=(64, 64))
+    mask.save(tmp_path / "mask.parquet")
+    code = main(["plan", "--set", f"model.base={LLAMA2_7B}", "--mask", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "mask has 2 layers with neuron counts [64, 64]" in error and "the model has 32 layers with [11008" in error
+
+
+def test_unreadable_config_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    config = load_config(overrides=[f"model.base={tmp_path}"])
+    with pytest.raises(planning.PlanError, match=r"model\.base: cannot read the model's config.json"):
+        planning.plan_memory(config)
