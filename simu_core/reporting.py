@@ -37,7 +37,27 @@ def read_runs(results: str | Path) -> pd.DataFrame:
         runs = runs[runs["kind"].fillna("run") == "run"]
     if runs.empty:
         raise ValueError(f"{path} holds no completed run")
-    return runs.sort_values("time").drop_duplicates("config_hash", keep="last").reset_index(drop=True)
+    runs = runs.sort_values("time").drop_duplicates("config_hash", keep="last").reset_index(drop=True)
+    return fill_new_config_fields(runs)
+
+
+def fill_new_config_fields(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before a config field existed hold NaN in its column; they ran with its default
+    (a new field defaults to the old behaviour), so fill that in and they stay one setting."""
+    import json
+
+    from simu_core.config import SimuConfig
+
+    defaults = SimuConfig().flat()
+    runs = runs.copy()
+    for key, value in defaults.items():
+        column = f"config.{key}"
+        if column in runs.columns and runs[column].isna().any() and value is not None:
+            filled = json.dumps(value) if isinstance(value, (list, dict)) else value
+            # Numeric columns stay numeric (1 fills as 1.0 next to 1.0), so one setting stays one value.
+            runs[column] = runs[column].fillna(filled) if runs[column].dtype.kind == "f" else \
+                runs[column].astype(object).where(runs[column].notna(), filled)
+    return runs
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
@@ -131,7 +151,9 @@ def plot_tradeoff(runs: pd.DataFrame, path: str | Path, reference_points: pd.Dat
         groups = rows.groupby([rows[key].astype(str) for key in keys]) if keys else [(None, rows)]
         points = [(group["model_utility"].mean(), group["model_utility"].std(), group["forget_quality"].mean(),
                    group["forget_quality"].std()) for _, group in groups]
-        points = np.array(points, dtype=float)
+        points = np.array(points, dtype=float).reshape(-1, 4)
+        if not len(points):
+            continue
         axis.errorbar(points[:, 0], points[:, 2], xerr=np.nan_to_num(points[:, 1]), yerr=np.nan_to_num(points[:, 3]),
                       fmt="o", capsize=3, label=str(method))
     if reference_points is not None and not reference_points.empty:

@@ -108,3 +108,19 @@ def test_curve_labels_name_the_controls_and_not_a_baselines_mask_settings():
     baseline = row.copy()
     baseline["config.unlearn.method"] = "so_graddiff"
     assert curve_label(baseline, columns) == "so_graddiff"
+
+
+def test_runs_written_before_a_config_field_existed_stay_one_setting(tmp_path):
+    from simu_core import reporting
+
+    old = runs_table({"simu": {0: [(1e-4, 0.5, 0.8), (1e-3, 0.01, 0.6)]}})
+    new = runs_table({"simu": {1: [(1e-4, 0.4, 0.8), (1e-3, 0.02, 0.6)]}}).assign(**{"config.run.devices": 1})
+    table = pd.concat([old, new], ignore_index=True)  # the old rows have no config.run.devices: NaN
+    table = table.assign(status="completed", kind="run", time=pd.Timestamp("2026-01-01", tz="UTC"),
+                         config_hash=[f"h{i}" for i in range(len(table))], forget_quality=0.1, run_id="r")
+    table.to_parquet(tmp_path / "runs.parquet")
+    runs = reporting.read_runs(tmp_path)
+    assert runs["config.run.devices"].tolist() == [1.0] * 4
+    assert reporting.setting_columns(runs) == ["config.unlearn.lr"]
+    reporting.plot_tradeoff(runs, tmp_path / "tradeoff.png")  # one curve, no empty group
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
