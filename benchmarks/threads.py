@@ -148,6 +148,7 @@ def sweep(cores: int) -> None:
         modes = [  # label, --max-parallel, threads per point (-1: simu's choice), first point's, OMP_WAIT_POLICY
             ("one after another", 1, cores, cores, "PASSIVE"),
             ("2 in parallel, cores shared", 2, max(1, cores // 2), cores, "PASSIVE"),
+            ("simu ablate --max-parallel 1 (load-aware)", 1, -1, -1, None),
             ("simu ablate --max-parallel 2 (load-aware)", 2, -1, -1, None),
             ("2 in parallel, all cores each (old)", 2, cores, cores, None),
         ]
@@ -159,9 +160,10 @@ def sweep(cores: int) -> None:
             setting = (f"threads/point {threads} (first {first}), OMP_WAIT_POLICY {policy or 'unset'}" if threads > 0
                        else f"budget {figures['budget']} thread(s), passive waiting")
             print(f"{label:<42} {setting}: {results[label]:6.1f} s   (cores busy before: {busy:.2f})", flush=True)
-        for label in ("2 in parallel, cores shared", "simu ablate --max-parallel 2 (load-aware)"):
-            ratio = results[label] / results["one after another"]
-            print(f"{label} / one after another: {ratio:.2f} ({'no slower' if ratio <= 1.0 else 'SLOWER'})")
+        for label, baseline in (("2 in parallel, cores shared", "one after another"),
+                                ("simu ablate --max-parallel 2 (load-aware)", "simu ablate --max-parallel 1 (load-aware)")):
+            ratio = results[label] / results[baseline]
+            print(f"{label} / {baseline}: {ratio:.2f} ({'no slower' if ratio <= 1.0 else 'SLOWER'})")
 
 
 def main() -> None:
