@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -49,12 +50,15 @@ __all__ = [
     "StageMemory",
     "StepMemory",
     "architecture_config",
+    "check_fits",
     "check_mask_shape",
     "device_memory",
     "format_plan",
     "mask_for_plan",
+    "neurons_per_layer",
     "plan_memory",
     "read_plan_mask",
+    "run_device_memory",
     "simulate_step",
 ]
 
@@ -128,19 +132,35 @@ def _fake_mode(mode: Any = None) -> Iterator[Any]:
         yield mode
 
 
-def _fake_model(model_config: Any, config: SimuConfig) -> nn.Module:
-    """A causal LM with fake parameters of the config's shapes in ``model.dtype`` (inside a fake mode)."""
+def _model_from_config(model_config: Any, trust_remote_code: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` (fake parameters inside a fake mode)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(
-        model_config, dtype=_DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code
-    )
+    return AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _fake_model(model_config: Any, config: SimuConfig) -> nn.Module:
+    """A causal LM with fake parameters of the config's shapes in ``model.dtype`` (inside a fake mode)."""
+    return _model_from_config(model_config, config.model.trust_remote_code, _DTYPES[config.model.dtype])
 
 
 def _neurons_per_layer(model: nn.Module) -> list[int]:
     from simu_core.models.adapter import ArchitectureAdapter
 
     return ArchitectureAdapter(model).neurons_per_layer()
+
+
+def neurons_per_layer(model_path: str | Path, trust_remote_code: bool = False) -> list[int]:
+    """MLP neurons per layer of the model at ``model_path`` (a folder or hub id), from its config only."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise PlanError(f"cannot read the model's config.json from {str(model_path)!r} ({error})") from None
+    with _fake_mode():
+        width = _neurons_per_layer(_model_from_config(_with_layers(model_config, 1), trust_remote_code))[0]
+    return [width] * _num_layers(model_config)
 
 
 def mask_for_plan(neurons_per_layer: Sequence[int], fraction: float) -> NeuronMask:
@@ -533,7 +553,6 @@ def plan_memory(
     planned only when the run fine-tunes (the tiny model or ``model.base``), ``attribute`` only
     for masked methods.
     """
-    from simu_core.stages import uses_tiny_model
     from simu_core.unlearning import get_method
 
     model_config = architecture_config(config)
@@ -561,7 +580,10 @@ def plan_memory(
     evaluation = _at_depth(lambda shape: _simulate_pass(shape, config, config.eval.batch_size, seq_len, False),
                            model_config)
     plan.parameters = evaluation.weights // dtype.itemsize  # buffers are negligible next to the weights
-    trains = uses_tiny_model(config) or (config.model.base is not None and config.model.target is None)
+    # As simu_core.stages: the tiny model is trained (QA benchmarks without a model), or model.base
+    # is fine-tuned; a given target is not (not imported: stages would join unlearning's code version).
+    tiny = config.data.benchmark != "lume" and config.model.base is None and config.model.target is None
+    trains = tiny or (config.model.base is not None and config.model.target is None)
     if "train" in stages and trains:
         ckpt = config.model.finetune.gradient_checkpointing
         step = simulate_step(model_config, config, "finetune", seq_len=seq_len)
@@ -649,6 +671,47 @@ def device_memory(device: str, override_gib: float | None = None) -> tuple[float
         properties = torch.cuda.get_device_properties(0)
         return float(properties.total_memory), f"{properties.name}, {torch.cuda.device_count()} here"
     return 80.0 * GiB, "no GPU here: an 80 GiB accelerator; --device-memory GIB to change"
+
+
+def run_device_memory(config: SimuConfig) -> tuple[float, str]:
+    """(bytes, description) of one device of the run itself: the GPU's memory, or for CPU processes
+    the machine's RAM divided among ``run.devices`` of them."""
+    if config.run.device in ("cuda", "auto") and torch.cuda.is_available():
+        return device_memory(config.run.device)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / config.run.devices, f"this machine's RAM / {config.run.devices} CPU process(es)"
+
+
+def check_fits(config: SimuConfig) -> None:
+    """Raise :class:`PlanError` naming the numbers when unlearning cannot fit ``run.devices`` devices
+    of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
+    A model whose config cannot be read here is not checked (loading it reports that)."""
+    on_gpu = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    if config.run.devices < 2 and not on_gpu:
+        return
+    memory, source = run_device_memory(config)
+    try:
+        plan = plan_memory(config, device_memory=memory, device_counts=(1, 2, 4, 8, 16, 32, 64),
+                           stages=("unlearn",))
+    except PlanError:
+        return
+    row = plan.unlearn(config.run.devices)
+    if row is None or row.fits(memory):
+        return
+    smallest = plan.smallest_fit()
+    smaller = ("bf16 weights (model.dtype=bfloat16), gradient checkpointing (unlearn.gradient_checkpointing=true) "
+               "or a smaller unlearn.batch_size")
+    if not on_gpu:  # CPU processes share one RAM: more of them do not add memory
+        advice = f"the processes share this machine's RAM; use a machine with more, or {smaller}"
+    elif smallest is not None:
+        advice = f"it fits from run.devices={smallest}"
+    else:
+        advice = f"it fits none of 1-64 devices: use {smaller}"
+    raise PlanError(
+        f"unlearning {plan.model} ({plan.parameters / 1e9:.3g} B parameters, {plan.method}, {plan.dtype}) needs "
+        f"{row.peak / GiB:.1f} GiB per device on run.devices={config.run.devices}, and a device here has "
+        f"{memory / GiB:.1f} GiB ({source}; {HEADROOM:.0%} kept free): {advice} (see `simu plan`)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Cheap checks of a config's inputs before any stage runs (missing folders and files)."""
+"""Cheap checks of a config's inputs before any stage runs (missing folders and files, more devices
+than the machine has, a model that cannot fit them)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def check_inputs(config: SimuConfig) -> None:
         problems.append(f"eval.mmlu_source: {config.eval.mmlu_source!r} does not exist")
     if problems:
         raise PreflightError("; ".join(problems))
+    _check_devices_and_memory(config)
+
+
+def _check_devices_and_memory(config: SimuConfig) -> None:
+    """More devices than this machine has, or an unlearning stage that fits none of them even
+    sharded: named before any stage runs (the inputs are known to exist by now)."""
+    from simu_core.distributed import check_devices
+    from simu_core.planning import PlanError, check_fits
+
+    try:
+        check_devices(config)
+        check_fits(config)
+    except (ValueError, PlanError) as error:
+        raise PreflightError(str(error)) from None

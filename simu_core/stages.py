@@ -112,9 +112,14 @@ def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, p
     return stats
 
 
+def _model_path(model_dir: Path | str) -> Path | str:
+    """The Hugging Face folder of a stage's model output (``<dir>/model``), or ``model_dir`` itself."""
+    return Path(model_dir) / MODEL_DIR if (Path(model_dir) / MODEL_DIR).is_dir() else model_dir
+
+
 def load_trained(model_dir: Path, config: SimuConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model folder written by :func:`train_model` (or any HF folder / hub id)."""
-    path = Path(model_dir) / MODEL_DIR if (Path(model_dir) / MODEL_DIR).is_dir() else model_dir
+    path = _model_path(model_dir)
     tokenizer = load_tokenizer(config.model.tokenizer or path, config.model.trust_remote_code)
     model = load_causal_lm(path, config.model.dtype, config.run.device, config.model.trust_remote_code)
     model.eval()
@@ -206,6 +211,23 @@ def unlearn(
         if not mask_path.is_file():
             raise FileNotFoundError(f"mask file {str(mask_path)!r} does not exist")
         mask = NeuronMask.load(mask_path)
+        # Before any weight is loaded: a mask made for another model names both shapes.
+        from simu_core.planning import check_mask_shape, neurons_per_layer
+
+        check_mask_shape(mask, neurons_per_layer(_model_path(target_dir), config.model.trust_remote_code),
+                         f"mask {str(mask_path)!r}")
+    from simu_core.distributed import current_context, launch_unlearning
+
+    distributed = current_context()
+    if config.run.devices > 1 and distributed is None:
+        # Sharded: torchrun starts run.devices processes that each run this function (below).
+        summary = launch_unlearning(config, Path(data_dir), Path(target_dir), Path(mask_dir) if mask_dir else None,
+                                    Path(out_dir), Path(reference_dir) if reference_dir else None)
+        if progress_callback is not None:
+            progress_callback(summary["steps"], summary["steps"], {})
+        return summary
+    if distributed is not None:  # each process loads on CPU; FSDP moves its shards to its device
+        config = config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})})
     benchmark = read_benchmark(data_dir)
     model, tokenizer = load_trained(target_dir, config)
     max_length = config.model.max_length
@@ -230,6 +252,7 @@ def unlearn(
         progress=progress,
         progress_callback=progress_callback,
         fail_at_step=config.run.fail_at_unlearn_step,
+        distributed=distributed,
     )
     # One subfolder per run: a checkpoint root shared by many runs (a sweep, a rerun with another lr)
     # resumes only the run that wrote it. The run is its settings plus its input folders (content-
@@ -238,9 +261,17 @@ def unlearn(
                 str(Path(reference_dir).resolve()) if reference_dir else "", repr(mask.neurons) if mask else ""]
     run_key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
     checkpoint_root = out_dir / "checkpoints" if checkpoint_dir is None else Path(checkpoint_dir)
-    trainer.checkpoint_dir = checkpoint_root / run_key
+    trainer.checkpoint_dir = checkpoint_root / run_key if distributed is None else None
     result = trainer.train()
-    save_model(model, tokenizer, out_dir / MODEL_DIR)
+    if distributed is not None:
+        from simu_core.distributed import full_state_dict
+
+        weights = full_state_dict(model)  # every process takes part; process 0 gets them
+        if not distributed.is_main:
+            return {"method": spec.name, "steps": result.steps}
+        save_model(model, tokenizer, out_dir / MODEL_DIR, state_dict=weights)
+    else:
+        save_model(model, tokenizer, out_dir / MODEL_DIR)
     result.log.to_parquet(out_dir / "train_log.parquet", index=False)
     log = result.log
     total_params = sum(p.numel() for p in model.parameters())
@@ -255,6 +286,7 @@ def unlearn(
         "trainable_coordinates": result.trainable_coordinates,
         "trainable_fraction": result.trainable_coordinates / max(1, total_params),
         "optimizer_state_bytes": result.optimizer_state_bytes,
+        "devices": distributed.world if distributed is not None else 1,
         "forget_loss_first": float(log["forget_loss"].iloc[0]),
         "forget_loss_last": float(log["forget_loss"].iloc[-1]),
         "retain_loss_first": float(log["retain_loss"].iloc[0]),
@@ -264,7 +296,8 @@ def unlearn(
     summary = {key: None if isinstance(value, float) and value != value else value for key, value in summary.items()}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
     # The finished model supersedes this run's checkpoints.
-    shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+    if trainer.checkpoint_dir is not None:
+        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     if checkpoint_dir is None:
         shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary

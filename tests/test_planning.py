@@ -157,3 +157,44 @@ def test_unreadable_config_is_a_clear_error(tmp_path):
     config = load_config(overrides=[f"model.base={tmp_path}"])
     with pytest.raises(planning.PlanError, match=r"model\.base: cannot read the model's config.json"):
         planning.plan_memory(config)
+
+
+@pytest.fixture()
+def gpu_of(monkeypatch):
+    """Pretend this machine has GPUs of the given memory (GiB): the preflight checks only read that."""
+    def set_memory(gib: float) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+        monkeypatch.setattr(planning, "run_device_memory", lambda config: (gib * 2**30, "test GPU"))
+    return set_memory
+
+
+def test_a_model_that_does_not_fit_the_devices_is_refused_naming_the_numbers(gpu_of):
+    from simu_core.preflight import PreflightError, check_inputs
+
+    gpu_of(40)
+    config = load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff", "run.device=cuda",
+                                    "run.devices=2"])
+    with pytest.raises(PreflightError, match=r"needs 57\.\d GiB per device on run\.devices=2, and a device here has "
+                                             r"40\.0 GiB .*it fits from run\.devices=4"):
+        check_inputs(config)
+    check_inputs(load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff",
+                                        "run.device=cuda", "run.devices=4"]))
+
+
+def test_a_model_that_does_not_fit_even_sharded_says_so(gpu_of):
+    from simu_core.preflight import PreflightError, check_inputs
+
+    gpu_of(0.5)
+    config = load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff", "run.device=cuda",
+                                    "run.devices=8"])
+    with pytest.raises(PreflightError, match=r"on run\.devices=8, and a device here has 0\.5 GiB .*fits none of "
+                                             r"1-64 devices"):
+        check_inputs(config)
+
+
+def test_more_devices_than_exist_is_a_preflight_error():
+    from simu_core.preflight import PreflightError, check_inputs
+
+    with pytest.raises(PreflightError, match=r"run\.devices=4096 but this machine has \d+ CPU core"):
+        check_inputs(load_config(overrides=["run.devices=4096"]))

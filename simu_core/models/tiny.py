@@ -53,10 +53,11 @@ def build_tiny_llama(shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
     return LlamaForCausalLM(config)
 
 
-def save_model(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
-    """Save model (safetensors) and tokenizer as a Hugging Face folder."""
+def save_model(model: torch.nn.Module, tokenizer, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """Save model (safetensors) and tokenizer as a Hugging Face folder; ``state_dict``: the weights
+    to save instead of the model's own (a sharded model's gathered weights)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder

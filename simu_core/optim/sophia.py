@@ -241,6 +241,16 @@ class MaskedSophia(torch.optim.Optimizer):
                 self._mesh_device = torch.device(p.device_mesh.device_type)
             self._masks[id(p)] = mask
 
+    def trainable_part(self, p: Tensor, values: Tensor) -> Tensor | None:
+        """The entries of ``values`` (shaped as this process's shard of ``p``) at ``p``'s trainable
+        coordinates (zeros elsewhere for a dense mask), or None when none is trainable here."""
+        mask = self._masks[id(p)]
+        if mask.kind == "frozen":
+            return None
+        if mask.kind == "dense":
+            return torch.where(mask.dense, values, 0.0)
+        return mask.gather(values)
+
     def _trainable(self, p: Tensor) -> _Mask | None:
         """The mask of ``p`` if it takes part in this step, else None (no state is ever touched)."""
         mask = self._masks[id(p)]

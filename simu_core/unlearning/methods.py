@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from simu_core.unlearning.trainer import (
     UnlearningResult,
     UnlearningTrainer,
 )
+
+if TYPE_CHECKING:
+    from simu_core.distributed import DistributedContext
 
 __all__ = [
     "METHODS",
@@ -179,21 +182,38 @@ def build_trainer(
     progress: bool = True,
     progress_callback: ProgressCallback | None = None,
     fail_at_step: int | None = None,
+    distributed: DistributedContext | None = None,
 ) -> UnlearningTrainer:
     """Validate the inputs and build the trainer of ``config.method``.
 
     ``reference``: the frozen model NPO and the KL retain loss compare against; when the objective
     needs one and none is given, a frozen copy of ``model`` as it is before unlearning is taken.
+    ``distributed``: shard ``model`` (and the reference) with FSDP over this process group once the
+    trainable set is fixed (``simu_core.distributed``); the masks stay those of the whole model.
     """
     spec = validate_unlearning(config, model, mask)
     objective = build_objective(config, spec)
     trainables = select_trainables(model, spec, mask, config.train_attention)
     if objective.needs_reference and reference is None:
         reference = frozen_reference(model)
+    if distributed is not None:
+        from simu_core.distributed import shard_model
+
+        # FSDP makes its sharded parameters with the flags they have now: freeze before sharding.
+        trainable_ids = {id(t.param) for t in trainables}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable_ids)
+        shard_model(model, distributed)
+        if reference is not None and objective.needs_reference:
+            reference.requires_grad_(False)
+            shard_model(reference, distributed)
+        sharded = dict(model.named_parameters())
+        trainables = [Trainable(t.name, sharded[t.name], t.mask, t.decay) for t in trainables]
     kwargs = dict(
         pad_token_id=pad_token_id, reference=reference if objective.needs_reference else None, seed=seed,
         autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, progress=progress,
         progress_callback=progress_callback, fail_at_step=fail_at_step, description=f"unlearn {spec.name}",
+        distributed=distributed,
     )
     args = (model, trainables, objective, forget_examples, retain_examples, config)
     if spec.optimizer == "sophia":

@@ -39,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import pandas as pd
 import torch
@@ -52,9 +52,13 @@ from transformers import get_linear_schedule_with_warmup
 from simu_core.config import UnlearnConfig
 from simu_core.models.checkpointing import gradient_checkpointing
 from simu_core.optim import ColumnMask, MaskedSophia, MasterAdamW, MaskSpec, sample_gnb_labels
-from simu_core.prompting import EncodedExample, collate
+from simu_core.optim.sharded import local_tensor
+from simu_core.prompting import IGNORE_INDEX, EncodedExample, collate
 from simu_core.scoring import answer_loss
 from simu_core.unlearning.losses import UnlearningObjective
+
+if TYPE_CHECKING:
+    from simu_core.distributed import DistributedContext
 
 __all__ = [
     "AdamWUnlearningTrainer",
@@ -207,6 +211,9 @@ class UnlearningTrainer:
         progress: show a tqdm bar.
         progress_callback: called after every step with ``(step, total_steps, log_row)``.
         fail_at_step: fault injection for tests: raise RuntimeError when this step is about to run.
+        distributed: this process's place in a sharded run (``simu_core.distributed``): the model's
+            parameters are FSDP shards, each micro-batch's items are split over the processes and
+            every figure is summed over them (see that module); None: one process.
     """
 
     optimizer_family: ClassVar[str] = "base"
@@ -229,6 +236,7 @@ class UnlearningTrainer:
         progress_callback: ProgressCallback | None = None,
         fail_at_step: int | None = None,
         description: str = "unlearn",
+        distributed: DistributedContext | None = None,
     ) -> None:
         if not config.lr > 0:
             raise ValueError(f"unlearn.lr must be > 0, got {config.lr}")
@@ -268,7 +276,10 @@ class UnlearningTrainer:
         self.progress_callback = progress_callback
         self.fail_at_step = fail_at_step
         self.description = description
-        self.device = next(model.parameters()).device
+        self.distributed = distributed
+        if distributed is not None and config.checkpoint_every:
+            raise ValueError("periodic checkpoints are not written by sharded runs (unlearn.checkpoint_every=0)")
+        self.device = distributed.device if distributed is not None else next(model.parameters()).device
         self.plan = plan_batches(
             len(self.forget_examples), len(self.retain_examples), config.batch_size, config.grad_accum,
             config.epochs, config.max_steps, seed,
@@ -436,6 +447,8 @@ class UnlearningTrainer:
 
     def _accumulate(self, step: int, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """Forward/backward over the step's micro-batches; returns the step's loss figures."""
+        if self.distributed is not None:
+            return self._accumulate_sharded(step, micro_batches)
         objective, n = self.objective, len(micro_batches)
         sums = dict(forget_loss=0.0, retain_loss=0.0, forget_term=0.0, retain_term=0.0)
         tokens = 0
@@ -471,8 +484,81 @@ class UnlearningTrainer:
         sums["tokens"] = tokens
         return sums
 
+    def _share(self, examples: Sequence[EncodedExample], indices: Sequence[int], units: str) -> tuple[list[int], float]:
+        """This process's items of a micro-batch and its share of the loss: its answer tokens (or
+        sequences, for sequence-level losses) over the micro-batch's. An empty chunk runs the first
+        item with share 0 (FSDP's collectives need every process)."""
+        mine = self.distributed.split(indices)
+
+        def count(items: Sequence[int]) -> int:
+            if units == "sequences":
+                return len(items)
+            return sum(sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) for i in items)
+
+        if not mine:
+            return [indices[0]], 0.0
+        total = count(indices)
+        return mine, count(mine) / total if total else 0.0
+
+    def _accumulate_sharded(self, step: int, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
+        """:meth:`_accumulate` over this process's items; the figures are summed over processes."""
+        objective, n = self.objective, len(micro_batches)
+        forget_units = "sequences" if objective.forget in ("npo", "simnpo") else "tokens"
+        local = torch.zeros(4, dtype=torch.float64)  # forget_loss, forget_term, retain_loss, retain_term
+        tokens = 0
+        for micro in micro_batches:
+            parts = [("forget", self.forget_examples, micro.forget, forget_units, objective.forget_term,
+                      objective.forget_needs_reference, objective.forget_weight, 0)]
+            if objective.uses_retain:
+                parts.append(("retain", self.retain_examples, micro.retain, "tokens", objective.retain_term,
+                              objective.retain_needs_reference, objective.retain_weight, 2))
+            for _, examples, indices, units, term_of, needs_reference, weight, slot in parts:
+                mine, share = self._share(examples, indices, units)
+                _, token_share = self._share(examples, indices, "tokens")
+                batch = self._batch(examples, mine)
+                logits = self._logits(self.model, batch)
+                term = term_of(logits, batch["labels"], self._reference_logits(batch, needs_reference)) * share
+                (weight * term / n).backward()
+                with torch.no_grad():
+                    local[slot] += float(answer_loss(logits.detach(), batch["labels"])) * token_share / n
+                local[slot + 1] += float(term.detach()) / n
+                tokens += sum(sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) for i in indices)
+                del logits, term
+        total = self.distributed.all_reduce_sum(local).cpu()
+        sums = dict(forget_loss=float(total[0]), forget_term=float(total[1]), retain_loss=float(total[2]),
+                    retain_term=float(total[3]))
+        # Checked after the sum, so every process stops at the same step (a lone raise would hang the rest).
+        self._check_finite(total[1], "forget loss", step)
+        if objective.uses_retain:
+            self._check_finite(total[3], "retain loss", step)
+        else:
+            sums["retain_loss"] = sums["retain_term"] = float("nan")
+        retain_part = objective.retain_weight * sums["retain_term"] if objective.uses_retain else 0.0
+        sums["objective"] = objective.forget_weight * sums["forget_term"] + retain_part
+        sums["tokens"] = tokens
+        return sums
+
+    def _clip_sharded(self) -> torch.Tensor:
+        """:meth:`_clip` on local shards: squares summed over processes, torch's clipping formula."""
+        grads = self.local_trainable_grads()
+        square = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads:
+            square += grad.double().pow(2).sum()
+        norm = self.distributed.all_reduce_sum(square).sqrt().float()
+        coefficient = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)
+        for t in self.trainables:
+            if t.param.grad is not None:
+                local_tensor(t.param.grad).mul_(coefficient.to(t.param.grad.dtype))
+        return norm.cpu()
+
+    def local_trainable_grads(self) -> list[torch.Tensor]:
+        """This process's gradient entries of trainable coordinates (for the clipping norm)."""
+        return [local_tensor(t.param.grad) for t in self.trainables if t.param.grad is not None]
+
     def _clip(self) -> torch.Tensor:
         """Clip the gradient to ``max_grad_norm``, measuring only trainable coordinates."""
+        if self.distributed is not None:
+            return self._clip_sharded()
         with_grad = [t for t in self.trainables if t.param.grad is not None]
         if not with_grad:
             return torch.zeros(())
@@ -543,6 +629,8 @@ class UnlearningTrainer:
                     self.progress_callback(step, self.total_steps, row)
             bar.close()
             state_bytes = _state_bytes(self.optimizer)
+            if self.distributed is not None:  # every process holds its shards' state: the total
+                state_bytes = int(self.distributed.all_reduce_sum(torch.tensor(float(state_bytes))).item())
         finally:
             checkpointing.__exit__(None, None, None)
             self.model.train(was_training)
@@ -599,7 +687,9 @@ class SophiaUnlearningTrainer(UnlearningTrainer):
         super().__init__(*args, **kwargs)
         self.hessian = hessian
         self._hessian_bs = 1
-        self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        # Sharded runs sample Sophia-G's labels per process: other draws, the same distribution.
+        rank = self.distributed.rank if self.distributed is not None else 0
+        self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 1 + 7919 * rank)
 
     def fingerprint(self) -> str:
         return hashlib.sha256((super().fingerprint() + self.hessian).encode()).hexdigest()
@@ -616,20 +706,34 @@ class SophiaUnlearningTrainer(UnlearningTrainer):
             masks=masks,
         )
 
+    def local_trainable_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for t in self.trainables:
+            if t.param.grad is not None:
+                part = self.optimizer.trainable_part(t.param, local_tensor(t.param.grad))
+                if part is not None:
+                    grads.append(part)
+        return grads
+
     def before_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> None:
         if self.hessian != "gnb" or (step - 1) % self.config.hessian_interval != 0:
             return
-        batches = []
+        chunks = []  # (examples, items, weight): a sharded run's empty chunk runs one item with weight 0
         for micro in micro_batches:
-            batches.append(self._batch(self.forget_examples, micro.forget))
+            chunks.append((self.forget_examples, micro.forget))
             if self.retain_examples:
-                batches.append(self._batch(self.retain_examples, micro.retain))
-        positions = sum(int(b["attention_mask"].sum()) for b in batches)
-        for batch in batches:
+                chunks.append((self.retain_examples, micro.retain))
+        positions = sum(len(examples[i].input_ids) for examples, items in chunks for i in items)
+        for examples, items in chunks:
+            weight = 1.0
+            if self.distributed is not None:
+                mine = self.distributed.split(items)
+                items, weight = (mine, 1.0) if mine else ([items[0]], 0.0)
+            batch = self._batch(examples, items)
             logits = self._logits(self.model, batch)
             sampled = sample_gnb_labels(logits, self._generator)
             ce = F.cross_entropy(logits.float().flatten(0, 1), sampled.flatten(), reduction="none")
-            (ce.mul(batch["attention_mask"].flatten()).sum() / positions).backward()
+            (ce.mul(batch["attention_mask"].flatten()).sum() * weight / positions).backward()
             del logits, ce
         self.optimizer.update_hessian()
         self.optimizer.zero_grad(set_to_none=True)

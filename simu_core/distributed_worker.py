@@ -1,0 +1,67 @@
+"""Entry point of each process of a sharded unlearning run: ``python -m simu_core.distributed_worker``
+under torchrun (``simu_core.distributed`` launches it, or start it yourself on several machines).
+
+Kept apart from :mod:`simu_core.distributed` because it imports :mod:`simu_core.stages`, which imports
+that module: the unlearning stage's code version then covers the launcher, not every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from simu_core import distributed, stages
+from simu_core.config import load_config
+
+
+def _init_process_group() -> None:
+    """NCCL with one GPU per process when GPUs are here, else gloo on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this process's part of :func:`simu_core.stages.unlearn` (under torchrun).
+
+    Arguments name the config (YAML or JSON, plus ``--set`` overrides) and the stage's folders, as
+    :func:`simu_core.stages.unlearn` takes them; process 0 writes ``--out``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m simu_core.distributed_worker",
+                                     description="one process of a sharded (FSDP) unlearning run, under torchrun")
+    parser.add_argument("--config", required=True, help="config file (YAML or JSON)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data", required=True, help="prepare_data's output folder")
+    parser.add_argument("--target", required=True, help="the target model folder (or a hub id)")
+    parser.add_argument("--mask", default=None, help="threshold_mask's output folder (masked methods)")
+    parser.add_argument("--reference", default=None, help="frozen reference model (NPO, KL); default: the target")
+    parser.add_argument("--out", required=True, help="output folder (written by process 0)")
+    parser.add_argument("--error-file", default=None, help="where a failing process writes its error")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    _init_process_group()
+    try:
+        stages.unlearn(config, Path(args.data), Path(args.target), Path(args.mask) if args.mask else None,
+                       Path(args.out), reference_dir=Path(args.reference) if args.reference else None,
+                       progress=dist.get_rank() == 0)
+    except BaseException as error:
+        if args.error_file:
+            Path(args.error_file).write_text(f"process {dist.get_rank()}: {type(error).__name__}: {error}\n")
+        raise
+    finally:
+        distributed.reset_context()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""One model over several processes (issue 12): FSDP2 unlearning with gloo on CPU.
+
+``stages.unlearn`` with ``run.devices=2`` launches torchrun with two gloo processes, each holding
+half of every parameter. The unlearned weights must equal a one-process run's within fp32
+rounding, and every frozen entry must be bit-identical to the target.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simu_core import stages
+from simu_core.config import load_config
+from simu_core.masking import NeuronMask
+from simu_core.models.tiny import build_tiny_llama, save_model
+
+OVERRIDES = [
+    "data.num_authors=12", "data.holdout_authors=2", "data.general_facts=8",
+    "model.tiny.num_layers=2", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+    "model.tiny.num_heads=4", "model.tiny.vocab_size=300", "model.max_length=64",
+    "unlearn.method=simu", "unlearn.max_steps=3", "unlearn.batch_size=3", "unlearn.grad_accum=2",
+    "unlearn.lr=1e-3",
+]
+CRITICAL = ((3, 17, 40), (0, 63))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Prepared data, an (untrained) tiny target and a SIMU mask, as the stages write them."""
+    root = tmp_path_factory.mktemp("fsdp")
+    config = load_config(overrides=OVERRIDES)
+    stages.prepare_data(config, root / "data")
+    tokenizer = stages.load_tokenizer(root / "data" / stages.TOKENIZER_DIR)
+    model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, seed=0)
+    save_model(model, tokenizer, root / "target" / stages.MODEL_DIR)
+    (root / "mask").mkdir()
+    NeuronMask(neurons=CRITICAL, num_neurons=(64, 64)).save(root / "mask" / "mask.parquet")
+    return root
+
+
+def unlearn(inputs, devices: int, out_name: str, *overrides: str):
+    config = load_config(overrides=OVERRIDES + [f"run.devices={devices}", *overrides])
+    out = inputs / out_name
+    summary = stages.unlearn(config, inputs / "data", inputs / "target", inputs / "mask", out, progress=False)
+    return summary, load_file(str(out / stages.MODEL_DIR / "model.safetensors"))
+
+
+def test_two_gloo_processes_unlearn_as_one_and_freeze_exactly(inputs):
+    # 10 forget items in micro-batches of 3: 3, 3, 3, 1; the 1-item micro-batch (step 2) leaves
+    # process 1 an empty chunk, which runs with weight 0.
+    single_stats, single = unlearn(inputs, 1, "one")
+    sharded_stats, sharded = unlearn(inputs, 2, "two")
+    target = load_file(str(inputs / "target" / stages.MODEL_DIR / "model.safetensors"))
+    assert sharded_stats["devices"] == 2 and single_stats["devices"] == 1
+    assert set(sharded) == set(single) == set(target)
+    moved = 0
+    for name, weights in single.items():
+        torch.testing.assert_close(sharded[name], weights, rtol=1e-5, atol=1e-6, msg=name)
+        trainable = torch.zeros_like(weights, dtype=torch.bool)
+        if "self_attn" in name:
+            trainable[:] = True
+        elif "down_proj" in name:
+            trainable[:, list(CRITICAL[int(name.split(".")[2])])] = True
+        # Frozen entries: bit for bit the target's, in both runs.
+        assert torch.equal(sharded[name][~trainable], target[name][~trainable]), name
+        assert torch.equal(weights[~trainable], target[name][~trainable]), name
+        moved += int((sharded[name][trainable] != target[name][trainable]).sum())
+    assert moved > 0
+    # Compact state only for trainable entries: the same total bytes as one process.
+    assert sharded_stats["optimizer_state_bytes"] == single_stats["optimizer_state_bytes"]
+    assert sharded_stats["trainable_coordinates"] == single_stats["trainable_coordinates"]
+    for key in ("forget_loss_first", "forget_loss_last", "retain_loss_last"):
+        assert sharded_stats[key] == pytest.approx(single_stats[key], rel=1e-5), key
+    log = json.loads((inputs / "two" / "stats.json").read_text())
+    assert log["steps"] == 3
+
+
+def test_npo_with_a_sharded_reference_and_adamw_on_shards_matches_one_process(inputs):
+    # NPO: AdamW on every parameter, a frozen reference model sharded too, a sequence-level loss
+    # (each process's share counts sequences, not tokens); micro-batches of 5 items split 3 + 2.
+    _, single = unlearn(inputs, 1, "npo-one", "unlearn.method=npo", "unlearn.batch_size=5")
+    _, sharded = unlearn(inputs, 2, "npo-two", "unlearn.method=npo", "unlearn.batch_size=5")
+    for name, weights in single.items():
+        torch.testing.assert_close(sharded[name], weights, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_more_devices_than_exist_is_refused_before_any_work(inputs):
+    config = load_config(overrides=OVERRIDES + ["run.devices=4096"])
+    with pytest.raises(ValueError, match=r"run\.devices=4096 but this machine has \d+ CPU core"):
+        stages.unlearn(config, inputs / "data", inputs / "target", inputs / "mask", inputs / "never")
+    assert not (inputs / "never").exists()
+
+
+def test_a_mask_of_another_model_is_refused_before_loading(inputs, tmp_path):
+    NeuronMask(neurons=((1,),) * 3, num_neurons=(128,) * 3).save(tmp_path / "mask.parquet")
+    config = load_config(overrides=OVERRIDES)
+    with pytest.raises(ValueError, match=r"mask has 3 layers with neuron counts \[128, 128, 128\], the model has "
+                                         r"2 layers with \[64, 64\]"):
+        stages.unlearn(config, inputs / "data", inputs / "target", tmp_path, tmp_path / "out")
+
+
+def test_a_failing_process_fails_the_stage_with_its_error(inputs):
+    config = load_config(overrides=OVERRIDES + ["run.devices=2", "run.fail_at_unlearn_step=2"])
+    with pytest.raises(RuntimeError, match=r"unlearning over 2 processes failed .*process \d: RuntimeError: "
+                                           r"unlearn simu: injected fault"):
+        stages.unlearn(config, inputs / "data", inputs / "target", inputs / "mask", inputs / "failed", progress=False)
+    assert not (inputs / "failed" / stages.MODEL_DIR).exists()
