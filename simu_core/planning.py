@@ -178,7 +178,7 @@ def check_mask_shape(mask: NeuronMask, neurons_per_layer: Sequence[int], where: 
     try:
         mask.check_matches(neurons_per_layer)
     except ValueError as error:
-        raise PlanError(f"{where} does not fit this model: {error}") from None
+        raise PlanError(f"{where}: {error}") from None
 
 
 def read_plan_mask(path: str | Path) -> NeuronMask:

@@ -27,8 +27,8 @@ that, so do not edit low-precision parameters behind the optimizer's back.
 
 Memory: the step's temporaries (fp32 gradients of bf16 parameters, the ratio's denominator, the
 ratio, the sign) are made for at most ``foreach_chunk_numel`` coordinates at a time (the arithmetic
-is per coordinate, so the result does not depend on the chunking): without it they would take
-16 bytes per trainable coordinate at once (75 GiB for SO-GradDiff on a 7B fp32 model).
+is per coordinate, so the result does not depend on the chunking): without it they would take 12
+(fp32) to 16 (bf16) bytes per trainable coordinate at once (75 GiB for SO-GradDiff on a 7B fp32 model).
 
 Sharded parameters (FSDP2's DTensors, ``simu_core.distributed``): each process updates its local
 shard. A mask is given for the whole parameter and cut to the shard here (a :class:`ColumnMask` on
