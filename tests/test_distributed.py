@@ -109,3 +109,10 @@ def test_a_failing_process_fails_the_stage_with_its_error(inputs):
                                            r"unlearn simu: injected fault"):
         stages.unlearn(config, inputs / "data", inputs / "target", inputs / "mask", inputs / "failed", progress=False)
     assert not (inputs / "failed" / stages.MODEL_DIR).exists()
+
+
+def test_periodic_checkpoints_are_refused_for_sharded_runs():
+    from simu_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unlearn\.checkpoint_every=5 with run\.devices=2"):
+        load_config(overrides=["run.devices=2", "unlearn.checkpoint_every=5"])

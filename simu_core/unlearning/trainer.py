@@ -507,12 +507,13 @@ class UnlearningTrainer:
         local = torch.zeros(4, dtype=torch.float64)  # forget_loss, forget_term, retain_loss, retain_term
         tokens = 0
         for micro in micro_batches:
-            parts = [("forget", self.forget_examples, micro.forget, forget_units, objective.forget_term,
+            # (items, units of the loss's mean, term, needs the reference, weight, slot in `local`)
+            parts = [(self.forget_examples, micro.forget, forget_units, objective.forget_term,
                       objective.forget_needs_reference, objective.forget_weight, 0)]
             if objective.uses_retain:
-                parts.append(("retain", self.retain_examples, micro.retain, "tokens", objective.retain_term,
-                              objective.retain_needs_reference, objective.retain_weight, 2))
-            for _, examples, indices, units, term_of, needs_reference, weight, slot in parts:
+                parts.append((self.retain_examples, micro.retain, "tokens", objective.retain_term,
+                               objective.retain_needs_reference, objective.retain_weight, 2))
+            for examples, indices, units, term_of, needs_reference, weight, slot in parts:
                 mine, share = self._share(examples, indices, units)
                 _, token_share = self._share(examples, indices, "tokens")
                 batch = self._batch(examples, mine)
@@ -718,7 +719,7 @@ class SophiaUnlearningTrainer(UnlearningTrainer):
     def before_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> None:
         if self.hessian != "gnb" or (step - 1) % self.config.hessian_interval != 0:
             return
-        chunks = []  # (examples, items, weight): a sharded run's empty chunk runs one item with weight 0
+        chunks = []  # (examples, items); a sharded run's empty chunk runs one item with weight 0
         for micro in micro_batches:
             chunks.append((self.forget_examples, micro.forget))
             if self.retain_examples:
