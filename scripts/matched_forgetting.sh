@@ -19,6 +19,7 @@ PARALLEL=${PARALLEL:-2}
 LRS=${LRS:-1e-4,2e-4,3e-4,5e-4,1e-3,3e-3,1e-2,3e-2}
 TOFU_LRS=${TOFU_LRS:-1e-4,2e-4,5e-4,1e-3,3e-3,1e-2}
 SEEDS=${SEEDS:-3}
+MLP_ONLY_RULES=${MLP_ONLY_RULES:-layer_relative,random}   # SIMU (MLP only) with critical, and random, neurons
 
 sweep() {  # name, lr grid, extra arguments for every ablate call...
   local name=$1 lrs=$2; shift 2
@@ -26,7 +27,7 @@ sweep() {  # name, lr grid, extra arguments for every ablate call...
   local common=(--seeds "$SEEDS" --max-parallel "$PARALLEL" --grid unlearn.lr=$lrs --set run.results=$out "$@")
   $SIMU ablate --grid unlearn.method=fo_graddiff,so_graddiff,simu "${common[@]}"
   $SIMU ablate --set unlearn.method=simu --grid mask.rule=random "${common[@]}"
-  $SIMU ablate --set unlearn.method=simu --set unlearn.train_attention=false --grid mask.rule=layer_relative,random \
+  $SIMU ablate --set unlearn.method=simu --set unlearn.train_attention=false --grid mask.rule=$MLP_ONLY_RULES \
     "${common[@]}"
   $SIMU report --results "$out"
 }
@@ -40,7 +41,9 @@ if [[ $PART == all || $PART == testbed ]]; then
 fi
 
 if [[ $PART == all || $PART == tofu ]]; then
-  sweep tofu "$TOFU_LRS" --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
+  # TOFU evaluates 40 items per split (forget01 has 40) to fit the CPU budget, and runs SIMU (MLP only)
+  # with the critical neurons only.
+  MLP_ONLY_RULES=layer_relative sweep tofu "$TOFU_LRS" --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
     --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
-    --set eval.max_items=100 --set eval.max_new_tokens=64
+    --set eval.max_items=40 --set eval.max_new_tokens=64
 fi

@@ -38,7 +38,10 @@ def read_runs(results: str | Path) -> pd.DataFrame:
     if runs.empty:
         raise ValueError(f"{path} holds no completed run")
     runs = runs.sort_values("time").drop_duplicates("config_hash", keep="last").reset_index(drop=True)
-    return fill_new_config_fields(runs)
+    runs = fill_new_config_fields(runs)
+    # A configuration re-run after a new config field appeared has a new hash but the same values.
+    config_columns = [column for column in runs.columns if column.startswith("config.")]
+    return runs.drop_duplicates(config_columns, keep="last").reset_index(drop=True)
 
 
 def fill_new_config_fields(runs: pd.DataFrame) -> pd.DataFrame:

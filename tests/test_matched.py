@@ -119,7 +119,12 @@ def test_runs_written_before_a_config_field_existed_stay_one_setting(tmp_path):
     table = table.assign(status="completed", kind="run", time=pd.Timestamp("2026-01-01", tz="UTC"),
                          config_hash=[f"h{i}" for i in range(len(table))], forget_quality=0.1, run_id="r")
     table.to_parquet(tmp_path / "runs.parquet")
+    rerun = table.iloc[[0]].assign(**{"config.run.devices": 1.0, "config_hash": "h-new",
+                                       "time": pd.Timestamp("2026-02-01", tz="UTC"), "model_utility": 0.7})
+    pd.concat([table, rerun], ignore_index=True).to_parquet(tmp_path / "runs.parquet")
     runs = reporting.read_runs(tmp_path)
+    assert len(runs) == 4  # the re-run of the first configuration replaces it
+    assert sorted(runs["model_utility"]) == [0.6, 0.6, 0.7, 0.8]
     assert runs["config.run.devices"].tolist() == [1.0] * 4
     assert reporting.setting_columns(runs) == ["config.unlearn.lr"]
     reporting.plot_tradeoff(runs, tmp_path / "tradeoff.png")  # one curve, no empty group
