@@ -237,9 +237,14 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, curve_columns: Sequence[
     panels = [(x, y) for x, y in panels if x in runs.columns and y in runs.columns and runs[x].notna().any()]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for axis, (x_metric, y_metric) in zip(axes[0], panels):
+        # Over-forgetting reaches 1e-50 and below; the comparison happens near the level, so values
+        # are drawn no lower than 1e-4 x the level (1e-8 without one), at the axis edge.
+        level_values = [level.value for level in levels if level.metric == x_metric]
+        floor = 1e-4 * min(level_values) if level_values else 1e-8
         for _, rows in runs.groupby(list(curve_columns), sort=True, dropna=False):
             stats = rows.groupby(LR_COLUMN)[[x_metric, y_metric]].mean().sort_index()
-            axis.plot(stats[x_metric], stats[y_metric], marker="o", label=curve_label(rows.iloc[0], curve_columns))
+            axis.plot(stats[x_metric].clip(lower=floor), stats[y_metric], marker="o",
+                      label=curve_label(rows.iloc[0], curve_columns))
         for level in levels:
             if level.metric == x_metric:
                 axis.axvline(level.value, color="black", linestyle="--", linewidth=1, label=f"level ({level.source})")
@@ -256,7 +261,7 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, curve_columns: Sequence[
         axis.set_xscale("log")
         if x_metric == "forget_prob":
             axis.invert_xaxis()  # forgetting grows to the right
-        axis.set_xlabel(f"{x_metric.replace('_', ' ')} (log)")
+        axis.set_xlabel(f"{x_metric.replace('_', ' ')} (log; values below {floor:.0e} drawn at {floor:.0e})")
         axis.set_ylabel(y_metric.replace("_", " "))
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
