@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -682,6 +683,9 @@ def run_device_memory(config: SimuConfig) -> tuple[float, str]:
     return ram / config.run.devices, f"this machine's RAM / {config.run.devices} CPU process(es)"
 
 
+_PLANS: dict[tuple, "MemoryPlan | None"] = {}
+
+
 def check_fits(config: SimuConfig) -> None:
     """Raise :class:`PlanError` naming the numbers when unlearning cannot fit ``run.devices`` devices
     of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
@@ -690,10 +694,19 @@ def check_fits(config: SimuConfig) -> None:
     if config.run.devices < 2 and not on_gpu:
         return
     memory, source = run_device_memory(config)
-    try:
-        plan = plan_memory(config, device_memory=memory, device_counts=(1, 2, 4, 8, 16, 32, 64),
-                           stages=("unlearn",))
-    except PlanError:
+    # A sweep checks every point: plan each memory-relevant setting once.
+    unlearn = config.unlearn.model_dump(include={"method", "batch_size", "gradient_checkpointing", "train_attention",
+                                                 "retain_loss", "retain_weight", "forget_weight"})
+    key = (config.model.model_dump_json(), json.dumps(unlearn, sort_keys=True), config.data.benchmark,
+           config.run.dtype, config.run.devices, memory)
+    if key not in _PLANS:
+        try:
+            _PLANS[key] = plan_memory(config, device_memory=memory, device_counts=(1, 2, 4, 8, 16, 32, 64),
+                                      stages=("unlearn",))
+        except PlanError:
+            _PLANS[key] = None
+    plan = _PLANS[key]
+    if plan is None:
         return
     row = plan.unlearn(config.run.devices)
     if row is None or row.fits(memory):
