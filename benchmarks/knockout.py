@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simu_core import stages  # noqa: E402
+from simu_core.attribution import scores_from_table  # noqa: E402
 from simu_core.config import load_config  # noqa: E402
 from simu_core.knockout import (  # noqa: E402
     format_summary,
     knockout_check,
     knockout_sets_from_mask_table,
     mean_answer_logprobs,
-    scores_per_layer,
 )
 from simu_core.prompting import pad_token_id  # noqa: E402
 
@@ -83,8 +83,8 @@ def main() -> None:
     scores = pd.read_parquet(work / "mask" / stages.SCORES_FILE)
     critical = knockout_sets_from_mask_table(pd.read_parquet(work / "mask" / stages.MASK_FILE), config.mask.variant)
     settings = config.knockout
-    common = dict(retain_scores=scores_per_layer(scores, "retain_score"),
-                  forget_scores=scores_per_layer(scores, "selection_score"), random_draws=settings.random_draws,
+    common = dict(retain_scores=scores_from_table(scores, "retain_score"),
+                  forget_scores=scores_from_table(scores, "selection_score"), random_draws=settings.random_draws,
                   curve_draws=settings.curve_draws, seed=config.run.seed, batch_size=settings.batch_size)
 
     mean_answer_logprobs(model, items, pad, settings.batch_size)  # warm-up

@@ -73,10 +73,11 @@ def _matched_forgetting_section(runs: pd.DataFrame, points: pd.DataFrame, out: P
     """The matched-forgetting tables (forget probability at the retain reference's level, forget
     quality at ``fq_level``) and the frontier plot; a clear note instead when the runs cannot
     give them."""
-    from simu_core.matched import Level, MatchedForgettingError, curve_columns, matched_forgetting, matched_markdown
+    from simu_core.matched import (LR_COLUMN, Level, MatchedForgettingError, curve_columns, matched_forgetting,
+                                   matched_markdown)
 
     lines = ["## Comparison at matched forgetting", ""]
-    if matched_lr_column() not in runs.columns or runs[matched_lr_column()].nunique() < 2:
+    if LR_COLUMN not in runs.columns or runs[LR_COLUMN].nunique() < 2:
         return lines + ["Not computed: the runs hold fewer than 2 learning rates (sweep `unlearn.lr`, the same grid "
                         "for every method, e.g. `--grid unlearn.lr=1e-4,2e-4,5e-4,1e-3,2e-3,5e-3`).", ""]
     levels = []
@@ -100,13 +101,6 @@ def _matched_forgetting_section(runs: pd.DataFrame, points: pd.DataFrame, out: P
         lines += [f"### At matched {level.metric.replace('_', ' ')}", "", matched_markdown(table, level), ""]
     plots["frontier"] = reporting.plot_frontier(runs, out / "frontier.png", columns, levels, points)
     return lines
-
-
-def matched_lr_column() -> str:
-    """The runs-table column of the unlearning learning rate."""
-    from simu_core.matched import LR_COLUMN
-
-    return LR_COLUMN
 
 
 def _knockout_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict) -> list[str]:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from simu_core.masking import NeuronMask
+from simu_core.masking import NeuronMask, random_neurons
 from simu_core.models.adapter import ArchitectureAdapter
 from simu_core.prompting import EncodedExample
 from simu_core.scoring import answer_nlls
@@ -81,17 +81,6 @@ def mean_answer_logprobs(
 ) -> np.ndarray:
     """Per item, the mean log-probability of its answer tokens (one forward pass over the items)."""
     return -answer_nlls(model, examples, pad_token_id, batch_size)
-
-
-def random_like(counts: Sequence[int], widths: Sequence[int], rng: np.random.Generator) -> NeuronMask:
-    """``counts[l]`` neurons of layer l drawn uniformly without replacement."""
-    _check_counts(counts, widths, "random set")
-    per_layer = []
-    for count, width in zip(counts, widths):
-        chosen = np.zeros(width, dtype=bool)
-        chosen[rng.choice(width, size=count, replace=False)] = True
-        per_layer.append(chosen)
-    return NeuronMask.from_boolean(per_layer)
 
 
 def top_by_score(scores: Sequence[np.ndarray], counts: Sequence[int]) -> NeuronMask:
@@ -211,7 +200,7 @@ def knockout_check(
              "forget_prob_drop": 0.0, "retain_prob_drop": 0.0}]
     rows.append(row("critical", 0, critical))
     for draw in range(random_draws):
-        rows.append(row("random", draw, random_like(counts, widths, np.random.default_rng([seed, draw]))))
+        rows.append(row("random", draw, random_neurons(counts, widths, np.random.default_rng([seed, draw]))))
     if retain_scores is not None:
         rows.append(row("retain_critical", 0, top_by_score(retain_scores, counts)))
     sets = pd.DataFrame(rows)
@@ -223,7 +212,7 @@ def knockout_check(
         curve_rows.append({**top, "k": size})
         for draw in range(curve_draws):
             rng = np.random.default_rng([seed, 1_000_003, size, draw])
-            curve_rows.append({**row("random", draw, random_like(layer_counts, widths, rng)), "k": size})
+            curve_rows.append({**row("random", draw, random_neurons(layer_counts, widths, rng)), "k": size})
     curve = pd.DataFrame(curve_rows)
     return KnockoutResult(sets=sets, summary=summarise(sets), curve=curve, forward_passes=passes)
 
@@ -257,16 +246,7 @@ def knockout_sets_from_mask_table(table: pd.DataFrame, variant: str) -> NeuronMa
     chosen = {"include": forget, "exclude": forget & ~retain, "only": forget & retain}.get(variant)
     if chosen is None:
         raise ValueError(f"mask variant must be one of ['include', 'exclude', 'only'], got {variant!r}")
-    ordered = table.assign(chosen=chosen).sort_values(["layer", "neuron"])
-    return NeuronMask.from_boolean(
-        [group["chosen"].to_numpy(dtype=bool) for _, group in ordered.groupby("layer", sort=True)]
-    )
-
-
-def scores_per_layer(table: pd.DataFrame, column: str) -> list[np.ndarray]:
-    """Per-layer score vectors from a ``(layer, neuron, <column>)`` table."""
-    ordered = table.sort_values(["layer", "neuron"])
-    return [group[column].to_numpy(dtype=np.float64) for _, group in ordered.groupby("layer", sort=True)]
+    return NeuronMask.from_table(table.assign(in_mask=chosen))
 
 
 def format_summary(summary: pd.DataFrame) -> list[str]:
@@ -286,8 +266,3 @@ def format_summary(summary: pd.DataFrame) -> list[str]:
 
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std > 0 else f"{mean:.4f}"
-
-
-def as_mapping(result: KnockoutResult) -> Mapping[str, pd.DataFrame]:
-    """The three tables by file stem."""
-    return {"knockout": result.sets, "knockout_summary": result.summary, "knockout_curve": result.curve}

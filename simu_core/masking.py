@@ -121,6 +121,20 @@ class NeuronMask:
         return cls.from_table(pd.read_parquet(path))
 
 
+def random_neurons(counts: Sequence[int], widths: Sequence[int], rng: np.random.Generator) -> NeuronMask:
+    """``counts[l]`` neurons of layer l (of ``widths[l]``) drawn uniformly without replacement, layer by layer."""
+    if len(counts) != len(widths):
+        raise ValueError(f"random set: {len(counts)} per-layer counts for a model with {len(widths)} layers")
+    per_layer = []
+    for layer, (count, width) in enumerate(zip(counts, widths)):
+        if not 0 <= count <= width:
+            raise ValueError(f"random set: {count} neurons asked in layer {layer}, which has {width}")
+        chosen = np.zeros(width, dtype=bool)
+        chosen[rng.choice(width, size=count, replace=False)] = True
+        per_layer.append(chosen)
+    return NeuronMask.from_boolean(per_layer)
+
+
 def _as_bool(mask: NeuronMask | None, layer: int, size: int) -> np.ndarray:
     vector = np.zeros(size, dtype=bool)
     if mask is not None:

@@ -505,9 +505,11 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Pat
     ``knockout_curve.parquet`` (top-k by forget score vs random, per k); returns the headline
     figures plus ``forward_passes`` and ``wall_seconds``.
     """
+    import math
     import time
 
-    from simu_core.knockout import knockout_check, knockout_sets_from_mask_table, scores_per_layer
+    from simu_core.attribution import scores_from_table
+    from simu_core.knockout import knockout_check, knockout_sets_from_mask_table
     from simu_core.prompting import pad_token_id
 
     started = time.perf_counter()
@@ -526,8 +528,8 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Pat
     settings = config.knockout
     result = knockout_check(
         model, forget, retain, pad_token_id(tokenizer), critical,
-        retain_scores=scores_per_layer(scores, "retain_score") if has_retain else None,
-        forget_scores=scores_per_layer(scores, "selection_score" if "selection_score" in scores else "forget_score"),
+        retain_scores=scores_from_table(scores, "retain_score") if has_retain else None,
+        forget_scores=scores_from_table(scores, "selection_score" if "selection_score" in scores else "forget_score"),
         random_draws=settings.random_draws, curve_sizes=settings.curve_sizes, curve_draws=settings.curve_draws,
         seed=config.run.seed, batch_size=settings.batch_size,
     )
@@ -540,13 +542,6 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Pat
                "knockout_forget_items": len(forget), "knockout_retain_items": len(retain),
                "knockout_wall_seconds": time.perf_counter() - started}
     # inf (a set that spares the retain items) travels as null in strict JSON; the Parquet keeps it.
-    summary = {key: None if isinstance(value, float) and not np_isfinite(value) else value for key, value in summary.items()}
+    summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def np_isfinite(value: float) -> bool:
-    """math.isfinite for floats (a name that reads at the call site)."""
-    import math
-
-    return math.isfinite(value)

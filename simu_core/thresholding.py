@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from simu_core.attribution import AttributionResult
-from simu_core.masking import NeuronMask
+from simu_core.masking import NeuronMask, random_neurons
 
 RULES = ("layer_relative", "global_top_fraction", "random")
 VARIANTS = ("include", "exclude", "only")
@@ -180,17 +180,6 @@ class MaskSelection:
         }
 
 
-def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
-    """Per layer, as many neurons as ``mask`` holds there, drawn uniformly without replacement."""
-    rng = np.random.default_rng(seed)
-    per_layer = []
-    for count, size in zip(mask.counts(), mask.num_neurons):
-        chosen = np.zeros(size, dtype=bool)
-        chosen[rng.choice(size, size=count, replace=False)] = True
-        per_layer.append(chosen)
-    return NeuronMask.from_boolean(per_layer)
-
-
 def contrastive_scores(forget_scores: Scores, forget_samples: int, retain_scores: Scores, retain_samples: int) -> list[np.ndarray]:
     """Per neuron, forget score per answer token minus retain score per answer token."""
     if forget_samples < 1 or retain_samples < 1:
@@ -219,7 +208,7 @@ def select_mask(
     critical_retain = None if retain_scores is None else critical_neurons(retain_scores, rule, threshold, top_fraction)
     mask = apply_variant(critical_forget, critical_retain, variant)
     if rule == "random":
-        mask = random_mask_like(mask, seed)
+        mask = random_neurons(mask.counts(), mask.num_neurons, np.random.default_rng(seed))
     return MaskSelection(mask, critical_forget, critical_retain, variant, rule, float(threshold))
 
 

@@ -81,3 +81,12 @@ def require_dir(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored after (a test elsewhere may change it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import (
     GPT2Config,
@@ -62,3 +63,16 @@ def build(architecture: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``architecture`` (a key of BUILDERS), in eval mode."""
     torch.manual_seed(seed)
     return BUILDERS[architecture]().eval()
+
+
+def random_examples(count: int, seed: int, vocab: int):
+    """Random items: a 4-7 token prompt (unlabelled) and a 3-5 token answer (labelled)."""
+    from simu_core.prompting import IGNORE_INDEX, EncodedExample
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        prompt = rng.integers(3, vocab, rng.integers(4, 8)).tolist()
+        answer = rng.integers(3, vocab, rng.integers(3, 6)).tolist()
+        items.append(EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return items

@@ -293,7 +293,7 @@ CODE_EDITS = {
     "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout"},  # encode_frame
     "data/lume.py": {"prepare_data", "train_target", "train_retain_reference", "attribute", "knockout", "unlearn",
                      "evaluate", "evaluate_reference"},
-    "attribution.py": {"attribute", "threshold_mask"},
+    "attribution.py": {"attribute", "threshold_mask", "knockout"},  # knockout reads scores_from_table
     "unlearning/losses.py": {"unlearn"},
     "evaluation/qa.py": {"evaluate", "evaluate_reference"},
     "../data/synthetic/templates.yaml": {"prepare_data"},

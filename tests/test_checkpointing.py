@@ -24,12 +24,7 @@ from simu_core.unlearning import build_trainer
 VOCAB, HIDDEN, FFN, LAYERS = 64, 32, 64, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model() -> LlamaForCausalLM:

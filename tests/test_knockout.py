@@ -13,11 +13,10 @@ from simu_core.knockout import (
     knockout_check,
     knockout_sets_from_mask_table,
     mean_answer_logprobs,
-    random_like,
     summarise,
     top_by_score,
 )
-from simu_core.masking import NeuronMask
+from simu_core.masking import NeuronMask, random_neurons
 from simu_core.prompting import IGNORE_INDEX, EncodedExample
 
 CARRIER_LAYER, CARRIER_NEURON = 1, 17
@@ -105,14 +104,14 @@ def test_knockout_zeroes_the_activations_exactly_on_every_architecture():
 def test_set_construction_matches_counts_and_scores():
     widths = [8, 8, 8]
     counts = [2, 0, 3]
-    drawn = random_like(counts, widths, np.random.default_rng(0))
+    drawn = random_neurons(counts, widths, np.random.default_rng(0))
     assert drawn.counts() == counts
-    assert random_like(counts, widths, np.random.default_rng(0)) == drawn  # seeded
+    assert random_neurons(counts, widths, np.random.default_rng(0)) == drawn  # seeded
     scores = [np.arange(8.0), -np.arange(8.0), np.array([0, 5, 5, 1, 2, 9, 0, 0], dtype=float)]
     top = top_by_score(scores, counts)
     assert top.neurons == ((6, 7), (), (1, 2, 5))
     with pytest.raises(ValueError, match="9 neurons asked in layer 0, which has 8"):
-        random_like([9, 0, 0], widths, np.random.default_rng(0))
+        random_neurons([9, 0, 0], widths, np.random.default_rng(0))
 
 
 def test_critical_set_of_each_variant_from_the_mask_table():

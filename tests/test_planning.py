@@ -29,12 +29,7 @@ TINY = ["model.tiny.num_layers=3", "model.tiny.hidden_size=96", "model.tiny.inte
 SEQ = 80
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def examples(count: int, seed: int, vocab: int) -> list[EncodedExample]:

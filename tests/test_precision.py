@@ -12,6 +12,8 @@ import types
 
 import numpy as np
 import pytest
+
+import model_factory
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,12 +28,7 @@ from simu_core.unlearning import build_trainer
 VOCAB, HIDDEN, FFN, LAYERS = 48, 16, 32, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -44,13 +41,7 @@ def tiny_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
 
 
 def examples(count: int, seed: int) -> list[EncodedExample]:
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(count):
-        prompt = rng.integers(3, VOCAB, rng.integers(4, 8)).tolist()
-        answer = rng.integers(3, VOCAB, rng.integers(3, 6)).tolist()
-        items.append(EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    return items
+    return model_factory.random_examples(count, seed, VOCAB)
 
 
 FORGET, RETAIN = examples(6, seed=1), examples(12, seed=2)

@@ -12,6 +12,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+
+import model_factory
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -44,13 +46,7 @@ from simu_core.unlearning.trainer import SophiaUnlearningTrainer
 VOCAB, HIDDEN, FFN, LAYERS = 48, 16, 32, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against each other (40x slower here).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
@@ -63,14 +59,7 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
 
 
 def examples(count: int, seed: int) -> list[EncodedExample]:
-    """Random items: a 4-7 token prompt (unlabelled) and a 3-5 token answer (labelled)."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(count):
-        prompt = rng.integers(3, VOCAB, rng.integers(4, 8)).tolist()
-        answer = rng.integers(3, VOCAB, rng.integers(3, 6)).tolist()
-        items.append(EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    return items
+    return model_factory.random_examples(count, seed, VOCAB)
 
 
 FORGET, RETAIN = examples(6, seed=1), examples(12, seed=2)
@@ -368,7 +357,7 @@ def test_every_method_runs_and_logs(method):
 
 
 @pytest.fixture(scope="module")
-def small(request, _one_thread):
+def small(request, one_torch_thread):
     # Requested from the body so the (session) training runs under the one-thread setting above.
     return request.getfixturevalue("trained_small")
 
