@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages.unlearn(config, Path(args.data), Path(args.target), Path(args.mask) if args.mask else None,
                        Path(args.out), reference_dir=Path(args.reference) if args.reference else None,
                        progress=dist.get_rank() == 0)
+        # Every process leaves together: a gloo process group torn down while a peer still
+        # writes can abort in its worker threads ("terminate called without an active exception").
+        dist.barrier()
     except BaseException as error:
         if args.error_file:
             Path(args.error_file).write_text(f"process {dist.get_rank()}: {type(error).__name__}: {error}\n")
@@ -64,4 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalisation: gloo's C++ threads can still hold tensors then, and releasing
+    # them without a live interpreter aborts the process (SIGABRT) after the work is done.
+    os._exit(status)
