@@ -39,10 +39,24 @@ def _format(value) -> str:
 
 RUN_COLUMNS = (("target", "target_metrics"), ("unlearned", "metrics"), ("retain reference", "reference_metrics"))
 EVAL_COLUMNS = (("model", "metrics"), ("reference", "reference_metrics"))
+# Sequential deletion requests: the model after the last request, on every request's items.
+REQUEST_COLUMNS = (("after the last request", "metrics"), ("retain reference", "reference_metrics"))
+
+
+def _print_rows(rows: Sequence[Sequence[str]]) -> None:
+    """Print a table: columns padded, a rule under the header row."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
 
 
 def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_COLUMNS) -> None:
-    """Print dataset sizes, training figures, the metrics table and where the results are."""
+    """Print dataset sizes, training figures, the metrics table (and, for sequential deletion
+    requests, the curve over the requests) and where the results are."""
+    if summary.get("requests") and columns == RUN_COLUMNS:
+        columns = REQUEST_COLUMNS
     sizes = summary.get("dataset_sizes") or {}
     if sizes:
         print("dataset sizes: " + ", ".join(f"{name}={count}" for name, count in sizes.items()))
@@ -56,21 +70,28 @@ def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_CO
                  "forget_quality", "model_utility", "privleak"):
         if any(name in source for source in sources):
             rows.append((name, *(_format(source.get(name)) for source in sources)))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+    _print_rows(rows)
     if (summary.get("reference_metrics") or {}).get("model_utility_computed") == 0.0:
         # Say why the reference's column has gaps: not computed, not missing.
         print("retain reference: light evaluation, only what forget quality and privleak compare "
               "(--set eval.reference_full=true evaluates it fully)")
+    if summary.get("requests"):
+        print("deletion requests (each from the model the one before produced; forget measures on every request "
+              "so far):")
+        _print_rows([("request", "items so far", "forget_quality", "model_utility", "forget_prob"),
+                     *((str(point["request"]), str(point["items"]),
+                        *(_format(point.get(name)) for name in ("forget_quality", "model_utility", "forget_prob")))
+                       for point in summary["requests"])])
     if summary.get("knockout"):
         import pandas as pd
 
         from simu_core.knockout import format_summary
 
         print("\n".join(format_summary(pd.DataFrame(summary["knockout"]))))
+    if summary.get("relearn"):
+        from simu_core.relearning import format_recovery
+
+        print("\n".join(format_recovery(summary["relearn"])))
     stages = summary.get("states") or {}
     print("stages: " + ", ".join(f"{label}={state}" for label, state in stages.items()))
     print(f"results: {summary.get('run_dir')}  (runs table: {os.path.join(summary.get('results', ''), 'runs.parquet')})")
@@ -88,7 +109,11 @@ def command_run(args: argparse.Namespace) -> int:
     lifecycle.start_temporary_server()
     from flows.pipeline import simu_pipeline  # imported late: Prefect start-up is slow
 
-    summary = simu_pipeline(overrides=args.overrides, config_path=args.config)
+    try:
+        summary = simu_pipeline(overrides=args.overrides, config_path=args.config)
+    except ConfigError as error:  # found once the data is prepared (data.requests vs the forget split)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print_run_summary(summary)
     return 0
 

@@ -28,7 +28,13 @@ _SYNTHETIC_ONLY = ("num_authors", "holdout_authors", "qa_per_author", "general_f
 
 
 def _data_params(data: dict[str, Any]) -> dict[str, Any]:
-    """The data fields that change the prepared benchmark (depends on which benchmark)."""
+    """The data fields that change the prepared benchmark (depends on which benchmark).
+
+    ``requests`` is not one of them: prepare_data writes the whole benchmark, each request's
+    select_request stage cuts its forget items from it (keyed by those items), so adding a request
+    re-keys nothing that ran before it.
+    """
+    data = {key: value for key, value in data.items() if key != "requests"}
     if data["benchmark"] == "synthetic":
         return {key: value for key, value in data.items() if key != "source"}
     if data["benchmark"] == "lume":
@@ -73,6 +79,8 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
     return {
         "prepare_data": {"data": _data_params(tree["data"]), "tiny_tokenizer": tiny,
                          **({"tiny_vocab_size": model["tiny"]["vocab_size"]} if tiny else {})},
+        # The forget items it keeps are added by the flow (``items``); the input is prepare_data's output.
+        "select_request": {},
         "train_target": target,
         "train_retain_reference": reference,
         "attribute": {"attribution": tree["attribution"], "model": model_identity, "seed": run["seed"]},
@@ -86,6 +94,10 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         "unlearn": {"unlearn": {key: value for key, value in tree["unlearn"].items()
                                 if key not in ("checkpoint_every", "gradient_checkpointing")},
                     "model": model_identity, "seed": run["seed"], "autocast": run["dtype"]},
+        # The attack measures with the evaluation's template, batch size and generation length.
+        "relearn": {"relearn": {key: value for key, value in tree["relearn"].items() if key != "enabled"},
+                    "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
+                    "model": model_identity, "seed": run["seed"]},
         "evaluate": {"eval": evaluation, "model": model_identity},
         # The retain reference: by default only what forget quality and privleak compare.
         "evaluate_reference": {"eval": evaluation, "model": model_identity, "full": full_reference},

@@ -4,6 +4,11 @@
                  -> knockout (check of the mask on the target)
                  -> unlearn -> evaluate(unlearned, vs the retain reference) -> report
                  -> train_retain_reference -> evaluate(reference)
+    relearn.enabled: relearn(unlearned), relearn(target), relearn(reference) -> recovery in the report
+
+With ``data.requests`` (sequential deletion requests), per request i after the trainings:
+    select(request i), select_seen(requests 1..i) -> attribute, threshold_mask, knockout (on model i-1)
+                 -> unlearn(model i-1 -> model i) -> evaluate(model i on requests 1..i, vs the reference)
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from prefect.runtime import flow_run
 from flows import lifecycle
 from flows.lifecycle import raise_if_stopping
 from flows.params import run_name, stage_params, uses_mask
-from simu_core.config import SimuConfig, check_pipeline_models, load_config
+from simu_core.config import ConfigError, SimuConfig, check_pipeline_models, load_config
 from tasks import stages as stage_tasks
-from tasks.caching import entry_is_valid
-from tasks.report import append_run_row, current_run_id, report, run_row
+from tasks.caching import entry_is_valid, open_store
+from tasks.report import append_run_row, current_run_id, report, report_requests, run_row
 from tasks.versions import stage_code_version
 
 
@@ -85,7 +90,7 @@ def simu_pipeline(overrides: list[str] | None = None, config_path: str | None = 
     check_pipeline_models(config)
     run = _StageRunner(config)
     with recorded_if_unfinished(config, run):
-        return _run_stages(config, run)
+        return _run_sequential(config, run) if config.data.requests else _run_stages(config, run)
 
 
 @contextmanager
@@ -129,25 +134,56 @@ def has_retain_reference(config: SimuConfig) -> bool:
     return True
 
 
+def check_relearn_sizes(config: SimuConfig, data: dict) -> None:
+    """Before any training: the relearning attack's two parts of the forget set are not empty."""
+    if config.relearn.enabled:
+        from simu_core.relearning import check_attack_sizes
+
+        sizes = stage_summary(config, data)
+        check_attack_sizes(config.relearn, sizes["forget"], sizes["retain"])
+
+
+def stage_summary(config: SimuConfig, ref: dict) -> dict[str, Any]:
+    """The summary a stage stored with its output (prepare_data: the split sizes)."""
+    return open_store(config.run.store).manifest(ref).get("metadata", {}).get("summary") or {}
+
+
+def relearning_attacks(run: _StageRunner, data: dict, models: dict[str, dict | None]) -> dict[str, dict]:
+    """The relearning attack on each model (label: model ref); the target's and the reference's are
+    shared by every run with the same data and settings (cached)."""
+    return {label: run(label, stage_tasks.relearn, "relearn", {"data": data, "model": model})
+            for label, model in models.items()}
+
+
+def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,
+                prefix: str = "") -> dict[str, dict | None]:
+    """Masked methods: attribution of ``target`` on ``data``'s forget and retain items, the mask and
+    (``knockout.enabled``) its knockout check; every ref None for the other methods."""
+    refs: dict[str, dict | None] = dict.fromkeys(("forget_scores", "retain_scores", "mask", "knockout"))
+    if not uses_mask(config):
+        return refs
+    for which in ("forget", "retain"):
+        refs[f"{which}_scores"] = run(f"{prefix}attribute_{which}", stage_tasks.attribute, "attribute",
+                                      {"data": data, "target": target}, {"which": which})
+    refs["mask"] = run(f"{prefix}threshold_mask", stage_tasks.threshold_mask, "threshold_mask",
+                       {"forget_scores": refs["forget_scores"], "retain_scores": refs["retain_scores"]})
+    if config.knockout.enabled:
+        refs["knockout"] = run(f"{prefix}knockout", stage_tasks.knockout, "knockout",
+                               {"data": data, "target": target, "mask": refs["mask"]})
+    return refs
+
+
 def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
+    check_relearn_sizes(config, data)
     target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
     reference = reference_eval = None
     if has_retain_reference(config):
         reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
                         {"data": data})
-    mask = forget_scores = retain_scores = knockout = None
-    if uses_mask(config):
-        forget_scores = run("attribute_forget", stage_tasks.attribute, "attribute", {"data": data, "target": target},
-                            {"which": "forget"})
-        retain_scores = run("attribute_retain", stage_tasks.attribute, "attribute", {"data": data, "target": target},
-                            {"which": "retain"})
-        mask = run("threshold_mask", stage_tasks.threshold_mask, "threshold_mask",
-                   {"forget_scores": forget_scores, "retain_scores": retain_scores})
-        if config.knockout.enabled:
-            knockout = run("knockout", stage_tasks.knockout, "knockout", {"data": data, "target": target, "mask": mask})
-    unlearned = run("unlearn", stage_tasks.unlearn, "unlearn", {"data": data, "target": target, "mask": mask},
-                    checkpoint_dir=checkpoint_folder(config))
+    masking = mask_stages(config, run, data, target)
+    unlearned = run("unlearn", stage_tasks.unlearn, "unlearn",
+                    {"data": data, "target": target, "mask": masking["mask"]}, checkpoint_dir=checkpoint_folder(config))
     if reference is not None:
         reference_eval = run("evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
                              {"data": data, "model": reference})
@@ -155,9 +191,69 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
                       {"data": data, "model": target, "reference_eval": reference_eval})
     unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",
                          {"data": data, "model": unlearned, "reference_eval": reference_eval})
+    relearned = {}
+    if config.relearn.enabled:
+        relearned = relearning_attacks(run, data, {"relearn": unlearned, "relearn_target": target,
+                                                   "relearn_reference": reference})
     refs = {
-        "data": data, "target": target, "reference": reference, "forget_scores": forget_scores,
-        "retain_scores": retain_scores, "mask": mask, "knockout": knockout, "unlearned": unlearned, "evaluate": unlearned_eval,
-        "evaluate_target": target_eval, "evaluate_reference": reference_eval,
+        "data": data, "target": target, "reference": reference, **masking, "unlearned": unlearned,
+        "evaluate": unlearned_eval,
+        "evaluate_target": target_eval, "evaluate_reference": reference_eval, **relearned,
     }
     return report(config.model_dump(mode="json"), refs, run.states, run.seconds)
+
+
+def _run_sequential(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
+    """Deletion requests one after another (``data.requests``): request i unlearns its own items
+    from the model request i-1 produced and is evaluated on every request so far, against the
+    retain reference (which never saw a forget item, so it serves every union)."""
+    data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
+    requests = deletion_requests(config, data)  # before any training: items the benchmark lacks
+    target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
+    reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
+                    {"data": data})
+    done = run_requests(config, run, data, requests, target, reference)
+    return report_requests(config.model_dump(mode="json"), {"data": data, "target": target, "reference": reference},
+                           done, run.states, run.seconds)
+
+
+def deletion_requests(config: SimuConfig, data: dict) -> list[list[str]]:
+    """The item ids of every request, checked against the prepared forget split's size."""
+    from simu_core.requests import RequestError, expand_requests
+
+    try:
+        return expand_requests(config.data.requests, stage_summary(config, data)["forget"])
+    except RequestError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def run_requests(config: SimuConfig, run: _StageRunner, data: dict, requests: list[list[str]], target: dict,
+                 reference: dict) -> list[dict[str, Any]]:
+    """Every request's stages in order, each from the model the one before produced; per request
+    its index, the forget items seen so far and its stages' refs."""
+    model, seen, done = target, [], []
+    for index, items in enumerate(requests, 1):
+        seen = [*seen, *items]
+        refs = run_request(config, run, f"request{index}", data, items, seen, model, reference)
+        done.append({"index": index, "items": len(seen), "refs": refs})
+        model = refs["unlearned"]
+    return done
+
+
+def run_request(config: SimuConfig, run: _StageRunner, label: str, data: dict, items: list[str], seen: list[str],
+                model: dict, reference: dict) -> dict[str, dict | None]:
+    """One request's stages, labelled ``<label>.<stage>``: its items' data (``select``) and the
+    union so far (``select_seen``; request 1's union is its own data), the mask on ``model``,
+    unlearning from ``model``, the evaluation on the union."""
+    own = run(f"{label}.select", stage_tasks.select_request, "select_request", {"data": data}, {"items": items})
+    union = own if seen == items else run(f"{label}.select_seen", stage_tasks.select_request, "select_request",
+                                          {"data": data}, {"items": seen})
+    masking = mask_stages(config, run, own, model, prefix=f"{label}.")
+    unlearned = run(f"{label}.unlearn", stage_tasks.unlearn, "unlearn",
+                    {"data": own, "target": model, "mask": masking["mask"]}, checkpoint_dir=checkpoint_folder(config))
+    reference_eval = run(f"{label}.evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
+                         {"data": union, "model": reference})
+    evaluation = run(f"{label}.evaluate", stage_tasks.evaluate, "evaluate",
+                     {"data": union, "model": unlearned, "reference_eval": reference_eval})
+    return {"data": union, "request_data": own, "start": model, **masking, "unlearned": unlearned,
+            "evaluate": evaluation, "evaluate_reference": reference_eval}

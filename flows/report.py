@@ -20,7 +20,13 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
     """
     results = Path(results).resolve()
     out = Path(out_dir).resolve() if out_dir else results / "report"
-    runs = reporting.read_runs(results)
+    requests = reporting.read_request_runs(results)
+    try:
+        runs = reporting.read_runs(results)
+    except ValueError:  # no single-forget-set run: the report holds the sequential requests only
+        if requests.empty:
+            raise
+        return _requests_only_report(results, out, requests)
     table = reporting.comparison_table(runs)
     markdown_table = reporting.table_markdown(table)
     points = reporting.model_reference_points(results, runs)
@@ -49,6 +55,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
                   reporting.table_markdown(points), ""]
     lines += _matched_forgetting_section(runs, points, out, plots, fq_level)
     lines += _knockout_section(results, runs, out, plots)
+    lines += _relearning_section(results, runs, out, plots)
+    lines += _requests_section(requests, out, plots)
     lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
@@ -127,3 +135,49 @@ def _knockout_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict)
     plots["knockout"] = reporting.plot_knockout(summary, curve, out / "knockout.png",
                                                 title=f"Knockout (t={latest['config.mask.threshold']})")
     return lines + [""]
+
+
+def _relearning_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict) -> list[str]:
+    """Recovery after the relearning attack per setting (mean ± std over seeds) and the curves;
+    nothing when no run attacked."""
+    table = reporting.relearn_table(runs)
+    if table.empty:
+        return []
+    table.to_csv(out / "relearning.csv", index=False)
+    curves = reporting.relearn_curves(results, runs[runs["metric.relearn_recovery"].notna()])
+    if not curves.empty:
+        plots["relearning"] = reporting.plot_relearning(curves, out / "relearning.png")
+    return ["## Relearning attack", "",
+            "A few fine-tuning steps on half of the forget items (or on retain items: `relearn.data=retain_only`), the "
+            "other half measured. recovery = the unlearned model's forget probability after the attack / the retain "
+            "reference's (1 = relearns like a model that never saw the data; > 1 = hidden, not removed); regained = "
+            "share of what unlearning removed that came back. Mean ± std over seeds.", "",
+            reporting.table_markdown(table), ""]
+
+
+def _requests_section(rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:
+    """Sequential deletion requests: per setting (method, ...) and request, mean ± std over seeds of
+    model utility, forget quality and forget probability, and the plot against the number of
+    requests; nothing when no run had ``data.requests``."""
+    if rows.empty:
+        return []
+    table = reporting.request_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "requests.csv", index=False)
+    plots["requests"] = reporting.plot_requests(rows, out / "requests.png")
+    return ["## Sequential deletion requests", "",
+            "Request i unlearns its items from the model request i-1 produced; forget measures on every request so "
+            "far, against the retain reference. Mean ± std over seeds.", "", reporting.table_markdown(table), ""]
+
+
+def _requests_only_report(results: Path, out: Path, rows: pd.DataFrame) -> dict[str, Any]:
+    """The report of a results folder that holds sequential deletion runs only."""
+    plots: dict = {}
+    count = rows["run_id"].nunique()
+    lines = [f"# simu report ({count} sequential run{'s' if count != 1 else ''})", "", f"Results folder: `{results}`",
+             "", *_requests_section(rows, out, plots)]
+    lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
+    markdown = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(markdown)
+    return {"report": str(out / "report.md"), "plots": {k: str(v) for k, v in plots.items()}, "markdown": markdown,
+            "table": reporting.request_table(rows)}

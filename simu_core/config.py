@@ -1,6 +1,6 @@
 """The one validated configuration of a simu run.
 
-Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``knockout``, ``unlearn``, ``eval``,
+Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``knockout``, ``unlearn``, ``relearn``, ``eval``,
 ``run``. Load with :func:`load_config` (YAML file, then ``--set section.key=value`` overrides).
 Every invalid value raises :class:`ConfigError` naming the field, the value and what is allowed.
 """
@@ -23,9 +23,9 @@ TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 #: benchmark's value when the config is validated. TOFU and LUME: their reference evaluators'
 #: values; the built-in benchmark's items are short.
 BENCHMARK_DEFAULTS: dict[str, dict[str, int]] = {
-    "synthetic": {"model.max_length": 128, "eval.max_new_tokens": 48},
-    "tofu": {"model.max_length": 512, "eval.max_new_tokens": 200},
-    "lume": {"model.max_length": 512, "eval.max_new_tokens": 256},
+    "synthetic": {"model.max_length": 128, "eval.max_new_tokens": 48, "relearn.lr": 1e-3},
+    "tofu": {"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5},
+    "lume": {"model.max_length": 512, "eval.max_new_tokens": 256, "relearn.lr": 1e-5},
 }
 
 
@@ -115,6 +115,31 @@ class DataConfig(_Section):
     qa_per_author: int = Field(10, ge=10, le=12, description="synthetic: QA pairs per author")
     general_facts: int = Field(40, ge=4, le=1000, description="synthetic: facts per general set")
     seed: int = Field(0, ge=0, description="synthetic: generator seed")
+    requests: int | list[list[str]] | None = Field(
+        None,
+        description="sequential deletion requests (simu_core.requests): N cuts the forget split into N contiguous "
+        "batches in item order; or a list of requests, each a list of item ids ('forget-12') or half-open ranges "
+        "('forget-0:10'); request i unlearns from the model request i-1 produced. None: one forget set",
+    )
+
+    @field_validator("requests", mode="before")
+    @classmethod
+    def _requests_well_formed(cls, value: Any) -> Any:
+        from simu_core.requests import RequestError, check_requests
+
+        try:
+            return check_requests(value)
+        except RequestError as error:  # the field is named by the error's location already
+            raise ValueError(str(error).removeprefix("data.requests: ")) from None
+
+    @model_validator(mode="after")
+    def _requests_need_a_qa_benchmark(self) -> "DataConfig":
+        if self.requests is not None and self.benchmark == "lume":
+            raise ValueError(
+                "data.requests is set with data.benchmark='lume': sequential deletion requests are for the "
+                "TOFU-style benchmarks (synthetic, tofu), whose forget items are 'forget-<row>'"
+            )
+        return self
 
 
 class AttributionConfig(_Section):
@@ -166,6 +191,28 @@ class KnockoutConfig(_Section):
         if any(size < 1 for size in value):
             raise ValueError(f"every curve size must be >= 1 neuron per layer, got {value}")
         return sorted(set(value))
+
+
+class RelearnConfig(_Section):
+    """Relearning attack (``simu_core.relearning``): fine-tune a copy of a model for a few steps on
+    half of the forget items (or on retain items), then measure the other half. Run on the
+    unlearned model, the target and the retain reference; recovery compares the first with the last."""
+
+    enabled: bool = False
+    steps: int = Field(10, ge=1, le=100000, description="optimizer steps of the attack")
+    lr: float | None = Field(
+        None, gt=0, le=1.0, description="AdamW lr, constant; None: the benchmark's (synthetic 1e-3, TOFU/LUME 1e-5)"
+    )
+    fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of the forget items (by item) the attack trains on; the rest is measured"
+    )
+    data: Literal["forget_half", "retain_only"] = Field(
+        "forget_half",
+        description="forget_half: train on the forget items not measured (targeted relearning); retain_only: on as "
+        "many retain items (benign relearning)",
+    )
+    batch_size: int = Field(4, ge=1, le=4096)
+    eval_every: int = Field(2, ge=1, description="measure the held-out half every N steps (and at 0 and the end)")
 
 
 class UnlearnConfig(_Section):
@@ -277,6 +324,7 @@ class SimuConfig(_Section):
     mask: MaskConfig = MaskConfig()
     knockout: KnockoutConfig = KnockoutConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
+    relearn: RelearnConfig = RelearnConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
@@ -310,12 +358,26 @@ class SimuConfig(_Section):
                 "model.base or model.target is required for data.benchmark='lume' "
                 "(the QA benchmarks can build their own tiny model; LUME documents need a real one)"
             )
+        if self.relearn.enabled and self.data.benchmark == "lume":
+            raise ValueError(
+                "relearn.enabled=true with data.benchmark='lume': the relearning attack measures forget probability, "
+                "ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and perturbed answers"
+            )
         # A target without a retain reference is valid (``simu eval``); the pipeline, which reports
         # forget quality, refuses it in check_pipeline_models.
         if self.run.devices > 1 and self.unlearn.checkpoint_every:
             raise ValueError(
                 f"unlearn.checkpoint_every={self.unlearn.checkpoint_every} with run.devices={self.run.devices}: "
                 "periodic checkpoints are written by one-process runs only (set unlearn.checkpoint_every=0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _requests_without_relearning(self) -> "SimuConfig":
+        if self.data.requests is not None and self.relearn.enabled:
+            raise ValueError(
+                "data.requests with relearn.enabled=true: the relearning attack runs after a single unlearning, not "
+                "per deletion request (set relearn.enabled=false, or leave data.requests unset)"
             )
         return self
 

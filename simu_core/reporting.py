@@ -325,3 +325,121 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
             frame["run_id"] = latest["run_id"]
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------------------------
+# Relearning attack (relearn.enabled): metric.relearn_* in the runs table, curves in the run folders
+
+RELEARN_METRICS = ("relearn_recovery", "relearn_recovery_rouge", "relearn_regained",
+                   "relearn_unlearned_forget_prob_before", "relearn_unlearned_forget_prob_after",
+                   "relearn_reference_forget_prob_after", "relearn_target_forget_prob_after")
+
+
+def relearn_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of the relearning figures per setting (runs that ran the attack);
+    empty when none did. Columns without the ``relearn_`` prefix."""
+    columns = {f"metric.{name}": name.removeprefix("relearn_") for name in RELEARN_METRICS}
+    if "metric.relearn_recovery" not in runs.columns:
+        return pd.DataFrame()
+    attacked = runs[runs["metric.relearn_recovery"].notna()].rename(columns=columns)
+    if attacked.empty:
+        return pd.DataFrame()
+    return comparison_table(attacked, metrics=[name for name in columns.values() if name in attacked.columns])
+
+
+def relearn_curves(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every attacked run's ``relearn_curve.parquet`` stacked, with its setting columns and seed."""
+    frames = []
+    for _, row in runs.iterrows():
+        path = Path(results) / "runs" / str(row["run_id"]) / "relearn_curve.parquet"
+        if path.exists():
+            frame = pd.read_parquet(path)
+            for column in [*setting_columns(runs), SEED_COLUMN]:
+                frame[column] = row[column]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_relearning(curves: pd.DataFrame, path: str | Path) -> Path:
+    """Forget probability of the held-out forget items during the attack: each setting's unlearned
+    model (mean ± std over seeds), and the target and the retain reference (dashed, over all runs)."""
+    from simu_core.matched import curve_label
+
+    columns = [column for column in curves.columns if column.startswith("config.") and column != SEED_COLUMN]
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    unlearned = curves[curves["model"] == "unlearned"]
+    groups = unlearned.groupby(columns, sort=True, dropna=False) if columns else [((), unlearned)]
+    for _, group in groups:
+        stats = group.groupby("step")["forget_prob"].agg(["mean", "std"])
+        label = curve_label(group.iloc[0], columns) if columns else "unlearned"
+        axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
+    for model, style in (("target", "k--"), ("reference", "k:")):
+        stats = curves[curves["model"] == model].groupby("step")["forget_prob"].mean()
+        axis.plot(stats.index, stats.to_numpy(), style, label="retain reference" if model == "reference" else model)
+    axis.set_xlabel("relearning steps")
+    axis.set_ylabel("forget probability (held-out forget items)")
+    axis.set_title("Relearning attack")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential deletion requests (data.requests): one runs-table row per request, kind "request"
+
+REQUEST_METRICS = ("model_utility", "forget_quality", "forget_prob")
+REQUEST_INDEX, REQUEST_ITEMS = "request.index", "request.items"
+
+
+def read_request_runs(results: str | Path) -> pd.DataFrame:
+    """Completed rows of sequential deletion runs (kind ``request``), the latest per configuration
+    and request; empty when there are none."""
+    path = Path(results) / "runs.parquet"
+    runs = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    if runs.empty or "kind" not in runs.columns or REQUEST_INDEX not in runs.columns:
+        return pd.DataFrame()
+    rows = runs[(runs["status"] == "completed") & (runs["kind"] == "request")]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.sort_values("time").drop_duplicates(["config_hash", REQUEST_INDEX], keep="last")
+    rows = fill_new_config_fields(rows)
+    config_columns = [column for column in rows.columns if column.startswith("config.")]
+    rows = rows.drop_duplicates([*config_columns, REQUEST_INDEX], keep="last")
+    return rows.astype({REQUEST_INDEX: int, REQUEST_ITEMS: int}).reset_index(drop=True)
+
+
+def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) -> pd.DataFrame:
+    """Mean and std over seeds of each metric per setting (method, ...) and request index, with
+    the forget items seen so far (columns ``request`` and ``items so far``)."""
+    keys = (setting_columns(rows) or ["config.unlearn.method"]) + [REQUEST_INDEX, REQUEST_ITEMS]
+    present = [metric for metric in metrics if metric in rows.columns]
+    grouped = rows.groupby(keys, sort=True, dropna=False)
+    table = grouped[present].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "seeds", grouped.size())
+    table.index.names = [key.removeprefix("config.") for key in keys]
+    return table.reset_index().rename(columns={REQUEST_INDEX: "request", REQUEST_ITEMS: "items so far"})
+
+
+def plot_requests(rows: pd.DataFrame, path: str | Path) -> Path:
+    """Model utility and forget quality (log) against the number of requests, one line per setting
+    (method, ...), mean ± std over seeds."""
+    from simu_core.matched import curve_label
+
+    columns = setting_columns(rows) or ["config.unlearn.method"]
+    figure, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    for _, group in rows.groupby(columns, sort=True, dropna=False):
+        label = curve_label(group.iloc[0], columns)
+        for axis, metric in zip(axes, ("model_utility", "forget_quality")):
+            stats = group.groupby(REQUEST_INDEX)[metric].agg(["mean", "std"])
+            axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
+    for axis, metric in zip(axes, ("model_utility", "forget_quality")):
+        axis.set_xlabel("deletion requests so far")
+        axis.set_ylabel(metric.replace("_", " ") + (" (KS p-value, log)" if metric == "forget_quality" else ""))
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        if metric == "forget_quality":
+            axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Sequential deletion requests (forget measures on every request so far; mean ± std over seeds)")
+    return _save(figure, path)

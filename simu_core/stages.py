@@ -63,6 +63,26 @@ def read_benchmark(data_dir: Path) -> QABenchmark | LumeBenchmark:
     return QABenchmark.load(folder)
 
 
+def select_request(data_dir: Path, out_dir: Path, item_ids: list[str]) -> dict[str, Any]:
+    """One deletion request's data (``data.requests``): what :func:`prepare_data` wrote, with the
+    forget split cut to ``item_ids`` (in that order), in the same layout, so every later stage
+    reads it as it reads prepared data."""
+    import shutil
+
+    from simu_core.requests import restrict_forget
+
+    benchmark = read_benchmark(data_dir)
+    if not isinstance(benchmark, QABenchmark):
+        raise ValueError("sequential deletion requests need a TOFU-style benchmark (forget items 'forget-<row>')")
+    selected = restrict_forget(benchmark, item_ids)
+    selected.save(Path(out_dir) / BENCHMARK_DIR)
+    if (Path(data_dir) / TOKENIZER_DIR).is_dir():
+        shutil.copytree(Path(data_dir) / TOKENIZER_DIR, Path(out_dir) / TOKENIZER_DIR)
+    sizes = selected.sizes()
+    (Path(out_dir) / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    return sizes
+
+
 def training_examples(
     benchmark: QABenchmark | LumeBenchmark, which: str, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[EncodedExample]:
@@ -543,5 +563,47 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Pat
                "knockout_wall_seconds": time.perf_counter() - started}
     # inf (a set that spares the retain items) travels as null in strict JSON; the Parquet keeps it.
     summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Relearning attack (issue 13)
+
+RELEARN_FILES = ("relearn_curve.parquet", "relearn_items.parquet")
+
+
+def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Relearning attack on one model (:mod:`simu_core.relearning`; nothing is saved but figures).
+
+    Writes ``relearn_curve.parquet`` (step, forget_prob, forget_rouge, forget_truth_ratio, loss,
+    seconds) and ``relearn_items.parquet`` (item_id, role 'train' | 'measured'); returns the
+    measures before and after the attack, the item counts and the wall time.
+    """
+    import time
+
+    from simu_core.relearning import attack_items, relearn_curve
+
+    started = time.perf_counter()
+    benchmark = read_benchmark(data_dir)
+    if isinstance(benchmark, LumeBenchmark):
+        raise ValueError("the relearning attack needs a TOFU-style benchmark (paraphrased and perturbed answers)")
+    settings = config.relearn
+    train, measured = attack_items(benchmark, settings, config.run.seed)
+    model, tokenizer = load_trained(model_dir, config)
+    curve = relearn_curve(model, tokenizer, train, measured, settings, config.eval, lr=settings.lr,
+                          max_length=config.model.max_length, seed=config.run.seed, progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve.to_parquet(out_dir / RELEARN_FILES[0], index=False)
+    pd.DataFrame({"item_id": [*train["item_id"], *measured["item_id"]],
+                  "role": ["train"] * len(train) + ["measured"] * len(measured)}).to_parquet(
+        out_dir / RELEARN_FILES[1], index=False)
+    first, last = curve.iloc[0], curve.iloc[-1]
+    summary = {"relearn_data": settings.data, "relearn_train_items": len(train), "relearn_measured_items": len(measured),
+               "relearn_steps": int(last["step"]),
+               **{f"{name}_before": float(first[name]) for name in ("forget_prob", "forget_rouge", "forget_truth_ratio")},
+               **{f"{name}_after": float(last[name]) for name in ("forget_prob", "forget_rouge", "forget_truth_ratio")},
+               "relearn_wall_seconds": time.perf_counter() - started}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
     return summary

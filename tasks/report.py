@@ -77,7 +77,9 @@ def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states:
         "config_hash": config.config_hash(),
     }
     for key, value in config.flat().items():
-        row[f"config.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        # data.requests is an int or a list: stored as JSON text either way (one type per column).
+        as_json = isinstance(value, (list, dict)) or (key == "data.requests" and value is not None)
+        row[f"config.{key}"] = json.dumps(value) if as_json else value
     for name in HEADLINE:
         value = metrics.get(name)
         row[name] = float(value) if value is not None else None
@@ -93,6 +95,51 @@ def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states:
 def current_run_id() -> str:
     """The Prefect flow run id, or a fresh id outside a flow."""
     return str(flow_run.id or uuid.uuid4())
+
+
+RELEARN_REFS = {"unlearned": "relearn", "target": "relearn_target", "reference": "relearn_reference"}
+
+
+def _relearn_results(store, refs: dict[str, dict | None], run_dir: Path) -> dict[str, float]:
+    """The three relearning curves stacked (``relearn_curve.parquet``, column ``model``) and the
+    recovery per step (``relearn_recovery.parquet``) into the run folder; returns the headline
+    figures (empty when the attack did not run)."""
+    curves = [_table(store, refs.get(ref_name), "relearn_curve.parquet") for ref_name in RELEARN_REFS.values()]
+    if any(curve is None for curve in curves):
+        return {}
+    from simu_core.relearning import recovery_headline, recovery_table
+
+    stacked = pd.concat([curve.assign(model=model) for model, curve in zip(RELEARN_REFS, curves)], ignore_index=True)
+    _write_parquet_atomic(stacked, run_dir / "relearn_curve.parquet")
+    _write_parquet_atomic(recovery_table(stacked), run_dir / "relearn_recovery.parquet")
+    return recovery_headline(stacked)
+
+
+def _write_tables(store, refs: dict[str, dict | None], folder: Path) -> None:
+    """Copy a run's tables into ``folder``: metrics and items of the evaluations (column ``model``),
+    attribution, mask, unlearning log, knockout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics_frames, item_frames = [], []
+    for model_name, ref_name in (("unlearned", "evaluate"), ("target", "evaluate_target"), ("reference", "evaluate_reference")):
+        for frames, file in ((metrics_frames, "metrics.parquet"), (item_frames, "items.parquet")):
+            table = _table(store, refs.get(ref_name), file)
+            if table is not None:
+                frames.append(table.assign(model=model_name))
+    if metrics_frames:
+        _write_parquet_atomic(pd.concat(metrics_frames, ignore_index=True), folder / "metrics.parquet")
+    if item_frames:
+        _write_parquet_atomic(pd.concat(item_frames, ignore_index=True), folder / "items.parquet")
+    copies = (("mask", "scores.parquet", "attribution.parquet"), ("mask", "mask.parquet", "mask.parquet"),
+              ("mask", "dual_analysis.parquet", "dual_analysis.parquet"),
+              ("mask", "threshold_jaccard.parquet", "threshold_jaccard.parquet"),
+              ("unlearned", "train_log.parquet", "train_log.parquet"),
+              ("knockout", "knockout.parquet", "knockout.parquet"),
+              ("knockout", "knockout_summary.parquet", "knockout_summary.parquet"),
+              ("knockout", "knockout_curve.parquet", "knockout_curve.parquet"))
+    for ref_name, source, target_name in copies:
+        table = _table(store, refs.get(ref_name), source)
+        if table is not None:
+            _write_parquet_atomic(table, folder / target_name)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -111,35 +158,18 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     run_dir = results / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    metrics_frames, item_frames = [], []
-    for model_name, ref_name in (("unlearned", "evaluate"), ("target", "evaluate_target"), ("reference", "evaluate_reference")):
-        for frames, file in ((metrics_frames, "metrics.parquet"), (item_frames, "items.parquet")):
-            table = _table(store, refs.get(ref_name), file)
-            if table is not None:
-                frames.append(table.assign(model=model_name))
-    if metrics_frames:
-        _write_parquet_atomic(pd.concat(metrics_frames, ignore_index=True), run_dir / "metrics.parquet")
-    if item_frames:
-        _write_parquet_atomic(pd.concat(item_frames, ignore_index=True), run_dir / "items.parquet")
-    copies = (("mask", "scores.parquet", "attribution.parquet"), ("mask", "mask.parquet", "mask.parquet"),
-              ("mask", "dual_analysis.parquet", "dual_analysis.parquet"),
-              ("mask", "threshold_jaccard.parquet", "threshold_jaccard.parquet"),
-              ("unlearned", "train_log.parquet", "train_log.parquet"),
-              ("knockout", "knockout.parquet", "knockout.parquet"),
-              ("knockout", "knockout_summary.parquet", "knockout_summary.parquet"),
-              ("knockout", "knockout_curve.parquet", "knockout_curve.parquet"))
-    for ref_name, source, target_name in copies:
-        table = _table(store, refs.get(ref_name), source)
-        if table is not None:
-            _write_parquet_atomic(table, run_dir / target_name)
+    _write_tables(store, refs, run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    relearn = _relearn_results(store, refs, run_dir)
 
     headline = _summary(store, refs.get(headline_ref))
     seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
     knockout = _summary(store, refs.get("knockout"))
     knockout_table = _table(store, refs.get("knockout"), "knockout_summary.parquet")
     # The knockout figures land in the runs table as metric.knockout_* columns.
-    append_run_row(results, run_row(cfg, run_id, "completed", {**headline, **knockout}, states, seconds, kind=kind))
+    # ... and the relearning attack's as metric.relearn_*.
+    append_run_row(results, run_row(cfg, run_id, "completed", {**headline, **knockout, **relearn}, states, seconds,
+                                    kind=kind))
 
     reference = _summary(store, refs.get("evaluate_reference"))
     target = _summary(store, refs.get("evaluate_target"))
@@ -158,6 +188,10 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
         from simu_core.knockout import format_summary
 
         lines += ["", "## Knockout check (target, nothing trained)", "", "```", *format_summary(knockout_table), "```"]
+    if relearn:
+        from simu_core.relearning import format_recovery
+
+        lines += ["", "## Relearning attack", "", "```", *format_recovery(relearn), "```"]
     stage_lines = [f"- {label}: {states.get(label, '')}, {value:.1f} s" for label, value in seconds.items()]
     lines += ["", "## Stages", *stage_lines, "", f"Results: `{run_dir}`"]
     markdown = "\n".join(lines)
@@ -170,4 +204,69 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
             "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
             "unlearning": _summary(store, refs.get("unlearned")),
             "knockout": knockout_table.to_dict(orient="records") if knockout_table is not None else None,
+            "relearn": relearn or None,
+            "markdown": markdown}
+
+
+#: The curve the CLI and the run summary show per request (besides the request and the items so far).
+REQUEST_CURVE = ("forget_quality", "model_utility", "forget_prob")
+
+
+@task(name="report_requests", cache_policy=NO_CACHE)
+def report_requests(config: dict, refs: dict[str, dict | None], requests: list[dict[str, Any]],
+                    states: dict[str, str], seconds: dict[str, float]) -> dict[str, Any]:
+    """A sequential run's results: per request, its tables under ``<run_dir>/request<i>/`` and one
+    runs-table row (kind ``request``; ``request.index``, ``request.count``, ``request.items`` = forget
+    items seen so far) with its headline metrics; Prefect artifacts; the summary with the curve.
+
+    ``refs``: the shared stages (data, target, reference); ``requests``: per request (in order) its
+    ``index``, ``items`` and ``refs`` (as :func:`report` takes them, plus ``start``: the model it
+    unlearned from).
+    """
+    started = time.perf_counter()
+    cfg = config_from_dict(config)
+    store = open_store(cfg.run.store)
+    run_id = current_run_id()
+    results = Path(cfg.run.results).resolve()
+    run_dir = results / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
+    curve, rows = [], []
+    for request in requests:
+        request_refs = request["refs"]
+        _write_tables(store, request_refs, run_dir / f"request{request['index']}")
+        headline = _summary(store, request_refs.get("evaluate"))
+        row = run_row(cfg, run_id, "completed", {**headline, **_summary(store, request_refs.get("knockout"))}, states,
+                      seconds, kind="request")
+        row.update({"request.index": request["index"], "request.count": len(requests),
+                    "request.items": request["items"]})
+        rows.append(row)
+        curve.append({"request": request["index"], "items": request["items"],
+                      **{name: headline.get(name) for name in REQUEST_CURVE},
+                      "model": request_refs["unlearned"], "start": request_refs["start"]})
+    for row in rows:
+        append_run_row(results, row)
+
+    last = requests[-1]["refs"]
+    headline, reference = _summary(store, last.get("evaluate")), _summary(store, last.get("evaluate_reference"))
+    lines = [f"# {flow_run.name or run_id}: {len(requests)} deletion requests", "",
+             "Each request unlearns its items from the model the one before produced; forget measures on every "
+             "request so far.", "", "| request | items so far | " + " | ".join(REQUEST_CURVE) + " |",
+             "|---" * (len(REQUEST_CURVE) + 2) + "|"]
+    for point in curve:
+        values = ("-" if point[name] is None else f"{point[name]:.4g}" for name in REQUEST_CURVE)
+        lines.append("| " + " | ".join([str(point["request"]), str(point["items"]), *values]) + " |")
+    stage_lines = [f"- {label}: {states.get(label, '')}, {value:.1f} s" for label, value in seconds.items()]
+    lines += ["", "## Stages", *stage_lines, "", f"Results: `{run_dir}`"]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown=markdown, key="simu-run-summary", description="deletion requests")
+    create_table_artifact(table=[{key: point[key] for key in ("request", "items", *REQUEST_CURVE)} for point in curve],
+                          key="simu-request-curve", description="metrics after each deletion request")
+    create_link_artifact(link=run_dir.as_uri(), link_text=str(run_dir), key="simu-run-results")
+    return {"run_id": run_id, "results": str(results), "run_dir": str(run_dir), "metrics": headline,
+            "target_metrics": {}, "reference_metrics": reference, "states": states, "seconds": seconds,
+            "dataset_sizes": _summary(store, refs.get("data")),
+            "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
+            "unlearning": _summary(store, last.get("unlearned")), "knockout": None, "requests": curve,
             "markdown": markdown}

@@ -28,6 +28,13 @@ def prepare_data(config: dict, store_url: str, code_version: str, params: dict, 
                      lambda out, _: stages.prepare_data(cfg, out))
 
 
+@task(name="select_request", cache_policy=stage_cache_policy("select_request"), **_TASK_OPTIONS)
+def select_request(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """One deletion request's data: the prepared benchmark with the forget split cut to ``params['items']``."""
+    return run_stage("select_request", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.select_request(dirs["data"], out, params["items"]))
+
+
 def _train(config: dict, stage: str, which: str, external: str | None, store_url: str, code_version: str,
            params: dict, inputs: dict) -> Ref:
     """A training stage, or a reference to the model the user brings instead."""
@@ -92,6 +99,14 @@ def unlearn(config: dict, store_url: str, code_version: str, params: dict, input
             progress_callback=report_progress, checkpoint_dir=checkpoint_dir,
         ),
     )
+
+
+@task(name="relearn", cache_policy=stage_cache_policy("relearn"), **_TASK_OPTIONS)
+def relearn(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """Relearning attack on a model: a few fine-tuning steps, the held-out forget items measured."""
+    cfg = config_from_dict(config)
+    return run_stage("relearn", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.relearn(cfg, dirs["data"], dirs["model"], out))
 
 
 @task(name="evaluate", cache_policy=stage_cache_policy("evaluate"), **_TASK_OPTIONS)

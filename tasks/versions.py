@@ -24,11 +24,13 @@ _STAGES_FILE = "stages.py"
 #: vocabularies and templates); the library modules themselves are found from stages.py.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "prepare_data": ("../data/synthetic",),
+    "select_request": (),
     "train_target": (),
     "train_retain_reference": (),
     "attribute": (),
     "threshold_mask": (),
     "knockout": (),
+    "relearn": (),
     "unlearn": (),
     "evaluate": (),
     "evaluate_reference": (),

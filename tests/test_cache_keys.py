@@ -19,13 +19,14 @@ from pydantic import BaseModel
 from flows.params import stage_params
 from simu_core.config import SimuConfig, config_from_dict, flatten, load_config
 
-ALL_MODEL_USERS = {"attribute", "unlearn", "evaluate", "evaluate_reference", "knockout"}
+ALL_MODEL_USERS = {"attribute", "unlearn", "evaluate", "evaluate_reference", "knockout", "relearn"}
 TRAININGS = {"train_target", "train_retain_reference"}
 
 # (field pattern, stages whose output the field changes); the first matching row wins.
 # Rows for fields that do not depend on where the models come from.
 COMMON_ROWS = [
     ("data.source", set()),  # the synthetic benchmark is generated, not read
+    ("data.requests", set()),  # the flow passes each request's items to select_request (its own key)
     ("data.*", {"prepare_data"}),
     ("attribution.*", {"attribute"}),
     ("mask.*", {"threshold_mask"}),
@@ -35,9 +36,15 @@ COMMON_ROWS = [
     ("unlearn.gradient_checkpointing", set()),  # recomputes activations: same results (test_checkpointing.py)
     ("unlearn.*", {"unlearn"}),
     ("eval.mmlu_source", set()),  # LUME only
+    ("relearn.enabled", set()),
+    ("relearn.*", {"relearn"}),
     ("eval.reference_full", {"evaluate_reference"}),
+    # The relearning attack measures with the evaluation's prompt template, batches and generation length.
+    ("eval.template", {"evaluate", "evaluate_reference", "relearn"}),
+    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn"}),
+    ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn"}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
-    ("run.seed", {"attribute", "unlearn", "knockout"}),
+    ("run.seed", {"attribute", "unlearn", "knockout", "relearn"}),
     ("run.dtype", {"unlearn"}),  # autocast: only the unlearning trainer uses it
     ("run.*", set()),  # device, devices (FSDP: same result within rounding), store, results, name, tags, fault injection
 ]
@@ -291,11 +298,11 @@ def core_copy(tmp_path, monkeypatch):
 # Per edited file: the stages whose code version must change (every other stage keeps its own).
 CODE_EDITS = {
     "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout"},  # encode_frame
-    "data/lume.py": {"prepare_data", "train_target", "train_retain_reference", "attribute", "knockout", "unlearn",
-                     "evaluate", "evaluate_reference"},
+    "data/lume.py": {"prepare_data", "select_request", "train_target", "train_retain_reference", "attribute",
+                     "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn"},
     "attribution.py": {"attribute", "threshold_mask", "knockout"},  # knockout reads scores_from_table
     "unlearning/losses.py": {"unlearn"},
-    "evaluation/qa.py": {"evaluate", "evaluate_reference"},
+    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn"},
     "../data/synthetic/templates.yaml": {"prepare_data"},
 }
 

@@ -195,8 +195,28 @@ def evaluate_qa(
     splits = evaluation_splits(benchmark, config.max_items)
     if light:
         splits = {split: splits[split] for split in LIGHT_SPLITS}
-    pad_id = pad_token_id(tokenizer)
+    items = score_items(model, tokenizer, splits, config, max_length=max_length, share_prompts=share_prompts,
+                        generate=not light)
+    metrics, notes = _aggregate(benchmark.name, items, reference_items)
+    if light:
+        notes.insert(0, LIGHT_NOTE)
+    return EvaluationResult(items=items, metrics=metrics, notes=notes)
 
+
+def score_items(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, pd.DataFrame],
+    config: EvalConfig,
+    *,
+    max_length: int = 512,
+    share_prompts: bool = True,
+    generate: bool = True,
+) -> pd.DataFrame:
+    """The per-item table (:data:`ITEM_COLUMNS`) of ``model`` on validated evaluation ``splits``
+    (any subset of :data:`QA_SPLITS`, as :func:`evaluation_splits` returns them): one batched
+    scoring pass, plus greedy generations and ROUGE when ``generate``."""
+    pad_id = pad_token_id(tokenizer)
     requests = scoring_requests(tokenizer, splits, max_length, config.template)
     scored = score_examples(
         model, requests.examples, pad_id, config.batch_size, requests.token_stats, share_prompts=share_prompts
@@ -209,7 +229,7 @@ def evaluate_qa(
     }
 
     generations: dict[tuple[str, int], str] = {}
-    if not light:
+    if generate:
         generation_keys, prompts = generation_prompts(tokenizer, splits, config.template)
         max_new_tokens = config.max_new_tokens or TOFU_MAX_NEW_TOKENS
         generations = dict(
@@ -219,11 +239,7 @@ def evaluate_qa(
     frames = [
         _split_items(split, frame, scored, where, generations, zlib_texts) for split, frame in splits.items()
     ]
-    items = pd.concat(frames, ignore_index=True)[list(ITEM_COLUMNS)]
-    metrics, notes = _aggregate(benchmark.name, items, reference_items)
-    if light:
-        notes.insert(0, LIGHT_NOTE)
-    return EvaluationResult(items=items, metrics=metrics, notes=notes)
+    return pd.concat(frames, ignore_index=True)[list(ITEM_COLUMNS)]
 
 
 def _split_items(
