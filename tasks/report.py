@@ -142,6 +142,16 @@ def _write_tables(store, refs: dict[str, dict | None], folder: Path) -> None:
             _write_parquet_atomic(table, folder / target_name)
 
 
+def _open_run(config: dict) -> tuple[SimuConfig, Any, str, Path, Path]:
+    """The run's config, store, id, results folder and run folder (created)."""
+    cfg = config_from_dict(config)
+    run_id = current_run_id()
+    results = Path(cfg.run.results).resolve()
+    run_dir = results / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, open_store(cfg.run.store), run_id, results, run_dir
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], seconds: dict[str, float],
            headline_ref: str = "evaluate", kind: str = "run") -> dict[str, Any]:
@@ -151,12 +161,7 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     the unlearned model; ``simu eval`` reports ``evaluate_target``, the model it was given).
     """
     started = time.perf_counter()
-    cfg = config_from_dict(config)
-    store = open_store(cfg.run.store)
-    run_id = current_run_id()
-    results = Path(cfg.run.results).resolve()
-    run_dir = results / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, store, run_id, results, run_dir = _open_run(config)
 
     _write_tables(store, refs, run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -224,12 +229,7 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
     unlearned from).
     """
     started = time.perf_counter()
-    cfg = config_from_dict(config)
-    store = open_store(cfg.run.store)
-    run_id = current_run_id()
-    results = Path(cfg.run.results).resolve()
-    run_dir = results / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, store, run_id, results, run_dir = _open_run(config)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
     curve, rows = [], []
