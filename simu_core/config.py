@@ -303,8 +303,8 @@ class RunConfig(_Section):
         "float32", description="autocast dtype for forward passes; state stays float32"
     )
     devices: int = Field(
-        1, ge=1, le=4096, description="devices the unlearning stage shards the model over (FSDP, launched with "
-        "torchrun on this machine; run.device's kind: GPUs, or CPU processes with gloo)",
+        1, ge=1, le=4096, description="devices the fine-tuning and unlearning stages shard the model over (FSDP, "
+        "launched with torchrun on this machine; run.device's kind: GPUs, or CPU processes with gloo)",
     )
     store: str = Field(".simu/store", description="fsspec URL of the artifact store")
     results: str = Field("results", description="results folder (Parquet)")

@@ -1,34 +1,39 @@
-"""One model over several devices: the unlearning stage under PyTorch FSDP2, launched with torchrun.
+"""One model over several devices: the fine-tuning and unlearning stages under PyTorch FSDP2,
+launched with torchrun.
 
 How a run is spread (``run.devices > 1``):
 
-- **Launch.** :func:`simu_core.stages.unlearn` starts ``torchrun --standalone --nproc-per-node N -m
-  simu_core.distributed_worker ...`` on this machine (:func:`launch_unlearning`) and waits for it;
-  every process runs the same :func:`simu_core.stages.unlearn`, which sees the process group and
-  takes the sharded path. Several machines: start ``torchrun --nnodes M --nproc-per-node N ... -m
-  simu_core.distributed_worker`` on each of them yourself (the README's "Large models"); the world
-  is whatever torchrun made. GPUs use NCCL, CPU processes gloo (tests, and machines without GPUs).
-- **Sharding.** FSDP2's ``fully_shard`` on every decoder layer, then on the model (and the same for
-  a frozen reference model), after the method's frozen set is fixed: each parameter becomes a
-  DTensor sharded along dim 0, gradients are reduce-scattered in fp32 and summed (each process's
-  loss is already its share of the global one). Masked Sophia and AdamW update the local shards
-  (``simu_core.optim.sharded``): frozen entries are never written, state exists only for a
-  shard's trainable entries.
+- **Launch.** :func:`simu_core.stages.unlearn` and :func:`simu_core.stages.train_model` (the
+  ``train_target`` / ``train_retain_reference`` stages) start ``torchrun --standalone
+  --nproc-per-node N -m simu_core.distributed_worker --stage unlearn|train ...`` on this machine
+  (:func:`launch_stage`, which first refuses more devices than the machine has:
+  :func:`check_devices`) and wait for it; every process runs the same stage function, which sees
+  the process group and takes the sharded path. Several machines: start ``torchrun --nnodes M
+  --nproc-per-node N ... -m simu_core.distributed_worker`` on each of them yourself (the README's
+  "Large models"); the world is whatever torchrun made. GPUs use NCCL, CPU processes gloo (tests,
+  and machines without GPUs).
+- **Sharding** (:func:`shard_model`). FSDP2's ``fully_shard`` on every decoder layer, then on the
+  model (and the same for unlearning's frozen reference model), after unlearning's frozen set is
+  fixed: each parameter becomes a DTensor sharded along dim 0, gradients are reduce-scattered in
+  fp32 and summed (each process's loss is already its share of the global one). Masked Sophia
+  and MasterAdamW update the local shards (``simu_core.optim.sharded``): frozen entries are never
+  written, state exists only for a shard's trainable entries.
 - **Data.** Every process reads the whole data and plans the same batches; each micro-batch's
-  items are split in contiguous chunks over the processes. A process's loss term is its chunk's
-  mean times (its chunk's tokens, or sequences for the sequence-level NPO/SimNPO) / (the
-  micro-batch's), so the sum over processes is the one-process loss, and so are the gradients,
-  the clipping norm (squares summed over processes) and Sophia's per-coordinate update: the
-  unlearned weights equal a one-process run's within float rounding
-  (``tests/test_distributed.py``). A process whose chunk is empty (a micro-batch smaller than the
-  world) runs the first item with weight 0, since FSDP's collectives need every process.
-- **Output.** The full weights are gathered to process 0 on CPU and saved there with the log and
-  ``stats.json``; the launcher reads them back.
+  items are split in contiguous chunks over the processes (:meth:`DistributedContext.split`). A
+  process's loss term is its chunk's mean times (its chunk's answer tokens, or sequences for the
+  sequence-level NPO/SimNPO) / (the micro-batch's), so the sum over processes is the one-process
+  loss, and so are the gradients, the clipping norm (:meth:`DistributedContext.clip_grad_norm_`:
+  squares summed over processes) and the optimizers' per-coordinate updates: the fine-tuned and
+  unlearned weights equal a one-process run's within float rounding (``tests/test_distributed.py``).
+  A process whose chunk is empty (a micro-batch smaller than the world) runs the first item with
+  weight 0, since FSDP's collectives need every process. Logged figures are summed over processes.
+- **Output.** The full weights are gathered to process 0 on CPU (:func:`full_state_dict`) and
+  saved there with the log and ``stats.json``; the launcher reads the stats back.
 
 Not supported with several processes: periodic checkpoints (``unlearn.checkpoint_every``, refused
 by the config), and Sophia-G's sampled labels are drawn per process (the same distribution as one
-process, other draws). Loading: each process reads the target on CPU before sharding, so a machine
-needs N x the model's size in host memory while loading.
+process, other draws). Loading: each process reads (or, for the tiny model, builds) the whole model
+on CPU before sharding, so a machine needs N x the model's size in host memory while loading.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ __all__ = [
     "check_devices",
     "current_context",
     "full_state_dict",
-    "launch_unlearning",
+    "launch_stage",
     "reset_context",
     "shard_model",
 ]
@@ -109,6 +114,24 @@ class DistributedContext:
         values = values.to(self.device, copy=True)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
+
+    def clip_grad_norm_(
+        self, grads: Sequence[torch.Tensor], max_norm: float, norm_of: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Clip local gradient shards in place to the global 2-norm ``max_norm``; returns that norm (CPU).
+
+        The norm is measured over ``norm_of`` (default ``grads``; e.g. only a shard's trainable
+        entries): squares summed in float64 here, then over processes; the coefficient is torch's
+        ``clip_grad_norm_``'s, ``min(1, max_norm / (norm + 1e-6))``. Every process must call it.
+        """
+        square = torch.zeros((), dtype=torch.float64, device=self.device)
+        for tensor in grads if norm_of is None else norm_of:
+            square += tensor.double().pow(2).sum()
+        norm = self.all_reduce_sum(square).sqrt().float()
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.dtype))
+        return norm.cpu()
 
 
 def current_context() -> DistributedContext | None:
@@ -171,21 +194,38 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # launcher (the stage's side) and worker (each process)
 
 
-def launch_unlearning(
+#: The stages a launch runs, and how its errors name them.
+STAGES = {"unlearn": "unlearning", "train": "fine-tuning"}
+
+
+def launch_stage(
     config: SimuConfig,
+    stage: str,
     data_dir: Path,
-    target_dir: Path,
-    mask_dir: Path | None,
     out_dir: Path,
+    *,
+    which: str | None = None,
+    target_dir: Path | None = None,
+    mask_dir: Path | None = None,
     reference_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the unlearning stage over ``run.devices`` processes on this machine; returns its stats.
+    """Run a stage over ``run.devices`` processes on this machine; returns its stats.
 
-    ``torchrun --standalone --nproc-per-node run.devices -m simu_core.distributed_worker``; the output of
-    the processes goes to this process's stdout/stderr (process 0 shows the progress bar). CPU
-    processes get ``torch threads / run.devices`` threads each.
+    ``stage``: ``"unlearn"`` (:func:`simu_core.stages.unlearn`: ``target_dir``, optional
+    ``mask_dir`` and ``reference_dir``) or ``"train"`` (:func:`simu_core.stages.train_model`:
+    ``which`` is ``"target"`` or ``"reference"``). Runs ``torchrun --standalone --nproc-per-node
+    run.devices -m simu_core.distributed_worker --stage STAGE ...``; the output of the processes goes
+    to this process's stdout/stderr (process 0 shows the progress bar). CPU processes get ``torch
+    threads / run.devices`` threads each. More devices than this machine has are refused first.
     """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+    if stage == "train" and which not in ("target", "reference"):
+        raise ValueError(f"which must be 'target' or 'reference', got {which!r}")
+    if stage == "unlearn" and target_dir is None:
+        raise ValueError("the unlearning stage needs target_dir")
     check_devices(config)
+    what = STAGES[stage] + (f" ({which})" if stage == "train" else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="simu-fsdp-") as scratch:
@@ -194,13 +234,13 @@ def launch_unlearning(
         error_path = Path(scratch) / "error.txt"
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.run.devices}",
-            "-m", "simu_core.distributed_worker", "--config", str(config_path), "--data", str(data_dir),
-            "--target", str(target_dir), "--out", str(out_dir), "--error-file", str(error_path),
+            "-m", "simu_core.distributed_worker", "--stage", stage, "--config", str(config_path),
+            "--data", str(data_dir), "--out", str(out_dir), "--error-file", str(error_path),
         ]
-        if mask_dir is not None:
-            command += ["--mask", str(mask_dir)]
-        if reference_dir is not None:
-            command += ["--reference", str(reference_dir)]
+        options = {"--which": which, "--target": target_dir, "--mask": mask_dir, "--reference": reference_dir}
+        for flag, value in options.items():
+            if value is not None:
+                command += [flag, str(value)]
         env = dict(os.environ)
         if config.run.device == "cpu" or not torch.cuda.is_available():
             env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // config.run.devices))
@@ -208,10 +248,10 @@ def launch_unlearning(
         if completed.returncode != 0:
             detail = error_path.read_text().strip() if error_path.is_file() else "see the processes' output above"
             raise DistributedRunError(
-                f"unlearning over {config.run.devices} processes failed (torchrun exit status "
+                f"{what} over {config.run.devices} processes failed (torchrun exit status "
                 f"{completed.returncode}): {detail}"
             )
     stats = out_dir / "stats.json"
     if not stats.is_file():
-        raise DistributedRunError(f"unlearning over {config.run.devices} processes wrote no {stats}")
+        raise DistributedRunError(f"{what} over {config.run.devices} processes wrote no {stats}")
     return json.loads(stats.read_text())

@@ -110,16 +110,36 @@ def base_model(config: SimuConfig, data_dir: Path) -> tuple[PreTrainedModel, Pre
 
 
 def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the target or the retain reference; save it as a Hugging Face folder."""
+    """Fine-tune the target or the retain reference; save it as a Hugging Face folder.
+
+    ``run.devices > 1``: sharded with FSDP over that many processes, which torchrun starts on this
+    machine (:func:`simu_core.distributed.launch_stage`); each runs this function, and process 0
+    writes the outputs (:mod:`simu_core.distributed`).
+    """
+    if which not in ("target", "reference"):
+        raise ValueError(f"which must be 'target' or 'reference', got {which!r}")
+    from simu_core.distributed import current_context, full_state_dict, launch_stage
+
+    distributed = current_context()
+    if config.run.devices > 1 and distributed is None:
+        return launch_stage(config, "train", Path(data_dir), Path(out_dir), which=which)
+    if distributed is not None:  # each process builds or loads on CPU; FSDP moves its shards to its device
+        config = config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})})
     benchmark = read_benchmark(data_dir)
     model, tokenizer = base_model(config, data_dir)
     examples = training_examples(benchmark, which, tokenizer, config.model.max_length)
     result: FinetuneResult = finetune(
         model, tokenizer, examples, config.model.finetune, seed=config.model.finetune.seed, description=f"train {which}",
-        progress=progress,
+        progress=progress, distributed=distributed,
     )
     out_dir = Path(out_dir)
-    save_model(model, tokenizer, out_dir / MODEL_DIR)
+    if distributed is not None:
+        weights = full_state_dict(model)  # every process takes part; process 0 gets them
+        if not distributed.is_main:
+            return {"examples": len(examples), "steps": len(result.log)}
+        save_model(model, tokenizer, out_dir / MODEL_DIR, state_dict=weights)
+    else:
+        save_model(model, tokenizer, out_dir / MODEL_DIR)
     result.log.to_parquet(out_dir / "train_log.parquet", index=False)
     stats = {
         "examples": len(examples),
@@ -127,6 +147,7 @@ def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, p
         "wall_seconds": result.wall_seconds,
         "tokens_per_second": result.tokens_per_second,
         "final_loss": float(result.log["loss"].iloc[-1]),
+        "devices": distributed.world if distributed is not None else 1,
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
@@ -236,13 +257,14 @@ def unlearn(
 
         check_mask_shape(mask, neurons_per_layer(_model_path(target_dir), config.model.trust_remote_code),
                          f"mask {str(mask_path)!r}")
-    from simu_core.distributed import current_context, launch_unlearning
+    from simu_core.distributed import current_context, launch_stage
 
     distributed = current_context()
     if config.run.devices > 1 and distributed is None:
         # Sharded: torchrun starts run.devices processes that each run this function (below).
-        summary = launch_unlearning(config, Path(data_dir), Path(target_dir), Path(mask_dir) if mask_dir else None,
-                                    Path(out_dir), Path(reference_dir) if reference_dir else None)
+        summary = launch_stage(config, "unlearn", Path(data_dir), Path(out_dir), target_dir=Path(target_dir),
+                               mask_dir=Path(mask_dir) if mask_dir else None,
+                               reference_dir=Path(reference_dir) if reference_dir else None)
         if progress_callback is not None:
             progress_callback(summary["steps"], summary["steps"], {})
         return summary

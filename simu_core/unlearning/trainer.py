@@ -541,16 +541,8 @@ class UnlearningTrainer:
 
     def _clip_sharded(self) -> torch.Tensor:
         """:meth:`_clip` on local shards: squares summed over processes, torch's clipping formula."""
-        grads = self.local_trainable_grads()
-        square = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grad in grads:
-            square += grad.double().pow(2).sum()
-        norm = self.distributed.all_reduce_sum(square).sqrt().float()
-        coefficient = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)
-        for t in self.trainables:
-            if t.param.grad is not None:
-                local_tensor(t.param.grad).mul_(coefficient.to(t.param.grad.dtype))
-        return norm.cpu()
+        grads = [local_tensor(t.param.grad) for t in self.trainables if t.param.grad is not None]
+        return self.distributed.clip_grad_norm_(grads, self.config.max_grad_norm, norm_of=self.local_trainable_grads())
 
     def local_trainable_grads(self) -> list[torch.Tensor]:
         """This process's gradient entries of trainable coordinates (for the clipping norm)."""
