@@ -116,7 +116,8 @@ def model_reference_points(results: str | Path, runs: pd.DataFrame,
 
 def table_markdown(table: pd.DataFrame) -> str:
     """The comparison table as Markdown, mean ± std per metric."""
-    metric_names = sorted({column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")},
+    # Headline metrics in their usual order, then any other metric in the table's own order.
+    metric_names = sorted(dict.fromkeys(column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")),
                           key=lambda name: HEADLINE_METRICS.index(name) if name in HEADLINE_METRICS else 99)
     settings = [column for column in table.columns if not column.endswith(("_mean", "_std")) and column != "seeds"]
     header = settings + ["seeds"] + metric_names
@@ -332,7 +333,8 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 RELEARN_METRICS = ("relearn_recovery", "relearn_recovery_rouge", "relearn_regained",
                    "relearn_unlearned_forget_prob_before", "relearn_unlearned_forget_prob_after",
-                   "relearn_reference_forget_prob_after", "relearn_target_forget_prob_after")
+                   "relearn_reference_forget_prob_before", "relearn_reference_forget_prob_after",
+                   "relearn_target_forget_prob_before", "relearn_target_forget_prob_after")
 
 
 def relearn_table(runs: pd.DataFrame) -> pd.DataFrame:
