@@ -37,13 +37,18 @@ if [[ $PART == all || $PART == relearn ]]; then
   $SIMU report --results $OUT/relearn
 fi
 
+# Unlearning epochs per request: 5 is the one-shot run's setting (15 steps on a request's 10 items,
+# 60 in all); 17 gives every request the one-shot run's 50-step budget (51 steps).
+REQUEST_EPOCHS=${REQUEST_EPOCHS:-5 17}
 if [[ $PART == all || $PART == requests ]]; then
-  for entry in $METHODS; do
-    name=${entry%%:*} lr=${entry##*:}
-    [[ $name == simu-random || $name == simu-mlp ]] && continue   # the three methods the issue compares
-    # shellcheck disable=SC2046
-    $SIMU ablate "${COMMON[@]}" $(method_args "$name") --grid unlearn.lr="$lr" --set data.requests=4 \
-      --set run.results=$OUT/requests
+  for epochs in $REQUEST_EPOCHS; do
+    for entry in $METHODS; do
+      name=${entry%%:*} lr=${entry##*:}
+      [[ $name == simu-random || $name == simu-mlp ]] && continue   # the three methods the issue compares
+      # shellcheck disable=SC2046
+      $SIMU ablate "${COMMON[@]}" $(method_args "$name") --grid unlearn.lr="$lr" --set data.requests=4 \
+        --set unlearn.epochs="$epochs" --set run.results=$OUT/requests-e$epochs
+    done
+    $SIMU report --results $OUT/requests-e$epochs
   done
-  $SIMU report --results $OUT/requests
 fi
