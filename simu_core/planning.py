@@ -15,7 +15,7 @@ extrapolated (exact for the phases' peaks; ``tests/test_planning.py`` compares i
 Reported per stage, in bytes per device: weights (and a frozen reference model's), fp32 master
 copies, optimizer state, gradients, "activations" (the simulated peak above those: saved
 activations plus the backward's temporaries) with and without gradient checkpointing, and the
-peak. For FSDP over N devices (unlearning only) every persistent part is divided by N and the
+peak. For FSDP over N devices (fine-tuning and unlearning) every persistent part is divided by N and the
 batch per device is ``ceil(batch / N)`` (activations are linear in it); added are the parameters
 FSDP holds unsharded (the root's embeddings, norm and head for the whole step, two decoder layers
 gathered at a time) and one layer's unsharded gradients (and their fp32 copy for the
@@ -66,7 +66,7 @@ __all__ = [
 GiB = 2**30
 #: Fraction of a device's memory a plan leaves free (CUDA context, fragmentation, NCCL buffers).
 HEADROOM = 0.10
-#: Device counts planned for FSDP unlearning (plus ``run.devices``).
+#: Device counts planned for FSDP fine-tuning and unlearning (plus ``run.devices``).
 DEVICE_COUNTS = (1, 2, 4, 8)
 #: Models of at most this many layers are simulated whole; deeper ones from 2 and 3 layers.
 EXACT_LAYERS = 4
@@ -521,9 +521,9 @@ class MemoryPlan:
         """The unlearning row for ``devices`` devices (None when not planned)."""
         return next((row for row in self.rows("unlearn") if row.devices == devices), None)
 
-    def smallest_fit(self) -> int | None:
-        """The fewest planned devices on which unlearning fits (None: none of them)."""
-        counts = sorted(row.devices for row in self.rows("unlearn") if row.fits(self.device_memory))
+    def smallest_fit(self, stage: str = "unlearn") -> int | None:
+        """The fewest planned devices on which a training stage fits (None: none of them)."""
+        counts = sorted(row.devices for row in self.rows(stage) if row.fits(self.device_memory))
         return counts[0] if counts else None
 
     def to_json(self) -> dict[str, Any]:
@@ -550,7 +550,7 @@ def plan_memory(
     ``mask``: SIMU's mask (e.g. a cached ``mask.parquet``), checked against the model's shape and
     planned by its fraction of neurons; without it, masked methods assume ``mask_fraction`` of each
     layer's neurons. ``seq_len``: tokens per sequence (default ``model.max_length``).
-    ``device_counts``: the FSDP sizes planned for unlearning (plus ``run.devices``). ``train`` is
+    ``device_counts``: the FSDP sizes planned for fine-tuning and unlearning (plus ``run.devices``). ``train`` is
     planned only when the run fine-tunes (the tiny model or ``model.base``), ``attribute`` only
     for masked methods.
     """
@@ -590,8 +590,10 @@ def plan_memory(
         step = simulate_step(model_config, config, "finetune", seq_len=seq_len)
         other = simulate_step(model_config, config, "finetune", seq_len=seq_len, gradient_checkpointing=not ckpt,
                               optimizer_step=False)
-        plan.stages.append(_row("train", 1, config.model.finetune.batch_size, seq_len, step, other.activations,
-                                ckpt, "the target and the retain reference are fine-tuned on one device"))
+        batch = config.model.finetune.batch_size
+        plan.stages.append(_row("train", 1, batch, seq_len, step, other.activations, ckpt,
+                                "fine-tuning of the target and the retain reference"))
+        plan.stages.extend(_sharded_rows("train", step, other, batch, seq_len, config, device_counts))
     if "attribute" in stages and spec.needs_mask:
         copies = config.attribution.batch_size * config.attribution.steps
         step = _at_depth(lambda shape: _simulate_pass(shape, config, copies, seq_len, True), model_config)
@@ -629,6 +631,32 @@ def _kv_cache_bytes(model_config: Any, batch: int, tokens: int, dtype: torch.dty
     return 2 * _num_layers(text) * batch * tokens * kv_heads * head_dim * dtype.itemsize
 
 
+def _sharded_rows(stage: str, step: StepMemory, other: StepMemory, batch: int, seq_len: int, config: SimuConfig,
+                  device_counts: Sequence[int]) -> list[StageMemory]:
+    """FSDP rows of a training stage (fine-tuning or unlearning), one per device count above 1, from
+    its one-device step ``step`` (``other``: the step with the other checkpointing setting)."""
+    ckpt = (config.unlearn if stage == "unlearn" else config.model.finetune).gradient_checkpointing
+    reduce_copy = 4 / _DTYPES[config.model.dtype].itemsize  # the fp32 copy reduce-scattered (simu_core.distributed)
+    rows = []
+    for devices in sorted({*device_counts, config.run.devices} - {1}):
+        local_batch = math.ceil(batch / devices)
+        share = local_batch / batch  # activations are linear in the batch
+        unsharded = step.root_params + 2 * step.layer_params
+        reduce = int(max(step.layer_trainable, step.root_trainable) * (1 + reduce_copy))
+        weights = (step.weights + step.reference) // devices + unsharded
+        gradients = step.gradients // devices + reduce
+        persistent = weights + (step.master + step.optimizer) // devices + gradients
+        excess = int(step.backward_excess * share)  # what the forward/backward adds at its peak
+        rows.append(StageMemory(
+            stage=stage, devices=devices, batch=local_batch, seq_len=seq_len, weights=weights,
+            master=step.master // devices, optimizer=step.optimizer // devices, gradients=gradients,
+            activations=int(step.activations * share), activations_other=int(other.activations * share),
+            peak=persistent + max(excess, step.optimizer_transient // devices), gradient_checkpointing=ckpt,
+            note="FSDP: shards, plus the unsharded embeddings/head, two gathered layers, one layer's gradients",
+        ))
+    return rows
+
+
 def _plan_unlearning(
     model_config: Any, config: SimuConfig, seq_len: int, mask_fraction: float, device_counts: Sequence[int]
 ) -> tuple[list[StageMemory], int]:
@@ -640,24 +668,7 @@ def _plan_unlearning(
                           gradient_checkpointing=not ckpt, optimizer_step=False)
     note = "with the frozen reference model" if step.reference else ""
     rows = [_row("unlearn", 1, batch, seq_len, step, other.activations, ckpt, note)]
-    reduce_copy = 4 / _DTYPES[config.model.dtype].itemsize  # the fp32 copy reduce-scattered (simu_core.distributed)
-    for devices in sorted({*device_counts, config.run.devices} - {1}):
-        local_batch = math.ceil(batch / devices)
-        share = local_batch / batch  # activations are linear in the batch
-        unsharded = step.root_params + 2 * step.layer_params
-        reduce = int(max(step.layer_trainable, step.root_trainable) * (1 + reduce_copy))
-        weights = (step.weights + step.reference) // devices + unsharded
-        gradients = step.gradients // devices + reduce
-        persistent = weights + (step.master + step.optimizer) // devices + gradients
-        activations = int(step.activations * share)
-        excess = int(step.backward_excess * share)  # what the forward/backward adds at its peak
-        rows.append(StageMemory(
-            stage="unlearn", devices=devices, batch=local_batch, seq_len=seq_len, weights=weights,
-            master=step.master // devices, optimizer=step.optimizer // devices, gradients=gradients,
-            activations=activations, activations_other=int(other.activations * share),
-            peak=persistent + max(excess, step.optimizer_transient // devices), gradient_checkpointing=ckpt,
-            note="FSDP: shards, plus the unsharded embeddings/head, two gathered layers, one layer's gradients",
-        ))
+    rows += _sharded_rows("unlearn", step, other, batch, seq_len, config, device_counts)
     return rows, step.trainable
 
 
@@ -687,8 +698,8 @@ _PLANS: dict[tuple, "MemoryPlan | None"] = {}
 
 
 def check_fits(config: SimuConfig) -> None:
-    """Raise :class:`PlanError` naming the numbers when unlearning cannot fit ``run.devices`` devices
-    of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
+    """Raise :class:`PlanError` naming the numbers when fine-tuning (when the run fine-tunes) or
+    unlearning cannot fit ``run.devices`` devices of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
     A model whose config cannot be read here is not checked (loading it reports that)."""
     on_gpu = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
     if config.run.devices < 2 and not on_gpu:
@@ -702,29 +713,31 @@ def check_fits(config: SimuConfig) -> None:
     if key not in _PLANS:
         try:
             _PLANS[key] = plan_memory(config, device_memory=memory, device_counts=(1, 2, 4, 8, 16, 32, 64),
-                                      stages=("unlearn",))
+                                      stages=("train", "unlearn"))
         except PlanError:
             _PLANS[key] = None
     plan = _PLANS[key]
     if plan is None:
         return
-    row = plan.unlearn(config.run.devices)
-    if row is None or row.fits(memory):
-        return
-    smallest = plan.smallest_fit()
-    smaller = ("bf16 weights (model.dtype=bfloat16), gradient checkpointing (unlearn.gradient_checkpointing=true) "
-               "or a smaller unlearn.batch_size")
-    if not on_gpu:  # CPU processes share one RAM: more of them do not add memory
-        advice = f"the processes share this machine's RAM; use a machine with more, or {smaller}"
-    elif smallest is not None:
-        advice = f"it fits from run.devices={smallest}"
-    else:
-        advice = f"it fits none of 1-64 devices: use {smaller}"
-    raise PlanError(
-        f"unlearning {plan.model} ({plan.parameters / 1e9:.3g} B parameters, {plan.method}, {plan.dtype}) needs "
-        f"{row.peak / GiB:.1f} GiB per device on run.devices={config.run.devices}, and a device here has "
-        f"{memory / GiB:.1f} GiB ({source}; {HEADROOM:.0%} kept free): {advice} (see `simu plan`)"
-    )
+    for stage, what, batch in (("train", "fine-tuning", "model.finetune"), ("unlearn", "unlearning", "unlearn")):
+        row = next((row for row in plan.rows(stage) if row.devices == config.run.devices), None)
+        if row is None or row.fits(memory):
+            continue
+        smallest = plan.smallest_fit(stage)
+        smaller = (f"bf16 weights (model.dtype=bfloat16), gradient checkpointing ({batch}.gradient_checkpointing=true) "
+                   f"or a smaller {batch}.batch_size")
+        if not on_gpu:  # CPU processes share one RAM: more of them do not add memory
+            advice = f"the processes share this machine's RAM; use a machine with more, or {smaller}"
+        elif smallest is not None:
+            advice = f"it fits from run.devices={smallest}"
+        else:
+            advice = f"it fits none of 1-64 devices: use {smaller}"
+        raise PlanError(
+            f"{what} {plan.model} ({plan.parameters / 1e9:.3g} B parameters, "
+            f"{plan.method + ', ' if stage == 'unlearn' else ''}{plan.dtype}) needs {row.peak / GiB:.1f} GiB per device on "
+            f"run.devices={config.run.devices}, and a device here has {memory / GiB:.1f} GiB ({source}; "
+            f"{HEADROOM:.0%} kept free): {advice} (see `simu plan`)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

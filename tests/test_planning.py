@@ -124,6 +124,12 @@ def test_plan_of_llama2_7b_so_graddiff_needs_fsdp(capsys, tmp_path):
     assert rows[1]["weights"] + rows[1]["optimizer"] + rows[1]["gradients"] == pytest.approx(16 * parameters, rel=0.01)
     assert rows[4]["optimizer"] == pytest.approx(8 * parameters / 4, rel=0.01)
     assert rows[4]["peak"] < 0.9 * 80 * 2**30 < rows[1]["peak"]
+    # Fine-tuning from model.base is sharded too: AdamW's two fp32 moments split over the devices.
+    train = {row["devices"]: row for row in plan["stages"] if row["stage"] == "train"}
+    assert sorted(train) == [1, 2, 4, 8]
+    assert train[1]["optimizer"] == pytest.approx(8 * parameters, rel=0.01)
+    assert train[4]["optimizer"] == pytest.approx(8 * parameters / 4, rel=0.01)
+    assert train[4]["batch"] == 4 and train[4]["peak"] < train[1]["peak"] / 2
 
 
 def test_simu_plan_counts_only_the_masks_columns_and_attention():
@@ -168,11 +174,17 @@ def test_a_model_that_does_not_fit_the_devices_is_refused_naming_the_numbers(gpu
     from simu_core.preflight import PreflightError, check_inputs
 
     gpu_of(40)
+    # From model.base: fine-tuning (fp32, batch 16) is checked first.
     config = load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff", "run.device=cuda",
                                     "run.devices=2"])
-    with pytest.raises(PreflightError, match=r"needs 57\.\d GiB per device on run\.devices=2, and a device here has "
-                                             r"40\.0 GiB .*it fits from run\.devices=4"):
+    with pytest.raises(PreflightError, match=r"^fine-tuning LlamaForCausalLM .* needs 55\.\d GiB per device on "
+                                             r"run\.devices=2, and a device here has 40\.0 GiB .*it fits from run\.devices=4"):
         check_inputs(config)
+    # A given target and reference: nothing is fine-tuned; unlearning is checked.
+    given = [f"model.target={LLAMA2_7B}", f"model.retain_reference={LLAMA2_7B}"]
+    with pytest.raises(PreflightError, match=r"^unlearning LlamaForCausalLM .* needs 57\.\d GiB per device on "
+                                             r"run\.devices=2, and a device here has 40\.0 GiB .*it fits from run\.devices=4"):
+        check_inputs(load_config(overrides=[*given, "unlearn.method=so_graddiff", "run.device=cuda", "run.devices=2"]))
     check_inputs(load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff",
                                         "run.device=cuda", "run.devices=4"]))
 
