@@ -11,8 +11,8 @@ sequences of exactly the planned length, and three figures are printed:
 - the peak RSS growth of the process during the run (``VmHWM`` minus ``VmRSS`` before it), a rough
   cross-check: glibc keeps freed pages and the allocator rounds, so it reads higher.
 
-Then the same for unlearning sharded over 2 gloo processes (FSDP2), per process, against the plan's
-2-device row. Target: estimate within 20 % of the measured tensor peak (GPU: 15 %, not measured here).
+Then the same for unlearning and for fine-tuning sharded over 2 gloo processes (FSDP2), per process,
+against the plan's 2-device rows. Target: estimate within 20 % of the measured tensor peak (GPU: 15 %, not measured here).
 """
 
 from __future__ import annotations
@@ -98,13 +98,48 @@ def measure(overrides: list[str], steps: int, distributed=None) -> dict:
     return {"tensor_peak": tracker.peak, "rss_growth": _status_kb("VmHWM") * 1024 - rss_before}
 
 
-def estimate(overrides: list[str], devices: int = 1) -> int:
+#: Fine-tuning settings (every weight trained with MasterAdamW), measured sharded.
+FINETUNE_SETTINGS = {
+    "fine-tune fp32": [],
+    "fine-tune bf16 + ckpt": ["model.dtype=bfloat16", "model.finetune.gradient_checkpointing=true"],
+}
+FINETUNE_SHAPE = ["model.finetune.batch_size=8", "model.finetune.epochs=1"]
+
+
+def measure_finetune(overrides: list[str], distributed) -> int:
+    """Fine-tune sharded for one epoch (32 items, 4 steps); this process's measured tensor peak (bytes)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    from simu_core import planning
+    from simu_core.config import load_config
+    from simu_core.distributed import shard_model
+    from simu_core.finetune import finetune
+    from simu_core.memtrack import TensorMemoryTracker
+
+    config = load_config(overrides=SHAPE + FINETUNE_SHAPE + overrides)
+    shape = planning.architecture_config(config)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape).to(getattr(torch, config.model.dtype))
+    shard_model(model, distributed)  # before counting: the tracker sees this process's shards
+    tracker = TensorMemoryTracker()
+    tracker.register([p.to_local() for p in model.parameters()] + list(model.buffers()))
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)  # finetune reads only the pad id
+    with tracker:
+        finetune(model, tokenizer, examples(32, 1, shape.vocab_size), config.model.finetune, progress=False,
+                 distributed=distributed)
+    return tracker.peak
+
+
+def estimate(overrides: list[str], devices: int = 1, stage: str = "unlearn") -> int:
     from simu_core import planning
     from simu_core.config import load_config
 
-    config = load_config(overrides=SHAPE + overrides)
-    plan = planning.plan_memory(config, device_counts=(devices,), stages=("unlearn",), seq_len=SEQ)
-    return plan.unlearn(devices).peak
+    extra = FINETUNE_SHAPE if stage == "train" else []
+    config = load_config(overrides=SHAPE + extra + overrides)
+    plan = planning.plan_memory(config, device_counts=(devices,), stages=(stage,), seq_len=SEQ)
+    return next(row.peak for row in plan.rows(stage) if row.devices == devices)
 
 
 def fsdp_worker(steps: int, out: str) -> None:
@@ -117,6 +152,8 @@ def fsdp_worker(steps: int, out: str) -> None:
     try:
         results = {name: measure(overrides, steps, current_context())["tensor_peak"]
                    for name, overrides in SETTINGS.items() if "npo" not in name}
+        results.update({name: measure_finetune(overrides, current_context())
+                        for name, overrides in FINETUNE_SETTINGS.items()})
         if dist.get_rank() == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -161,7 +198,10 @@ def main() -> None:
     print("\nFSDP over 2 gloo processes (process 0):")
     print(f"{'setting':26s} {'plan MiB':>9s} {'measured MiB':>13s} {'plan/measured':>14s}")
     for name, peak in measured.items():
-        planned = estimate(SETTINGS[name], devices=2)
+        if name in FINETUNE_SETTINGS:
+            planned = estimate(FINETUNE_SETTINGS[name], devices=2, stage="train")
+        else:
+            planned = estimate(SETTINGS[name], devices=2)
         print(f"{name:26s} {planned / MB:9.1f} {peak / MB:13.1f} {planned / peak:14.3f}")
 
 

@@ -72,15 +72,19 @@ def finetune(
 
     ``distributed``: this process's place in a sharded run. ``model`` (whole, the same on every
     process, e.g. loaded on CPU) is sharded in place with :func:`simu_core.distributed.shard_model`
-    first; afterwards :func:`simu_core.distributed.full_state_dict` gathers its weights. The log's
-    loss and gradient norm, and the token count, are the whole micro-batch's (summed over processes).
+    first (unless it is an FSDP module already); afterwards
+    :func:`simu_core.distributed.full_state_dict` gathers its weights. The log's loss and gradient
+    norm, and the token count, are the whole micro-batch's (summed over processes).
     """
     if not examples:
         raise ValueError("fine-tuning needs at least one example")
     if distributed is not None:
+        from torch.distributed.fsdp import FSDPModule
+
         from simu_core.distributed import shard_model
 
-        shard_model(model, distributed)
+        if not isinstance(model, FSDPModule):  # a model the caller sharded already is used as it is
+            shard_model(model, distributed)
         device = distributed.device
     else:
         device = next(model.parameters()).device
