@@ -49,7 +49,30 @@ def check_inputs(config: SimuConfig) -> None:
         problems.append(f"eval.mmlu_source: {config.eval.mmlu_source!r} does not exist")
     if problems:
         raise PreflightError("; ".join(problems))
+    _check_forget_set_uses(config)
     _check_devices_and_memory(config)
+
+
+def _check_forget_set_uses(config: SimuConfig) -> None:
+    """Deletion requests naming items the benchmark lacks, and a relearning attack with an empty
+    part, refused here when the split sizes are cheap to know (the built-in benchmark is generated,
+    a local TOFU folder read); a hub dataset is checked by the flow right after prepare_data."""
+    if not (config.data.requests or config.relearn.enabled) or config.data.benchmark == "lume":
+        return
+    if config.data.benchmark == "tofu" and config.data.source is None:
+        return
+    from simu_core.data import load_benchmark
+    from simu_core.relearning import check_attack_sizes
+    from simu_core.requests import expand_requests
+
+    sizes = load_benchmark(config.data).sizes()
+    try:
+        if config.data.requests:
+            expand_requests(config.data.requests, sizes["forget"])
+        if config.relearn.enabled:
+            check_attack_sizes(config.relearn, sizes["forget"], sizes["retain"])
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
 
 
 def _check_devices_and_memory(config: SimuConfig) -> None:

@@ -201,3 +201,21 @@ def test_an_empty_half_is_refused_before_any_training(prefect_api, tmp_path):
     runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
     states = {column: runs[column].iloc[-1] for column in runs if column.startswith("state.")}
     assert states == {"state.prepare_data": "Completed"}  # nothing was trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["relearn.enabled=true", "relearn.fraction=0.01"],
+     "error: relearn.fraction=0.01 of 40 forget items gives 0 item(s) to relearn on and 40 to measure"),
+    (["data.requests=[[forget-0:10], [forget-10:50]]"],
+     "error: data.requests: request 2 names items not in the benchmark (its forget split has 40 items"),
+])
+def test_cli_refuses_bad_forget_set_uses_before_starting_anything(capsys, overrides, message):
+    from flows.cli import main
+
+    arguments = ["run"]
+    for override in overrides:
+        arguments += ["--set", override]
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.out + captured.err
