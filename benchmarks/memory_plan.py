@@ -28,7 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 MB = 2**20
@@ -55,14 +54,9 @@ def _status_kb(field: str) -> int:
 
 
 def examples(count: int, seed: int, vocab: int):
-    from simu_core.prompting import IGNORE_INDEX, EncodedExample
+    from simu_core.planning import full_length_examples
 
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(count):
-        ids = rng.integers(3, vocab, SEQ).tolist()
-        items.append(EncodedExample(ids, [IGNORE_INDEX] * (SEQ // 2) + ids[SEQ // 2:]))
-    return items
+    return full_length_examples(count, SEQ, vocab, seed)
 
 
 def measure(overrides: list[str], steps: int, distributed=None) -> dict:

@@ -35,12 +35,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from simu_core.config import SimuConfig
 from simu_core.masking import NeuronMask
 from simu_core.memtrack import TensorMemoryTracker
+from simu_core.prompting import IGNORE_INDEX, EncodedExample
 
 __all__ = [
     "DEVICE_COUNTS",
@@ -55,6 +57,7 @@ __all__ = [
     "check_mask_shape",
     "device_memory",
     "format_plan",
+    "full_length_examples",
     "mask_for_plan",
     "neurons_per_layer",
     "plan_memory",
@@ -162,6 +165,17 @@ def neurons_per_layer(model_path: str | Path, trust_remote_code: bool = False) -
     with _fake_mode():
         width = _neurons_per_layer(_model_from_config(_with_layers(model_config, 1), trust_remote_code))[0]
     return [width] * _num_layers(model_config)
+
+
+def full_length_examples(count: int, seq_len: int, vocab_size: int, seed: int) -> list[EncodedExample]:
+    """Random items of exactly ``seq_len`` tokens, the second half labelled: the full-length
+    sequences a plan assumes, for measuring a real step against it (tests, benchmarks)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        ids = rng.integers(3, vocab_size, seq_len).tolist()
+        items.append(EncodedExample(ids, [IGNORE_INDEX] * (seq_len // 2) + ids[seq_len // 2:]))
+    return items
 
 
 def mask_for_plan(neurons_per_layer: Sequence[int], fraction: float) -> NeuronMask:

@@ -36,15 +36,21 @@ MODELS = ("unlearned", "target", "reference")
 MAX_GRAD_NORM = 1.0
 
 
-def relearning_split(item_count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the forget split the attack trains on and rows it measures (both sorted), drawn
-    with ``numpy.random.default_rng(seed)``: ``round(fraction * item_count)`` train rows."""
+def _train_count(item_count: int, fraction: float) -> int:
+    """``round(fraction * item_count)``, refused when it leaves either part of the forget set empty."""
     train_count = int(round(fraction * item_count))
     if train_count < 1 or train_count >= item_count:
         raise ValueError(
             f"relearn.fraction={fraction} of {item_count} forget items gives {train_count} item(s) to relearn on and "
             f"{item_count - train_count} to measure: both parts need at least one item"
         )
+    return train_count
+
+
+def relearning_split(item_count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the forget split the attack trains on and rows it measures (both sorted), drawn
+    with ``numpy.random.default_rng(seed)``: ``round(fraction * item_count)`` train rows."""
+    train_count = _train_count(item_count, fraction)
     order = np.random.default_rng(seed).permutation(item_count)
     return np.sort(order[:train_count]), np.sort(order[train_count:])
 
@@ -72,7 +78,7 @@ def attack_items(benchmark: QABenchmark, settings: RelearnConfig, seed: int) -> 
 
 def check_attack_sizes(settings: RelearnConfig, forget_items: int, retain_items: int) -> None:
     """Fail before any work when the attack's parts would be empty (sizes from ``prepare_data``)."""
-    train_count = len(relearning_split(forget_items, settings.fraction, 0)[0])
+    train_count = _train_count(forget_items, settings.fraction)
     if settings.data == "retain_only" and retain_items < train_count:
         raise ValueError(
             f"relearn.data='retain_only' needs {train_count} retain items (as many as the forget items it stands in "

@@ -351,12 +351,12 @@ def relearn_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def relearn_curves(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     """Every attacked run's ``relearn_curve.parquet`` stacked, with its setting columns and seed."""
-    frames = []
+    frames, columns = [], [*setting_columns(runs), SEED_COLUMN]
     for _, row in runs.iterrows():
         path = Path(results) / "runs" / str(row["run_id"]) / "relearn_curve.parquet"
         if path.exists():
             frame = pd.read_parquet(path)
-            for column in [*setting_columns(runs), SEED_COLUMN]:
+            for column in columns:
                 frame[column] = row[column]
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

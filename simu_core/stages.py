@@ -604,7 +604,7 @@ def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     """
     import time
 
-    from simu_core.relearning import attack_items, relearn_curve
+    from simu_core.relearning import MEASURES, attack_items, relearn_curve
 
     started = time.perf_counter()
     benchmark = read_benchmark(data_dir)
@@ -624,8 +624,8 @@ def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     first, last = curve.iloc[0], curve.iloc[-1]
     summary = {"relearn_data": settings.data, "relearn_train_items": len(train), "relearn_measured_items": len(measured),
                "relearn_steps": int(last["step"]),
-               **{f"{name}_before": float(first[name]) for name in ("forget_prob", "forget_rouge", "forget_truth_ratio")},
-               **{f"{name}_after": float(last[name]) for name in ("forget_prob", "forget_rouge", "forget_truth_ratio")},
+               **{f"{name}_before": float(first[name]) for name in MEASURES},
+               **{f"{name}_after": float(last[name]) for name in MEASURES},
                "relearn_wall_seconds": time.perf_counter() - started}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
     return summary

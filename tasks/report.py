@@ -49,12 +49,12 @@ def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def append_run_row(results: Path, row: dict[str, Any]) -> pd.DataFrame:
-    """Append one row to ``<results>/runs.parquet`` (locked, atomic replace)."""
+def append_run_row(results: Path, row: dict[str, Any] | list[dict[str, Any]]) -> pd.DataFrame:
+    """Append one row (or several, in one rewrite) to ``<results>/runs.parquet`` (locked, atomic replace)."""
     results.mkdir(parents=True, exist_ok=True)
     path = results / RUNS_TABLE
     with FileLock(str(path) + ".lock"):
-        new = pd.DataFrame([row])
+        new = pd.DataFrame(row if isinstance(row, list) else [row])
         if path.exists():
             table = pd.concat([pd.read_parquet(path), new], ignore_index=True)
         else:
@@ -245,8 +245,7 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
         curve.append({"request": request["index"], "items": request["items"],
                       **{name: headline.get(name) for name in REQUEST_CURVE},
                       "model": request_refs["unlearned"], "start": request_refs["start"]})
-    for row in rows:
-        append_run_row(results, row)
+    append_run_row(results, rows)  # every request's row in one rewrite of the table
 
     last = requests[-1]["refs"]
     headline, reference = _summary(store, last.get("evaluate")), _summary(store, last.get("evaluate_reference"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -20,7 +19,7 @@ from simu_core.finetune import finetune
 from simu_core.masking import NeuronMask
 from simu_core.memtrack import TensorMemoryTracker
 from simu_core.paths import PROJECT_ROOT
-from simu_core.prompting import IGNORE_INDEX, EncodedExample
+from simu_core.prompting import EncodedExample
 from simu_core.unlearning import build_trainer
 
 LLAMA2_7B = PROJECT_ROOT / "data" / "model_shapes" / "llama2-7b"
@@ -34,12 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def examples(count: int, seed: int, vocab: int) -> list[EncodedExample]:
     """Items of exactly SEQ tokens (the plan assumes full-length sequences), answer = second half."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(count):
-        ids = rng.integers(3, vocab, SEQ).tolist()
-        items.append(EncodedExample(ids, [IGNORE_INDEX] * (SEQ // 2) + ids[SEQ // 2:]))
-    return items
+    return planning.full_length_examples(count, SEQ, vocab, seed)
 
 
 def measured_unlearning_peak(config) -> int:
@@ -170,23 +164,21 @@ def gpu_of(monkeypatch):
     return set_memory
 
 
-def test_a_model_that_does_not_fit_the_devices_is_refused_naming_the_numbers(gpu_of):
+@pytest.mark.parametrize("models, stage, gib", [
+    # From model.base: fine-tuning (fp32, batch 16) is checked first.
+    ([f"model.base={LLAMA2_7B}"], "fine-tuning", 55),
+    # A given target and reference: nothing is fine-tuned; unlearning is checked.
+    ([f"model.target={LLAMA2_7B}", f"model.retain_reference={LLAMA2_7B}"], "unlearning", 57),
+], ids=["fine-tuning", "unlearning"])
+def test_a_model_that_does_not_fit_the_devices_is_refused_naming_the_numbers(gpu_of, models, stage, gib):
     from simu_core.preflight import PreflightError, check_inputs
 
     gpu_of(40)
-    # From model.base: fine-tuning (fp32, batch 16) is checked first.
-    config = load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff", "run.device=cuda",
-                                    "run.devices=2"])
-    with pytest.raises(PreflightError, match=r"^fine-tuning LlamaForCausalLM .* needs 55\.\d GiB per device on "
+    run = ["unlearn.method=so_graddiff", "run.device=cuda"]
+    with pytest.raises(PreflightError, match=rf"^{stage} LlamaForCausalLM .* needs {gib}\.\d GiB per device on "
                                              r"run\.devices=2, and a device here has 40\.0 GiB .*it fits from run\.devices=4"):
-        check_inputs(config)
-    # A given target and reference: nothing is fine-tuned; unlearning is checked.
-    given = [f"model.target={LLAMA2_7B}", f"model.retain_reference={LLAMA2_7B}"]
-    with pytest.raises(PreflightError, match=r"^unlearning LlamaForCausalLM .* needs 57\.\d GiB per device on "
-                                             r"run\.devices=2, and a device here has 40\.0 GiB .*it fits from run\.devices=4"):
-        check_inputs(load_config(overrides=[*given, "unlearn.method=so_graddiff", "run.device=cuda", "run.devices=2"]))
-    check_inputs(load_config(overrides=[f"model.base={LLAMA2_7B}", "unlearn.method=so_graddiff",
-                                        "run.device=cuda", "run.devices=4"]))
+        check_inputs(load_config(overrides=[*models, *run, "run.devices=2"]))
+    check_inputs(load_config(overrides=[*models, *run, "run.devices=4"]))
 
 
 def test_a_model_that_does_not_fit_even_sharded_says_so(gpu_of):
