@@ -4,8 +4,9 @@
                                   [--threads T] [--repeats R]
 
 Prepares the config's benchmark and trains its target into ``--workdir`` (reused when there;
-about a minute and a half on 2 cores for the built-in model), attributes forget and retain,
-thresholds (``simu_core.stages``), then in one process:
+about a minute and a half on 2 cores for the built-in model), runs the knockout stage once (its
+own attribution and threshold on half of the items, ``simu_core.stages.knockout``: timed whole),
+then in one process on the held-out items the stage measured:
 
 - one forward pass over the knockout items (forget + retain) with the intact model, median of
   ``--repeats``: the unit;
@@ -72,20 +73,24 @@ def main() -> None:
     if not (target / "stats.json").exists():
         print("training the target (once)...", flush=True)
         stages.train_model(config, data, target, "target", progress=False)
-    for which in ("forget", "retain"):
-        if not (work / which / stages.SCORES_FILE).exists():
-            stages.attribute(config, data, target, work / which, which, progress=False)
-    stages.threshold_mask(config, work / "forget", work / "retain", work / "mask")
+    stage = stages.knockout(config, data, target, work / "knockout", progress=False)
 
     model, tokenizer = stages.load_trained(target, config)
-    forget, retain = stages._knockout_items(config, stages.read_benchmark(data), tokenizer)
+    benchmark, roles = stages.read_benchmark(data), pd.read_parquet(work / "knockout" / "knockout_items.parquet")
+
+    def measured(split: str) -> list:
+        ids = set(roles[(roles["split"] == split) & (roles["role"] == "measured")]["item_id"])
+        frame = benchmark[split]
+        return stages._encoded_items(config, frame[frame["item_id"].astype(str).isin(ids)], False, tokenizer)[0]
+
+    forget, retain = measured("forget"), measured("retain")
     items, pad = forget + retain, pad_token_id(tokenizer)
-    scores = pd.read_parquet(work / "mask" / stages.SCORES_FILE)
-    critical = knockout_sets_from_mask_table(pd.read_parquet(work / "mask" / stages.MASK_FILE), config.mask.variant)
+    table = pd.read_parquet(work / "knockout" / "knockout_mask.parquet")
+    critical = knockout_sets_from_mask_table(table, config.mask.variant)
     settings = config.knockout
-    common = dict(retain_scores=scores_from_table(scores, "retain_score"),
-                  forget_scores=scores_from_table(scores, "selection_score"), random_draws=settings.random_draws,
-                  curve_draws=settings.curve_draws, seed=config.run.seed, batch_size=settings.batch_size)
+    common = dict(retain_scores=scores_from_table(table, "retain_score"),
+                  forget_scores=scores_from_table(table, "selection_score"), random_draws=settings.random_draws,
+                  curve_draws=settings.curve_draws, seed=settings.seed, batch_size=settings.batch_size)
 
     mean_answer_logprobs(model, items, pad, settings.batch_size)  # warm-up
     unit, _ = median_seconds(lambda: mean_answer_logprobs(model, items, pad, settings.batch_size), args.repeats)
@@ -94,7 +99,11 @@ def main() -> None:
         lambda: knockout_check(model, forget, retain, pad, critical, curve_sizes=settings.curve_sizes, **common),
         args.repeats)
     allowed = 1 + 3 * settings.random_draws  # the bound: 1 + (number of sets x draws)
-    print(f"config: {args.config}; {len(forget)} forget + {len(retain)} retain items; torch threads {args.threads}")
+    print(f"config: {args.config}; {len(forget)} forget + {len(retain)} retain items measured; torch threads "
+          f"{args.threads}")
+    print(f"knockout stage: {stage['knockout_wall_seconds']:.1f} s, of which its attribution on "
+          f"{stage['knockout_attributed_forget_items']} + {stage['knockout_attributed_retain_items']} items "
+          f"{stage['knockout_attribution_seconds']:.1f} s")
     print("\n".join(format_summary(result.summary)))
     print(f"one forward pass over the items: {unit:.3f} s (median of {args.repeats})")
     print(f"knockout without curve: {plain:.3f} s = {plain / unit:.2f} forward passes "

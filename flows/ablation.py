@@ -58,8 +58,10 @@ def simu_ablation(
     dask_address: str | None = None,
     threads: int | None = None,
     first_threads: int | None = None,
+    targets: int | None = None,
 ) -> dict[str, Any]:
-    """Run a grid of settings through the pipeline and write the comparison report.
+    """Run a grid of settings (x ``targets`` x ``seeds``) through the pipeline and write the
+    comparison report. ``targets``: N targets, ``model.finetune.seed`` = 0..N-1 (None: as configured).
 
     ``threads``: torch threads per point running in parallel (default: the caller's torch thread
     count divided by the points at once, which are ``max_parallel`` but never more than that
@@ -69,7 +71,7 @@ def simu_ablation(
     for name, value in (("max_parallel", max_parallel), ("threads", threads), ("first_threads", first_threads)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    points = sweep_points(grid, seeds, list(overrides or []), config_path)
+    points = sweep_points(grid, seeds, list(overrides or []), config_path, targets)
     budget = torch.get_num_threads()  # the process's (``simu`` sets it from the free cores)
     first_threads = first_threads or budget
     parallel = max_parallel
@@ -78,7 +80,9 @@ def simu_ablation(
         # waits on the GIL): with one free core, points run one after another.
         parallel = min(max_parallel, budget)
         threads = max(1, budget // parallel)
-    print(f"sweep: {len(points)} runs ({len(points) // max(1, seeds if 'run.seed' not in grid else 1)} settings)")
+    replicates = (seeds if "run.seed" not in grid else 1) * (targets or 1)
+    print(f"sweep: {len(points)} runs ({len(points) // max(1, replicates)} settings"
+          + (f", {targets} targets" if targets else "") + ")")
     # The first point alone computes the stages every point shares.
     print(f"torch threads: {first_threads} for the first point, "
           + (f"{threads} per point for the others ({parallel} at a time)" if threads else "the workers' own after it"))

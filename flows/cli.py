@@ -75,6 +75,10 @@ def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_CO
         # Say why the reference's column has gaps: not computed, not missing.
         print("retain reference: light evaluation, only what forget quality and privleak compare "
               "(--set eval.reference_full=true evaluates it fully)")
+    if "stop_status" in (summary.get("unlearning") or {}):
+        from simu_core.stopping import format_outcome
+
+        print(format_outcome(summary["unlearning"]))
     if summary.get("requests"):
         print("deletion requests (each from the model the one before produced; forget measures on every request "
               "so far):")
@@ -129,7 +133,7 @@ def command_ablate(args: argparse.Namespace) -> int:
             if key in grid:
                 raise ConfigError(f"grid key {key!r} given twice")
             grid[key] = values
-        points = sweep_points(grid, args.seeds, args.overrides, args.config)
+        points = sweep_points(grid, args.seeds, args.overrides, args.config, args.targets)
         for point in points:
             config = load_config(args.config, point)
             check_pipeline_models(config)
@@ -142,7 +146,7 @@ def command_ablate(args: argparse.Namespace) -> int:
     from flows.ablation import simu_ablation
 
     outcome = simu_ablation(grid=grid, seeds=args.seeds, overrides=args.overrides, config_path=args.config,
-                            max_parallel=args.max_parallel, dask_address=args.dask_address)
+                            max_parallel=args.max_parallel, dask_address=args.dask_address, targets=args.targets)
     print(f"report: {outcome['report']['report']}")
     return 0
 
@@ -178,12 +182,23 @@ def _probability(text: str) -> float:
     return value
 
 
+def _tolerance(text: str) -> float:
+    """argparse type: a relative tolerance in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
 def command_report(args: argparse.Namespace) -> int:
     """Write the comparison report of a results folder."""
     from flows.report import write_report
 
     try:
-        written = write_report(args.results, args.out, fq_level=args.fq_level)
+        written = write_report(args.results, args.out, fq_level=args.fq_level, tolerance=args.tolerance)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -241,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="a config key and its values (repeatable; the sweep is their product)")
     ablate.add_argument("--seeds", type=int, default=1, help="seeds per setting (run.seed = 0..N-1)")
+    ablate.add_argument("--targets", type=int, default=None, metavar="N",
+                        help="targets per setting: model.finetune.seed = 0..N-1, each target trained with its own "
+                        "retain reference (default: the configured one)")
     ablate.add_argument("--max-parallel", type=int, default=2, help="points run at once on this machine")
     ablate.add_argument("--dask-address", default=None, help="run points on this Dask scheduler (prefect-dask)")
     ablate.set_defaults(handler=command_ablate)
@@ -255,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="output folder (default: <results>/report)")
     report.add_argument("--fq-level", type=_probability, default=0.05,
                         help="forget-quality level of the matched-forgetting table (a KS p-value; default 0.05)")
+    report.add_argument("--tolerance", type=_tolerance, default=0.1,
+                        help="runs stopped at a level (unlearn.stop_at) count as matched within this relative "
+                        "distance of their level (default 0.1)")
     report.set_defaults(handler=command_report)
     plan = commands.add_parser("plan", help="memory per stage and device from the model's config.json (nothing runs)")
     _add_config_arguments(plan)

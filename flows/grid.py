@@ -26,28 +26,50 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def sweep_points(grid: dict[str, list[Any]], seeds: int, overrides: list[str], config_path: str | None) -> list[list[str]]:
-    """Every grid point (x seeds) as an override list, each validated before anything runs."""
+TARGET_SEED = "model.finetune.seed"
+
+
+def sweep_points(grid: dict[str, list[Any]], seeds: int, overrides: list[str], config_path: str | None,
+                 targets: int | None = None) -> list[list[str]]:
+    """Every grid point (x targets x seeds) as an override list, each validated before anything
+    runs. ``targets``: train N targets (``model.finetune.seed`` = 0..N-1, each with its own retain
+    reference), as ``seeds`` sweeps ``run.seed``; None leaves the target seed as configured."""
     if not grid:
         raise ConfigError("the grid is empty: give at least one --grid key=v1,v2")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if targets is not None:
+        if targets < 1:
+            raise ConfigError(f"--targets must be >= 1, got {targets}")
+        if TARGET_SEED in grid:
+            raise ConfigError(f"--targets sweeps {TARGET_SEED} (0..N-1) and the grid sweeps it too: give one of them")
+        if any(override.split("=", 1)[0].strip() == TARGET_SEED for override in overrides):
+            raise ConfigError(f"--targets sweeps {TARGET_SEED} (0..N-1): drop --set {TARGET_SEED}=...")
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"grid {key!r} has no values")
     seed_values = [None] if "run.seed" in grid else list(range(seeds))
+    target_values = [None] if targets is None else list(range(targets))
     points = []
     for combination in itertools.product(*grid.values()):
-        for seed in seed_values:
-            point = overrides + [f"{key}={_yaml_value(value)}" for key, value in zip(grid, combination)]
-            if seed is not None:
-                point.append(f"run.seed={seed}")
-            try:
-                load_config(config_path, point)
-            except ConfigError as error:
-                setting = ", ".join(f"{key}={value}" for key, value in zip(grid, combination))
-                raise ConfigError(f"grid point ({setting}): {error}") from None
-            points.append(point)
+        for target in target_values:
+            for seed in seed_values:
+                point = overrides + [f"{key}={_yaml_value(value)}" for key, value in zip(grid, combination)]
+                if target is not None:
+                    point.append(f"{TARGET_SEED}={target}")
+                if seed is not None:
+                    point.append(f"run.seed={seed}")
+                try:
+                    config = load_config(config_path, point)
+                except ConfigError as error:
+                    setting = ", ".join(f"{key}={value}" for key, value in zip(grid, combination))
+                    raise ConfigError(f"grid point ({setting}): {error}") from None
+                if target is not None and targets > 1 and config.model.target:
+                    # A given target is not trained: every target seed would be the same model.
+                    raise ConfigError(f"--targets {targets} with model.target={config.model.target!r}: the target "
+                                      f"is given, not trained, so {TARGET_SEED} would not change it; leave "
+                                      "model.target unset (fine-tune from model.base) or drop --targets")
+                points.append(point)
     return points
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from simu_core.config import SimuConfig
 from simu_core.models.identity import model_fingerprint
-from simu_core.stages import uses_tiny_model
+from simu_core.stages import knockout_mask_settings, uses_tiny_model
 
 MASKED_METHODS = ("simu", "simu_npo")
 
@@ -86,14 +86,14 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         "attribute": {"attribution": tree["attribution"], "model": model_identity, "seed": run["seed"]},
         # run.seed draws the random control's neurons; no other rule reads it.
         "threshold_mask": {"mask": tree["mask"], **({"seed": run["seed"]} if tree["mask"]["rule"] == "random" else {})},
-        # The critical sets come from the mask input (its key holds mask.*); run.seed draws the random sets.
+        # Its own attribution and threshold on half of the items (no mask input); knockout.seed, not
+        # run.seed, splits the items and draws the random sets, so a seed sweep shares one check.
         "knockout": {"knockout": {key: value for key, value in tree["knockout"].items() if key != "enabled"},
-                     "model": model_identity, "seed": run["seed"]},
+                     "attribution": tree["attribution"], "mask": knockout_mask_settings(config),
+                     "model": model_identity},
         # checkpoint_every only decides how often progress is saved: resuming is bit-identical; gradient
         # checkpointing recomputes activations with the same results.
-        "unlearn": {"unlearn": {key: value for key, value in tree["unlearn"].items()
-                                if key not in ("checkpoint_every", "gradient_checkpointing")},
-                    "model": model_identity, "seed": run["seed"], "autocast": run["dtype"]},
+        "unlearn": _unlearn_params(tree, model_identity),
         # The attack measures with the evaluation's template, batch size and generation length.
         "relearn": {"relearn": {key: value for key, value in tree["relearn"].items() if key != "enabled"},
                     "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
@@ -102,6 +102,25 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         # The retain reference: by default only what forget quality and privleak compare.
         "evaluate_reference": {"eval": evaluation, "model": model_identity, "full": full_reference},
     }
+
+
+#: Unlearning settings read only when the run stops at a forgetting level (``unlearn.stop_at``).
+STOP_FIELDS = ("stop_at", "eval_every", "stop_tolerance", "stop_retain_items")
+#: Evaluation settings the stop checks measure with (which items, template, batching).
+STOP_EVAL_FIELDS = ("max_items", "template", "batch_size")
+
+
+def _unlearn_params(tree: dict[str, Any], model_identity: dict[str, Any]) -> dict[str, Any]:
+    """The unlearn stage's key: ``unlearn.*`` but ``checkpoint_every`` (resuming is bit-identical) and
+    ``gradient_checkpointing`` (same results); the stop settings, and the evaluation settings the checks
+    use, only with ``stop_at`` (without it they change nothing)."""
+    stops = tree["unlearn"]["stop_at"] is not None
+    excluded = ("checkpoint_every", "gradient_checkpointing", *(() if stops else STOP_FIELDS))
+    params = {"unlearn": {key: value for key, value in tree["unlearn"].items() if key not in excluded},
+              "model": model_identity, "seed": tree["run"]["seed"], "autocast": tree["run"]["dtype"]}
+    if stops:
+        params["stop_eval"] = {key: tree["eval"][key] for key in STOP_EVAL_FIELDS}
+    return params
 
 
 def run_name(config: SimuConfig) -> str:
@@ -118,4 +137,8 @@ def run_name(config: SimuConfig) -> str:
         if not config.unlearn.train_attention:
             parts.append("mlp-only")
     parts += [f"lr{config.unlearn.lr:g}", f"s{config.run.seed}"]
+    if config.model.finetune.seed:  # another target (and its retain reference)
+        parts.append(f"target{config.model.finetune.seed}")
+    if config.unlearn.stop_at:
+        parts.append(f"stop[{config.unlearn.stop_at}]")
     return "-".join(parts)

@@ -1,7 +1,7 @@
 """The SIMU pipeline flow: one run from a config, every stage a cached task.
 
     prepare_data -> train_target -> attribute(forget), attribute(retain) -> threshold_mask
-                 -> knockout (check of the mask on the target)
+                 -> knockout (check of attribution + threshold on the target, on held-out items)
                  -> unlearn -> evaluate(unlearned, vs the retain reference) -> report
                  -> train_retain_reference -> evaluate(reference)
     relearn.enabled: relearn(unlearned), relearn(target), relearn(reference) -> recovery in the report
@@ -158,7 +158,8 @@ def relearning_attacks(run: _StageRunner, data: dict, models: dict[str, dict | N
 def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,
                 prefix: str = "") -> dict[str, dict | None]:
     """Masked methods: attribution of ``target`` on ``data``'s forget and retain items, the mask and
-    (``knockout.enabled``) its knockout check; every ref None for the other methods."""
+    (``knockout.enabled``) the knockout check of the method on held-out items; every ref None for the
+    other methods."""
     refs: dict[str, dict | None] = dict.fromkeys(("forget_scores", "retain_scores", "mask", "knockout"))
     if not uses_mask(config):
         return refs
@@ -168,25 +169,65 @@ def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,
     refs["mask"] = run(f"{prefix}threshold_mask", stage_tasks.threshold_mask, "threshold_mask",
                        {"forget_scores": refs["forget_scores"], "retain_scores": refs["retain_scores"]})
     if config.knockout.enabled:
-        refs["knockout"] = run(f"{prefix}knockout", stage_tasks.knockout, "knockout",
-                               {"data": data, "target": target, "mask": refs["mask"]})
+        # Its own attribution on half of the items: it reads the target, not the run's mask.
+        refs["knockout"] = run(f"{prefix}knockout", stage_tasks.knockout, "knockout", {"data": data, "target": target})
     return refs
+
+
+def stops_on_reference(config: SimuConfig) -> bool:
+    """Whether unlearning reads the retain reference's evaluation (``unlearn.stop_at`` with a
+    ``reference`` level, or on forget quality)."""
+    from simu_core.stopping import parse_stop_at
+
+    return config.unlearn.stop_at is not None and parse_stop_at(config.unlearn.stop_at).uses_reference
+
+
+def unlearn_inputs(config: SimuConfig, data: dict, target: dict, mask: dict | None,
+                   reference_eval: dict | None) -> dict[str, dict | None]:
+    """The unlearn stage's inputs; the retain reference's evaluation only when the stop rule reads it
+    (so runs without ``stop_at`` keep their keys)."""
+    inputs = {"data": data, "target": target, "mask": mask}
+    if stops_on_reference(config):
+        if reference_eval is None:
+            raise ConfigError(f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} needs a retain reference, "
+                              "and this run has none")
+        inputs["reference_eval"] = reference_eval
+    return inputs
+
+
+def check_stop_budget(config: SimuConfig, forget_items: int, where: str = "the forget split") -> None:
+    """Before any training: ``unlearn.eval_every`` fits in the run's steps (a run checked never but
+    at its end cannot stop at a level)."""
+    settings = config.unlearn
+    if settings.stop_at is None:
+        return
+    from simu_core.stopping import budget_steps
+
+    steps = budget_steps(forget_items, settings.batch_size, settings.grad_accum, settings.epochs, settings.max_steps)
+    if settings.eval_every > steps:
+        raise ConfigError(
+            f"invalid config: unlearn.eval_every={settings.eval_every} is larger than the run's {steps} optimizer steps "
+            f"({where}: {forget_items} forget items, batch {settings.batch_size} x grad_accum {settings.grad_accum}, "
+            f"{settings.epochs} epochs, max_steps {settings.max_steps}): lower eval_every or raise the budget"
+        )
 
 
 def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
     check_relearn_sizes(config, data)
+    check_stop_budget(config, stage_summary(config, data)["forget"])
     target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
     reference = reference_eval = None
     if has_retain_reference(config):
         reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
                         {"data": data})
     masking = mask_stages(config, run, data, target)
-    unlearned = run("unlearn", stage_tasks.unlearn, "unlearn",
-                    {"data": data, "target": target, "mask": masking["mask"]}, checkpoint_dir=checkpoint_folder(config))
-    if reference is not None:
+    if reference is not None:  # before unlearning: a stop at the reference's level reads it
         reference_eval = run("evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
                              {"data": data, "model": reference})
+    unlearned = run("unlearn", stage_tasks.unlearn, "unlearn",
+                    unlearn_inputs(config, data, target, masking["mask"], reference_eval),
+                    checkpoint_dir=checkpoint_folder(config))
     target_eval = run("evaluate_target", stage_tasks.evaluate, "evaluate",
                       {"data": data, "model": target, "reference_eval": reference_eval})
     unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",
@@ -209,6 +250,8 @@ def _run_sequential(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     retain reference (which never saw a forget item, so it serves every union)."""
     data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
     requests = deletion_requests(config, data)  # before any training: items the benchmark lacks
+    for index, items in enumerate(requests, 1):
+        check_stop_budget(config, len(items), f"request {index}")
     target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
     reference = run("train_retain_reference", stage_tasks.train_retain_reference, "train_retain_reference",
                     {"data": data})
@@ -218,22 +261,31 @@ def _run_sequential(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
 
 
 def deletion_requests(config: SimuConfig, data: dict) -> list[list[str]]:
-    """The item ids of every request, checked against the prepared forget split's size."""
-    from simu_core.requests import RequestError, expand_requests
+    """The item ids of every request, checked against the prepared forget split's size (and, with
+    the knockout check, at least 2 items each)."""
+    from simu_core.requests import expand_requests
 
     try:
-        return expand_requests(config.data.requests, stage_summary(config, data)["forget"])
-    except RequestError as error:
+        requests = expand_requests(config.data.requests, stage_summary(config, data)["forget"])
+        if config.knockout.enabled and uses_mask(config):
+            from simu_core.knockout import check_request_sizes
+
+            check_request_sizes(requests)  # it halves each request's items
+        return requests
+    except ValueError as error:  # RequestError, or a request too small for the knockout check
         raise ConfigError(f"invalid config: {error}") from None
 
 
 def run_requests(config: SimuConfig, run: _StageRunner, data: dict, requests: list[list[str]], target: dict,
                  reference: dict) -> list[dict[str, Any]]:
     """Every request's stages in order, each from the model the one before produced; per request
-    its index, the forget items seen so far and its stages' refs."""
-    model, seen, done = target, [], []
+    its index, the forget items seen so far and its stages' refs. The union so far is in
+    :func:`~simu_core.requests.union_order`, so that an ``eval.max_items`` cut holds items of every request."""
+    from simu_core.requests import union_order
+
+    model, done = target, []
     for index, items in enumerate(requests, 1):
-        seen = [*seen, *items]
+        seen = union_order(requests[:index])
         refs = run_request(config, run, f"request{index}", data, items, seen, model, reference)
         done.append({"index": index, "items": len(seen), "refs": refs})
         model = refs["unlearned"]
@@ -249,10 +301,16 @@ def run_request(config: SimuConfig, run: _StageRunner, label: str, data: dict, i
     union = own if seen == items else run(f"{label}.select_seen", stage_tasks.select_request, "select_request",
                                           {"data": data}, {"items": seen})
     masking = mask_stages(config, run, own, model, prefix=f"{label}.")
-    unlearned = run(f"{label}.unlearn", stage_tasks.unlearn, "unlearn",
-                    {"data": own, "target": model, "mask": masking["mask"]}, checkpoint_dir=checkpoint_folder(config))
     reference_eval = run(f"{label}.evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
                          {"data": union, "model": reference})
+    # A stop level is read on the request's own items (what this unlearning removes).
+    own_reference_eval = reference_eval
+    if stops_on_reference(config) and own is not union:
+        own_reference_eval = run(f"{label}.evaluate_reference_request", stage_tasks.evaluate_reference,
+                                 "evaluate_reference", {"data": own, "model": reference})
+    unlearned = run(f"{label}.unlearn", stage_tasks.unlearn, "unlearn",
+                    unlearn_inputs(config, own, model, masking["mask"], own_reference_eval),
+                    checkpoint_dir=checkpoint_folder(config))
     evaluation = run(f"{label}.evaluate", stage_tasks.evaluate, "evaluate",
                      {"data": union, "model": unlearned, "reference_eval": reference_eval})
     return {"data": union, "request_data": own, "start": model, **masking, "unlearned": unlearned,

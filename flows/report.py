@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -12,11 +13,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from simu_core import reporting
 
 
-def write_report(results: str | Path, out_dir: str | Path | None = None, fq_level: float = 0.05) -> dict[str, Any]:
+def write_report(results: str | Path, out_dir: str | Path | None = None, fq_level: float = 0.05,
+                 tolerance: float = 0.1) -> dict[str, Any]:
     """Read the runs table; write ``report.md`` and the plots; return their paths and the table.
 
     ``fq_level``: the forget-quality level of the matched-forgetting table (the retain
     reference's own forget quality is 1 by definition, so it cannot serve as the level).
+    ``tolerance``: how far (relative) from its level a run that stopped at it (``unlearn.stop_at``)
+    may be and still count as matched.
     """
     results = Path(results).resolve()
     out = Path(out_dir).resolve() if out_dir else results / "report"
@@ -47,13 +51,13 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
                 title=f"Critical and dual neurons per layer (t={latest['config.mask.threshold']})")
     table.to_csv(out / "comparison.csv", index=False)
     lines = [f"# simu comparison report ({len(runs)} runs)", "", f"Results folder: `{results}`", "",
-             "Mean ± std over seeds; one row per setting.", "", markdown_table, ""]
+             reporting.spread_note(runs), "", markdown_table, ""]
     if not points.empty:
         points.to_csv(out / "reference_points.csv", index=False)
         lines += ["Reference points: the target before unlearning and the retain reference (trained without the "
                   "forget set; forget quality 1.0 by definition), mean ± std over the same runs.", "",
                   reporting.table_markdown(points), ""]
-    lines += _matched_forgetting_section(runs, points, out, plots, fq_level)
+    lines += _matched_forgetting_section(results, runs, points, out, plots, fq_level, tolerance)
     lines += _knockout_section(results, runs, out, plots)
     lines += _relearning_section(results, runs, out, plots)
     lines += _requests_section(requests, out, plots)
@@ -65,9 +69,10 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
 
 
 @flow(name="simu-report", log_prints=True)
-def simu_report(results: str = "results", out_dir: str | None = None, fq_level: float = 0.05) -> dict[str, Any]:
+def simu_report(results: str = "results", out_dir: str | None = None, fq_level: float = 0.05,
+                tolerance: float = 0.1) -> dict[str, Any]:
     """Write the comparison report and publish it (and links to the plots) as Prefect artifacts."""
-    written = write_report(results, out_dir, fq_level)
+    written = write_report(results, out_dir, fq_level, tolerance)
     create_markdown_artifact(markdown=written["markdown"], key="simu-comparison", description="comparison table")
     create_link_artifact(link=Path(written["report"]).as_uri(), link_text="report.md", key="simu-report")
     for name, path in written["plots"].items():
@@ -76,38 +81,115 @@ def simu_report(results: str = "results", out_dir: str | None = None, fq_level: 
     return {key: value for key, value in written.items() if key != "table"}
 
 
-def _matched_forgetting_section(runs: pd.DataFrame, points: pd.DataFrame, out: Path, plots: dict,
-                                fq_level: float) -> list[str]:
-    """The matched-forgetting tables (forget probability at the retain reference's level, forget
-    quality at ``fq_level``) and the frontier plot; a clear note instead when the runs cannot
-    give them."""
-    from simu_core.matched import (LR_COLUMN, Level, MatchedForgettingError, curve_columns, matched_forgetting,
-                                   matched_markdown)
+def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.DataFrame, out: Path, plots: dict,
+                                fq_level: float, tolerance: float) -> list[str]:
+    """Matched forgetting: runs that stopped at a level (``unlearn.stop_at``) read where they
+    stopped; fixed-budget lr grids interpolated at the level; the paired differences between
+    methods; a clear note instead of a table when the runs cannot give one."""
+    from simu_core.matched import STOP_STATUS, paired_markdown
 
     lines = ["## Comparison at matched forgetting", ""]
+    is_stopped = runs[STOP_STATUS].notna() if STOP_STATUS in runs.columns else pd.Series(False, index=runs.index)
+    paired: list[pd.DataFrame] = []
+    if is_stopped.any():
+        lines += _stopped_section(results, runs[is_stopped], out, plots, tolerance, paired)
+    if not is_stopped.all():
+        lines += _interpolated_section(results, runs[~is_stopped], points, out, plots, fq_level, paired)
+    if paired:
+        table = pd.concat(paired, ignore_index=True)
+        table.to_csv(out / "paired_differences.csv", index=False)
+        lines += ["### Paired differences between methods", "",
+                  "Each pair of methods on the same readings (same target `model.finetune.seed`, seed `run.seed` and "
+                  "data): the difference A − B of each utility, mean ± std over the pairs; 'mean beyond std / 2 SE' "
+                  "says whether |mean| exceeds the pairs' standard deviation and two standard errors "
+                  "(std / sqrt(pairs)). Stopped runs: each method at its best lr; lr grids: the interpolated readings.",
+                  "", paired_markdown(table), ""]
+    return lines
+
+
+def _stopped_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict, tolerance: float,
+                     paired: list) -> list[str]:
+    """Runs that stopped at a level: per stop measure, the table per method and lr with the forget
+    value every reading reached, the readings not matched, each method's best lr, the paired
+    differences there, and the trajectories plot."""
+    from simu_core.matched import (best_lrs, curve_columns, paired_differences, stopped_markdown, stopped_readings,
+                                   stopped_table)
+
+    settings = reporting.setting_columns(runs)
+    readings = stopped_readings(runs, settings, tolerance)
+    lines = ["### Stopped at the level (`unlearn.stop_at`)", "",
+             "Each run stopped at the first check (every `unlearn.eval_every` steps) that reached its level; no "
+             "interpolation. The forget-probability level is each run's own target's retain reference.", ""]
+    for measure, by_measure in readings.groupby("measure", sort=True):
+        tables, bests = [], []
+        for stop_at, rule_readings in by_measure.groupby("stop_at", sort=True):
+            table = stopped_table(rule_readings)
+            best = best_lrs(table)
+            tables.append(table)
+            bests.append(best)
+            lines += [f"#### {stop_at}", "", stopped_markdown(table, rule_readings, best, tolerance), ""]
+            at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
+            at_best = at_best[at_best["matched"].astype(bool)]
+            differences = paired_differences(at_best)
+            if not differences.empty:
+                paired.append(differences.assign(where=f"stopped, {stop_at}, best lr"))
+        pd.concat(tables, ignore_index=True).to_csv(out / f"matched_stopped_{measure}.csv", index=False)
+        by_measure.to_csv(out / f"matched_stopped_{measure}_readings.csv", index=False)
+        pd.concat(bests, ignore_index=True).to_csv(out / f"matched_stopped_{measure}_best.csv", index=False)
+    trajectories = reporting.read_trajectories(results, runs, curve_columns(runs, settings))
+    if not trajectories.empty:
+        plots["trajectories"] = reporting.plot_trajectories(trajectories, out / "trajectories.png")
+    return lines
+
+
+def _interpolated_section(results: Path, runs: pd.DataFrame, points: pd.DataFrame, out: Path, plots: dict,
+                          fq_level: float, paired: list) -> list[str]:
+    """Fixed-budget lr grids: the matched-forgetting tables (forget probability at each target's
+    own retain reference level, forget quality at ``fq_level``) and the frontier plot."""
+    from simu_core.matched import (LR_COLUMN, Level, MatchedForgettingError, curve_columns, matched_markdown,
+                                   matched_readings, paired_differences, summarize_readings)
+
+    lines = []
     if LR_COLUMN not in runs.columns or runs[LR_COLUMN].nunique() < 2:
         return lines + ["Not computed: the runs hold fewer than 2 learning rates (sweep `unlearn.lr`, the same grid "
-                        "for every method, e.g. `--grid unlearn.lr=1e-4,2e-4,5e-4,1e-3,2e-3,5e-3`).", ""]
-    levels = []
-    reference = points.set_index("model") if not points.empty else pd.DataFrame()
-    if "retain reference" in reference.index and "forget_prob_mean" in reference.columns \
-            and pd.notna(reference.loc["retain reference", "forget_prob_mean"]):
-        levels.append(Level("forget_prob", float(reference.loc["retain reference", "forget_prob_mean"]), below=True,
-                            source="the retain reference's forget probability"))
+                        "for every method, e.g. `--grid unlearn.lr=1e-4,2e-4,5e-4,1e-3,2e-3,5e-3`), or stop each run "
+                        "at the level (`--set unlearn.stop_at=forget_prob<=reference`).", ""]
+    settings = reporting.setting_columns(runs)
+    levels: list[tuple[Level, pd.Series | None]] = []
+    own_levels = reporting.reference_levels(results, runs, "forget_prob")
+    if own_levels.notna().any():
+        distinct = sorted(own_levels.dropna().round(12).unique())
+        source = ("the retain reference's forget probability" if len(distinct) == 1 else
+                  f"each target's own retain reference, per benchmark/split: {len(distinct)} levels")
+        levels.append((Level("forget_prob", float(np.mean(distinct)), below=True, source=source), own_levels))
     else:
         lines += ["No retain reference forget probability in these runs: the forget-probability table is not computed.", ""]
-    levels.append(Level("forget_quality", fq_level, below=False,
-                        source=f"KS p-value {fq_level:g}; the reference's own is 1 by definition"))
-    columns = curve_columns(runs, reporting.setting_columns(runs))
-    for level in levels:
+    levels.append((Level("forget_quality", fq_level, below=False,
+                         source=f"KS p-value {fq_level:g}; the reference's own is 1 by definition"), None))
+    plotted = []
+    for level, values in levels:
+        if level.metric not in runs.columns or runs[level.metric].notna().sum() == 0:
+            lines += [f"Not computed for {level.metric}: no run reports {level.metric}: nothing to match on", ""]
+            continue
+        readings = matched_readings(runs, settings, level, level_values=values)
         try:
-            table = matched_forgetting(runs, reporting.setting_columns(runs), level)
+            table = summarize_readings(readings, level)
         except MatchedForgettingError as error:
             lines += [f"Not computed for {level.metric}: {error}", ""]
             continue
         table.to_csv(out / f"matched_{level.metric}.csv", index=False)
-        lines += [f"### At matched {level.metric.replace('_', ' ')}", "", matched_markdown(table, level), ""]
-    plots["frontier"] = reporting.plot_frontier(runs, out / "frontier.png", columns, levels, points)
+        readings.to_csv(out / f"matched_{level.metric}_readings.csv", index=False)
+        lines += [f"### At matched {level.metric.replace('_', ' ')} (interpolated over the lr grid)", "",
+                  matched_markdown(table, level), ""]
+        compared = readings[readings["reached"].astype(bool) & (readings["lrs"] >= 2)]
+        differences = paired_differences(compared)
+        if not differences.empty:
+            paired.append(differences.assign(where=f"interpolated at {level.metric}"))
+        # The frontier draws each distinct level (one per target and data).
+        plotted += [level] if values is None else [
+            Level(level.metric, float(value), level.below, level.source) for value in sorted(values.dropna().unique())[:12]]
+    plots["frontier"] = reporting.plot_frontier(runs, out / "frontier.png", curve_columns(runs, settings), plotted,
+                                                points)
     return lines
 
 
@@ -119,12 +201,15 @@ def _knockout_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict)
     tables.to_csv(out / "knockout.csv", index=False)
     lines = ["## Knockout check of the masks (target, nothing trained)", "",
              "Drop of the mean answer log-probability (nats per answer token) when the set's activations are zeroed; "
-             "random: mean ± std over draws; selectivity = forget drop / retain drop.", "",
-             "| " + " | ".join(["mask", "set", "neurons", "forget drop", "retain drop", "selectivity",
-                                "forget drop / random"]) + " |", "|---|---|---|---|---|---|---|"]
+             "random: mean ± std over draws; selectivity = forget drop / retain drop. One check per mask and target "
+             "(each target has its own neurons).", "",
+             "| " + " | ".join(["mask", "target", "set", "neurons", "forget drop", "retain drop", "selectivity",
+                                "forget drop / random"]) + " |", "|---|---|---|---|---|---|---|---|"]
     for _, row in tables.iterrows():
         mask = ", ".join(f"{key.removeprefix('mask.')}={row[key]}" for key in row.index if key.startswith("mask."))
-        lines.append(f"| {mask} | {row['kind']} | {int(row['neurons'])} | {row['forget_drop']:.4g} ± "
+        target = ", ".join(f"{key.removeprefix('model.')}={reporting._setting(row[key])}" for key in row.index
+                           if key.startswith(("model.", "data."))) or "-"
+        lines.append(f"| {mask} | {target} | {row['kind']} | {int(row['neurons'])} | {row['forget_drop']:.4g} ± "
                      f"{row['forget_drop_std']:.2g} | {row['retain_drop']:.4g} ± {row['retain_drop_std']:.2g} | "
                      f"{row['selectivity']:.3g} | {row['forget_drop_over_random']:.3g} |")
     latest = runs[runs["run_id"] == tables["run_id"].iloc[-1]].iloc[0]
@@ -157,7 +242,7 @@ def _relearning_section(results: Path, runs: pd.DataFrame, out: Path, plots: dic
 
 def _requests_section(rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:
     """Sequential deletion requests: per setting (method, ...) and request, mean ± std over seeds of
-    model utility, forget quality and forget probability, and the plot against the number of
+    model utility, forget quality, forget probability and retain probability, and the plot against the number of
     requests; nothing when no run had ``data.requests``."""
     if rows.empty:
         return []
@@ -167,7 +252,8 @@ def _requests_section(rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:
     plots["requests"] = reporting.plot_requests(rows, out / "requests.png")
     return ["## Sequential deletion requests", "",
             "Request i unlearns its items from the model request i-1 produced; forget measures on every request so "
-            "far, against the retain reference. Mean ± std over seeds.", "", reporting.table_markdown(table), ""]
+            "far, against the retain reference; retain probability on the retain split. Mean ± std over seeds.", "",
+            reporting.table_markdown(table), ""]
 
 
 def _requests_only_report(results: Path, out: Path, rows: pd.DataFrame) -> dict[str, Any]:

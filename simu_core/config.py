@@ -170,13 +170,20 @@ class MaskConfig(_Section):
 
 
 class KnockoutConfig(_Section):
-    """Knockout check of the mask (``simu_core.knockout``): zero the critical neurons' activations,
+    """Knockout check of the method (``simu_core.knockout``): attribute and threshold on one half of
+    the forget items (and as many retain items) with the run's attribution and mask settings, zero
+    that critical set's activations and measure the other half (and as many other retain items);
     compare with random neurons and retain-critical neurons of the same per-layer counts."""
 
     enabled: bool = True
     random_draws: int = Field(5, ge=1, le=1000, description="random sets averaged (mean and std)")
     max_items: int | None = Field(
-        None, ge=1, description="measure on at most N forget and N retain items (seeded sample); None = all"
+        None, ge=1, description="measure on at most N held-out forget and N held-out retain items; None = the "
+        "held-out half of the forget items, and as many retain items"
+    )
+    seed: int = Field(
+        0, ge=0, description="seed of the split into attributed and measured items and of the random sets (separate "
+        "from run.seed, so the runs of a seed sweep share one check)",
     )
     curve_sizes: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
@@ -255,11 +262,35 @@ class UnlearnConfig(_Section):
     simnpo_beta: float = Field(4.5, gt=0, description="SimNPO's beta (simnpo); open-unlearning's default")
     simnpo_gamma: float = Field(0.0, ge=0, description="SimNPO's reward margin gamma (simnpo)")
     train_attention: bool = True
+    stop_at: str | None = Field(
+        None,
+        description="stop at a forgetting level (simu_core/stopping.py): 'forget_prob<=reference' (the retain "
+        "reference's forget probability), 'forget_prob<=0.15', 'forget_quality>=0.05'; checked every eval_every "
+        "steps, the first check that reaches it ends the run (epochs / max_steps are the budget). None: run the budget",
+    )
+    eval_every: int = Field(
+        10, ge=1, description="stop_at: measure the forget measure every N optimizer steps (sooner near the level)"
+    )
+    stop_tolerance: float = Field(
+        0.1, gt=0, lt=1, description="stop_at: a stop within this relative distance of the level counts as matched"
+    )
+    stop_retain_items: int = Field(
+        32, ge=1, description="stop_at: retain probability measured on the first N items of the evaluation's retain split"
+    )
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward (less memory, about a "
         "third more compute); results are unchanged, so it is in no cache key",
     )
+
+    @field_validator("stop_at")
+    @classmethod
+    def _stop_at_well_formed(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none", "null"):
+            return None
+        from simu_core.stopping import parse_stop_at
+
+        return parse_stop_at(value).text()  # one spelling per rule: the same rule, the same key
 
     @field_validator("betas")
     @classmethod
@@ -363,6 +394,11 @@ class SimuConfig(_Section):
                 "relearn.enabled=true with data.benchmark='lume': the relearning attack measures forget probability, "
                 "ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and perturbed answers"
             )
+        if self.relearn.enabled and self.run.devices > 1:
+            raise ValueError(
+                f"relearn.enabled=true with run.devices={self.run.devices}: the relearning attack runs in one process "
+                "on one device (it is not sharded with FSDP); set run.devices=1 or relearn.enabled=false"
+            )
         # A target without a retain reference is valid (``simu eval``); the pipeline, which reports
         # forget quality, refuses it in check_pipeline_models.
         if self.run.devices > 1 and self.unlearn.checkpoint_every:
@@ -370,6 +406,18 @@ class SimuConfig(_Section):
                 f"unlearn.checkpoint_every={self.unlearn.checkpoint_every} with run.devices={self.run.devices}: "
                 "periodic checkpoints are written by one-process runs only (set unlearn.checkpoint_every=0)"
             )
+        if self.unlearn.stop_at is not None:
+            if self.data.benchmark == "lume":
+                raise ValueError(
+                    f"unlearn.stop_at={self.unlearn.stop_at!r} with data.benchmark='lume': the stop measures (forget "
+                    "probability, forget quality) are the TOFU-style benchmarks'; LUME has neither, nor a retain reference "
+                    "by default"
+                )
+            if self.run.devices > 1:
+                raise ValueError(
+                    f"unlearn.stop_at with run.devices={self.run.devices}: the checks run in one process (a sharded run "
+                    "would have to gather the model at every check); set run.devices=1 or leave unlearn.stop_at unset"
+                )
         return self
 
     @model_validator(mode="after")
@@ -379,6 +427,17 @@ class SimuConfig(_Section):
                 "data.requests with relearn.enabled=true: the relearning attack runs after a single unlearning, not "
                 "per deletion request (set relearn.enabled=false, or leave data.requests unset)"
             )
+        if self.data.requests is not None and self.eval.max_items is not None:
+            from simu_core.requests import request_count
+
+            count = request_count(self.data.requests)
+            if self.eval.max_items < count:
+                # The union's evaluation takes the requests in turn (requests.union_order): it needs one item each.
+                raise ValueError(
+                    f"eval.max_items={self.eval.max_items} with {count} deletion requests (data.requests): each request "
+                    f"is evaluated on the forget items of every request so far, at least one of every request; set "
+                    f"eval.max_items >= {count} (or leave it unset)"
+                )
         return self
 
     def config_hash(self) -> str:

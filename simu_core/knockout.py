@@ -6,22 +6,33 @@ directly, with nothing trained: the activations of a neuron set are set to zero 
 contributing, which is exactly what SIMU's unlearning edits), and the mean answer log-probability
 of the forget items and of the retain items is measured against the intact model.
 
+Held-out items (:func:`holdout_split`). The set is chosen on some items and measured on others:
+measured on the items that chose it, a knockout would partly measure how well attribution fits
+those very items. The forget split is cut in two by a seeded permutation; the critical set is
+attributed and thresholded on the first half (at most ``attribution.max_items`` of it) and an
+equally sized retain sample, with the run's attribution and mask settings, and the knockout
+measures the second half and as many other retain items (the same number per side, at most
+``knockout.max_items``). So the check tests the *method* (attribution + threshold) on unseen
+items of the same distribution; the set it knocks out is not the run's own mask, which is
+attributed on every forget item. The stage (``simu_core.stages.knockout``) does the attribution.
+
 Sets compared (all with the same number of neurons in every layer as the critical set):
 
 ``critical``
-    the critical forget neurons of the mask's variant (C_f, C_f minus C_r, or the dual neurons);
+    the critical forget neurons of the mask's variant (C_f, C_f minus C_r, or the dual neurons),
+    by the mask rule (the ``random`` rule's critical sets are the layer-relative ones);
 ``random``
     neurons drawn uniformly without replacement from each layer (critical ones may be drawn),
-    several draws (``numpy.random.default_rng(seed + draw)``), reported as mean and std;
+    several draws (``numpy.random.default_rng([seed, draw])``), reported as mean and std;
 ``retain_critical``
-    per layer, the neurons with the highest retain-set scores.
+    per layer, the neurons with the highest retain-set scores (of the attributed retain half).
 
 Per set: ``forget_drop`` = intact minus knocked-out mean answer log-probability on the forget items
 (nats per answer token; positive = the knockout hurts), ``retain_drop`` likewise on the retain
 items, the same two for the length-normalised answer probability ``exp(mean log p)``, and
 ``selectivity`` = forget_drop / retain_drop. The headline ratio is critical / random on the
 forget drop. A curve repeats the comparison for the top-k neurons per layer by forget score
-against k random neurons per layer, for a few k.
+against k random neurons per layer (``default_rng([seed, 1_000_003, k, draw])``), for a few k.
 """
 
 from __future__ import annotations
@@ -41,6 +52,62 @@ from simu_core.prompting import EncodedExample
 from simu_core.scoring import answer_nlls
 
 SET_KINDS = ("critical", "random", "retain_critical")
+#: Entropy tag of the item split's generators (apart from the random sets' ``[seed, draw]``).
+_SPLIT_STREAM = 2_000_003
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """Rows (positions in their split, sorted) the knockout attributes on and rows it measures."""
+
+    forget_attributed: np.ndarray
+    forget_measured: np.ndarray
+    retain_attributed: np.ndarray
+    retain_measured: np.ndarray
+
+
+def check_request_sizes(requests: Sequence[Sequence[str]]) -> None:
+    """Sequential deletion requests with the knockout check: each request's forget items are split
+    as :func:`holdout_split` splits a forget set, so each needs at least 2."""
+    for index, request in enumerate(requests, 1):
+        if len(request) < 2:
+            raise ValueError(
+                f"data.requests: request {index} has {len(request)} forget item: the knockout check chooses its neurons "
+                "on half of a request's forget items and measures the other half, so it needs at least 2 (give the "
+                "request more items, or set knockout.enabled=false)"
+            )
+
+
+def holdout_split(
+    forget_size: int, retain_size: int, seed: int, attribute_limit: int | None = None, measure_limit: int | None = None
+) -> HoldoutSplit:
+    """Split the forget and retain items into an attributed part and a disjoint measured part.
+
+    Forget: a permutation (``default_rng([seed, 2_000_003, 0])``) cut in two; the first
+    ``ceil(n / 2)`` items, at most ``attribute_limit`` of them, are attributed; the other
+    ``floor(n / 2)`` are measured. Retain (``default_rng([seed, 2_000_003, 1])``): the first items
+    of its permutation, as many as the forget items attributed, are attributed, the next ones
+    measured. Both sides measure the same number of items: the smallest of the held-out forget
+    half, the retain items left and ``measure_limit``.
+    """
+    if forget_size < 2:
+        raise ValueError(f"the knockout check needs at least 2 forget items (one half chooses the neurons, the other "
+                         f"is measured), got {forget_size}")
+    if attribute_limit is not None and attribute_limit < 1 or measure_limit is not None and measure_limit < 1:
+        raise ValueError(f"item limits must be >= 1, got {attribute_limit} and {measure_limit}")
+    forget = np.random.default_rng([seed, _SPLIT_STREAM, 0]).permutation(forget_size)
+    half = -(-forget_size // 2)
+    attributed = forget[:half][:attribute_limit]
+    retain = np.random.default_rng([seed, _SPLIT_STREAM, 1]).permutation(retain_size)
+    measured = min(forget_size - half, retain_size - len(attributed), measure_limit or forget_size)
+    if measured < 1:
+        raise ValueError(f"the knockout check attributes on {len(attributed)} retain items and measures as many "
+                         f"held-out retain items as forget items: the retain split has {retain_size}")
+    return HoldoutSplit(
+        forget_attributed=np.sort(attributed), forget_measured=np.sort(forget[half:half + measured]),
+        retain_attributed=np.sort(retain[:len(attributed)]),
+        retain_measured=np.sort(retain[len(attributed):len(attributed) + measured]),
+    )
 
 
 def layer_widths(model: nn.Module) -> list[int]:

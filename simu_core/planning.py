@@ -326,17 +326,19 @@ def simulate_step(
     gradient_checkpointing: bool | None = None,
     optimizer_step: bool = True,
 ) -> StepMemory:
-    """Simulate one step of ``stage`` (``unlearn`` or ``finetune``) at full depth (extrapolated).
+    """Simulate one step of ``stage`` (``unlearn``, ``finetune`` or ``relearn``) at full depth (extrapolated).
 
     ``unlearn``: the trainer's step with ``config.unlearn`` (SIMU-scope methods with
     ``mask_fraction`` of each layer's neurons). ``finetune``: fine-tuning's step (every parameter,
-    AdamW). ``batch`` / ``seq_len`` default to the stage's batch size and ``model.max_length``;
-    ``gradient_checkpointing`` to the stage's setting. ``optimizer_step=False`` skips the optimizer
-    (and its state): for activation figures only.
+    AdamW). ``relearn``: the relearning attack's step (every parameter, MasterAdamW, no weight
+    decay, no checkpointing, ``relearn.batch_size`` items). ``batch`` / ``seq_len`` default to the
+    stage's batch size and ``model.max_length``; ``gradient_checkpointing`` to the stage's setting.
+    ``optimizer_step=False`` skips the optimizer (and its state): for activation figures only.
     """
-    if stage not in ("unlearn", "finetune"):
-        raise ValueError(f"stage must be 'unlearn' or 'finetune', got {stage!r}")
-    settings = config.unlearn if stage == "unlearn" else config.model.finetune
+    if stage not in ("unlearn", "finetune", "relearn"):
+        raise ValueError(f"stage must be 'unlearn', 'finetune' or 'relearn', got {stage!r}")
+    settings = {"unlearn": config.unlearn, "finetune": config.model.finetune,
+                "relearn": _relearn_settings(config)}[stage]
     batch = batch or settings.batch_size
     seq_len = seq_len or config.model.max_length
     checkpointing = settings.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
@@ -345,6 +347,14 @@ def simulate_step(
                                      optimizer_step),
         model_config,
     )
+
+
+def _relearn_settings(config: SimuConfig) -> Any:
+    """The attack's step as a fine-tuning step (``simu_core.relearning.relearn_curve``: MasterAdamW
+    over every parameter at a constant lr, no weight decay, clipped, never checkpointed)."""
+    relearn = config.relearn
+    return config.model.finetune.model_copy(update={
+        "batch_size": relearn.batch_size, "lr": relearn.lr, "weight_decay": 0.0, "gradient_checkpointing": False})
 
 
 def _simulate_step(
@@ -360,8 +370,9 @@ def _simulate_step(
         settings = config.unlearn
         spec = get_method(settings.method)
         objective = build_objective(settings, spec)
-    else:
-        settings, spec, objective = config.model.finetune, get_method("ga"), None
+    else:  # fine-tuning, or the relearning attack's step (the same loss on every parameter)
+        settings = config.model.finetune if stage == "finetune" else _relearn_settings(config)
+        spec, objective = get_method("ga"), None
     with _fake_mode() as mode:
         model = _fake_model(model_config, config)
         reference = _fake_model(model_config, config) if objective is not None and objective.needs_reference else None
@@ -556,7 +567,7 @@ def plan_memory(
     mask: NeuronMask | None = None,
     mask_fraction: float = 0.05,
     seq_len: int | None = None,
-    stages: Sequence[str] = ("train", "attribute", "unlearn", "evaluate"),
+    stages: Sequence[str] = ("train", "attribute", "unlearn", "evaluate", "relearn"),
     device_memory_source: str = "",
 ) -> MemoryPlan:
     """Plan the run's stages per device (see the module docstring).
@@ -566,7 +577,8 @@ def plan_memory(
     layer's neurons. ``seq_len``: tokens per sequence (default ``model.max_length``).
     ``device_counts``: the FSDP sizes planned for fine-tuning and unlearning (plus ``run.devices``). ``train`` is
     planned only when the run fine-tunes (the tiny model or ``model.base``), ``attribute`` only
-    for masked methods.
+    for masked methods, ``relearn`` only with ``relearn.enabled`` (one device: the attack is not
+    sharded).
     """
     from simu_core.unlearning import get_method
 
@@ -625,7 +637,24 @@ def plan_memory(
                    "the larger of the scoring pass and greedy generation's KV cache")
         plan.stages.append(StageMemory(**{**asdict(row), "activations": max(row.activations, cache),
                                           "peak": max(row.peak, generation)}))
+    if "relearn" in stages and config.relearn.enabled:
+        plan.stages.append(_relearn_row(model_config, config, seq_len, evaluation, dtype))
     return plan
+
+
+def _relearn_row(model_config: Any, config: SimuConfig, seq_len: int, evaluation: StepMemory,
+                 dtype: torch.dtype) -> StageMemory:
+    """The relearning attack on one device: its training step, or its measurements (the evaluation's
+    scoring pass or generation KV cache, whichever is larger) made between steps while the weights,
+    masters and moments stay alive (gradients are freed before)."""
+    batch = config.relearn.batch_size
+    step = simulate_step(model_config, config, "relearn", seq_len=seq_len)
+    cache = _kv_cache_bytes(model_config, config.eval.batch_size, seq_len + config.eval.max_new_tokens, dtype)
+    measuring = step.weights + step.master + step.optimizer + max(evaluation.activations, cache)
+    row = _row("relearn", 1, batch, seq_len, step, None, False,
+               "the attack's AdamW step on every parameter, or its measurements with the optimizer state alive; "
+               "one device (not sharded)")
+    return StageMemory(**{**asdict(row), "peak": max(step.peak, measuring)})
 
 
 def _row(stage: str, devices: int, batch: int, seq_len: int, step: StepMemory, other: int | None,
@@ -712,8 +741,9 @@ _PLANS: dict[tuple, "MemoryPlan | None"] = {}
 
 
 def check_fits(config: SimuConfig) -> None:
-    """Raise :class:`PlanError` naming the numbers when fine-tuning (when the run fine-tunes) or
-    unlearning cannot fit ``run.devices`` devices of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
+    """Raise :class:`PlanError` naming the numbers when fine-tuning (when the run fine-tunes),
+    unlearning or the relearning attack (``relearn.enabled``; one device) cannot fit ``run.devices``
+    devices of this machine. Checked for GPU runs and sharded runs (a one-process CPU run is left to the OS).
     A model whose config cannot be read here is not checked (loading it reports that)."""
     on_gpu = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
     if config.run.devices < 2 and not on_gpu:
@@ -722,12 +752,14 @@ def check_fits(config: SimuConfig) -> None:
     # A sweep checks every point: plan each memory-relevant setting once.
     unlearn = config.unlearn.model_dump(include={"method", "batch_size", "gradient_checkpointing", "train_attention",
                                                  "retain_loss", "retain_weight", "forget_weight"})
+    relearn = (config.relearn.model_dump_json(), config.eval.batch_size, config.eval.max_new_tokens) \
+        if config.relearn.enabled else None
     key = (config.model.model_dump_json(), json.dumps(unlearn, sort_keys=True), config.data.benchmark,
-           config.run.dtype, config.run.devices, memory)
+           config.run.dtype, config.run.devices, memory, relearn)
     if key not in _PLANS:
         try:
             _PLANS[key] = plan_memory(config, device_memory=memory, device_counts=(1, 2, 4, 8, 16, 32, 64),
-                                      stages=("train", "unlearn"))
+                                      stages=("train", "unlearn", "relearn"))
         except PlanError:
             _PLANS[key] = None
     plan = _PLANS[key]
@@ -751,6 +783,14 @@ def check_fits(config: SimuConfig) -> None:
             f"{plan.method + ', ' if stage == 'unlearn' else ''}{plan.dtype}) needs {row.peak / GiB:.1f} GiB per device on "
             f"run.devices={config.run.devices}, and a device here has {memory / GiB:.1f} GiB ({source}; "
             f"{HEADROOM:.0%} kept free): {advice} (see `simu plan`)"
+        )
+    relearning = plan.rows("relearn")
+    if relearning and not relearning[0].fits(memory):
+        raise PlanError(
+            f"the relearning attack {plan.model} ({plan.parameters / 1e9:.3g} B parameters, {plan.dtype}) needs "
+            f"{relearning[0].peak / GiB:.1f} GiB on its one device, and a device here has {memory / GiB:.1f} GiB "
+            f"({source}; {HEADROOM:.0%} kept free): the attack (AdamW on every parameter) is not sharded; use a "
+            "smaller relearn.batch_size, a larger device, or relearn.enabled=false (see `simu plan`)"
         )
 
 

@@ -68,11 +68,22 @@ def _check_forget_set_uses(config: SimuConfig) -> None:
     sizes = load_benchmark(config.data).sizes()
     try:
         if config.data.requests:
-            expand_requests(config.data.requests, sizes["forget"])
+            requests = expand_requests(config.data.requests, sizes["forget"])
+            if knockout_runs(config):
+                from simu_core.knockout import check_request_sizes
+
+                check_request_sizes(requests)
         if config.relearn.enabled:
             check_attack_sizes(config.relearn, sizes["forget"], sizes["retain"])
     except ValueError as error:
         raise PreflightError(str(error)) from None
+
+
+def knockout_runs(config: SimuConfig) -> bool:
+    """Whether the run has a knockout check: a masked method with ``knockout.enabled``."""
+    from simu_core.unlearning import get_method
+
+    return config.knockout.enabled and get_method(config.unlearn.method).needs_mask
 
 
 def _check_devices_and_memory(config: SimuConfig) -> None:

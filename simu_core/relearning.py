@@ -133,7 +133,11 @@ def relearn_curve(
     """Fine-tune ``model`` in place on ``train`` for ``settings.steps`` steps (MasterAdamW: fp32
     master and moments, constant ``lr``, no weight decay, clip 1.0) and measure ``measured`` at
     :func:`curve_steps`. Returns one row per measured step: ``step``, :data:`MEASURES`, ``loss``
-    (the last step's training loss; NaN at step 0) and ``seconds`` (training time so far)."""
+    (the last step's training loss; NaN at step 0) and ``seconds`` (training time so far).
+
+    ``seed`` draws the batches (a generator of its own) and seeds torch's global generators
+    (``torch.manual_seed``), which dropout draws from: a model with dropout relearns the same way
+    whatever ran before. The global state is left as the attack leaves it, not restored."""
     examples: list[EncodedExample] = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(train["question"],
                                                                                                train["answer"])]
     if not examples:
@@ -141,6 +145,7 @@ def relearn_curve(
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout's masks come from the global generators
     optimizer = MasterAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoints = set(curve_steps(settings.steps, settings.eval_every))
     rows, trained_seconds, loss_value = [], 0.0, float("nan")

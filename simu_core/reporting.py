@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from simu_core.matched import TARGET_SEED_COLUMN, has_no_effect, reference_group_columns, spread_text  # noqa: E402
+
 HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio",
                     "retain_rouge", "retain_prob", "privleak")
 SEED_COLUMN = "config.run.seed"
@@ -46,72 +48,146 @@ def read_runs(results: str | Path) -> pd.DataFrame:
 
 def fill_new_config_fields(runs: pd.DataFrame) -> pd.DataFrame:
     """Rows written before a config field existed hold NaN in its column; they ran with its default
-    (a new field defaults to the old behaviour), so fill that in and they stay one setting."""
+    (a new field defaults to the old behaviour), so fill that in and they stay one setting. A
+    benchmark-dependent field (``BENCHMARK_DEFAULTS``: TOFU's relearn.lr is 1e-5, the built-in
+    benchmark's 1e-3) gets the default of each row's own benchmark."""
     import json
 
-    from simu_core.config import SimuConfig
+    from simu_core.config import BENCHMARK_DEFAULTS, SimuConfig
 
     defaults = SimuConfig().flat()
     runs = runs.copy()
+    benchmark_column = "config.data.benchmark"
+    benchmarks = runs[benchmark_column].fillna("synthetic") if benchmark_column in runs.columns \
+        else pd.Series("synthetic", index=runs.index)
     for key, value in defaults.items():
         column = f"config.{key}"
-        if column in runs.columns and runs[column].isna().any() and value is not None:
-            filled = json.dumps(value) if isinstance(value, (list, dict)) else value
-            # Numeric columns stay numeric (1 fills as 1.0 next to 1.0), so one setting stays one value.
-            runs[column] = runs[column].fillna(filled) if runs[column].dtype.kind == "f" else \
-                runs[column].astype(object).where(runs[column].notna(), filled)
+        if column not in runs.columns or not runs[column].isna().any():
+            continue
+        if key in BENCHMARK_DEFAULTS["synthetic"]:
+            fill = benchmarks.map(lambda name: BENCHMARK_DEFAULTS.get(name, BENCHMARK_DEFAULTS["synthetic"])[key])
+        elif value is None:
+            continue
+        else:
+            fill = pd.Series([json.dumps(value) if isinstance(value, (list, dict)) else value] * len(runs),
+                             index=runs.index, dtype=object)
+        # Numeric columns stay numeric (1 fills as 1.0 next to 1.0), so one setting stays one value.
+        if runs[column].dtype.kind == "f" and pd.api.types.is_number(fill.iloc[0]):
+            runs[column] = runs[column].fillna(fill.astype(float))
+        else:
+            runs[column] = runs[column].astype(object).where(runs[column].notna(), fill)
     return runs
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
-    """Config columns whose value differs between runs (seed and bookkeeping excluded)."""
-    columns = []
-    for column in runs.columns:
-        if column.startswith("config.") and column not in _BOOKKEEPING:
-            if runs[column].astype(str).nunique(dropna=False) > 1:
-                columns.append(column)
-    return columns
+    """Config columns whose value differs between runs: seeds (run and target: replicates),
+    bookkeeping and settings that cannot change the unlearned model (the relearning attack, the
+    knockout check, checkpointing, sharding, ...: ``simu_core.matched.has_no_effect``) excluded."""
+    return varying_columns(runs, lambda column: column not in _BOOKKEEPING and column != TARGET_SEED_COLUMN
+                           and not has_no_effect(column))
 
 
-def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
-    """Mean and std over seeds of every metric, one row per setting (plus the seed count)."""
-    keys = setting_columns(runs) or ["config.unlearn.method"]
+def varying_columns(runs: pd.DataFrame, keep=lambda column: True) -> list[str]:
+    """Config columns that ``keep`` accepts and whose value differs between runs."""
+    return [column for column in runs.columns if column.startswith("config.") and keep(column)
+            and runs[column].astype(str).nunique(dropna=False) > 1]
+
+
+def _targets_vary(runs: pd.DataFrame) -> bool:
+    return TARGET_SEED_COLUMN in runs.columns and runs[TARGET_SEED_COLUMN].fillna(0).nunique() > 1
+
+
+def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRICS,
+                     keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean and std over seeds of every metric, one row per setting (``keys``: default
+    :func:`setting_columns`) plus the seed count; when the runs hold several targets
+    (``model.finetune.seed``), over targets x seeds, with the counts ``targets``, ``seeds`` and
+    ``readings``."""
+    keys = list(keys or setting_columns(runs) or ["config.unlearn.method"])
     present = [metric for metric in metrics if metric in runs.columns and runs[metric].notna().any()]
     # Raw values (not strings) so that numeric settings sort numerically (1, 3, 5, 10).
     grouped = runs.groupby(keys, sort=True, dropna=False)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    table.insert(0, "seeds", grouped.size())
+    if _targets_vary(runs):
+        table.insert(0, "readings", grouped.size())
+        table.insert(0, "seeds", grouped[SEED_COLUMN].nunique() if SEED_COLUMN in runs.columns else 1)
+        table.insert(0, "targets", runs.assign(_target=runs[TARGET_SEED_COLUMN].fillna(0))
+                     .groupby(keys, sort=True, dropna=False)["_target"].nunique())
+    else:
+        table.insert(0, "seeds", grouped.size())
     table.index.names = [key.removeprefix("config.") for key in keys]
     return table.reset_index()
 
 
-def model_reference_points(results: str | Path, runs: pd.DataFrame,
-                           metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
-    """Mean and std, over the runs, of the target's and the retain reference's own metrics.
+def spread_note(runs: pd.DataFrame) -> str:
+    """Over what the comparison table's spreads run, for the report's text."""
+    if not _targets_vary(runs):
+        return "Mean ± std over seeds; one row per setting."
+    targets = int(runs[TARGET_SEED_COLUMN].fillna(0).nunique())
+    seeds = int(runs[SEED_COLUMN].nunique()) if SEED_COLUMN in runs.columns else 1
+    return (f"Mean ± std over the readings of a setting: targets (`model.finetune.seed`, each trained with its own "
+            f"retain reference) x seeds (`run.seed`); the sweep has {spread_text(targets, seeds, targets * seeds)} "
+            "per setting (columns targets, seeds, readings: each row's own).")
 
-    Read from each run's ``metrics.parquet`` (split ``all``), so the table shows what perfect
-    unlearning aims at (the retain reference) and where it started (the target).
-    """
+
+def _run_model_metrics(results: str | Path, runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """The target's and the retain reference's own metrics of each run (``metrics.parquet``, split
+    ``all``): one row per (run, model), ``run_index`` the run's index in ``runs``."""
     rows = []
-    for run_id in runs["run_id"]:
+    for index, run_id in runs["run_id"].items():
         path = Path(results) / "runs" / str(run_id) / "metrics.parquet"
         if not path.exists():
             continue
         table = pd.read_parquet(path)
         table = table[(table["split"] == "all") & table["metric"].isin(metrics) & table["model"].isin(["target", "reference"])]
         for model, values in table.groupby("model"):
-            rows.append({"model": model, **dict(zip(values["metric"], values["value"]))})
-    if not rows:
+            rows.append({"run_index": index, "model": model, **dict(zip(values["metric"], values["value"]))})
+    return pd.DataFrame(rows)
+
+
+def model_reference_points(results: str | Path, runs: pd.DataFrame,
+                           metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
+    """Mean and std, over the runs, of the target's and the retain reference's own metrics, per
+    benchmark/split and target training (the ``data.*`` and ``model.*`` settings that vary; target
+    seeds are pooled).
+
+    Read from each run's ``metrics.parquet`` (split ``all``), so the table shows what perfect
+    unlearning aims at (the retain reference) and where it started (the target).
+    """
+    frame = _run_model_metrics(results, runs, metrics)
+    if frame.empty:
         return pd.DataFrame()
-    frame = pd.DataFrame(rows)
+    keys = varying_columns(runs, lambda column: column.startswith(("config.data.", "config.model."))
+                           and column != TARGET_SEED_COLUMN and not has_no_effect(column))
+    for key in keys:
+        frame[key] = runs.loc[frame["run_index"], key].to_numpy()
     present = [metric for metric in metrics if metric in frame.columns]
-    grouped = frame.groupby("model")
+    grouped = frame.groupby(["model", *keys], sort=True, dropna=False)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table.insert(0, "seeds", grouped.size())
-    table = table.rename(index={"reference": "retain reference"})
-    return table.reset_index()
+    table.index.names = ["model", *[key.removeprefix("config.") for key in keys]]
+    table = table.reset_index()
+    table["model"] = table["model"].replace({"reference": "retain reference"})
+    return table
+
+
+def reference_levels(results: str | Path, runs: pd.DataFrame, metric: str = "forget_prob") -> pd.Series:
+    """Each run's retain-reference ``metric`` (the forget-probability level of matched forgetting):
+    the mean over the runs of its group (same target training, seed included, same benchmark,
+    split and evaluation: ``simu_core.matched.reference_group_columns``), so a run whose folder
+    lacks ``metrics.parquet`` gets its group's; NaN where no run of the group has it."""
+    frame = _run_model_metrics(results, runs, (metric,))
+    own = pd.Series(np.nan, index=runs.index, dtype=float)
+    if not frame.empty and metric in frame.columns:
+        reference = frame[frame["model"] == "reference"].set_index("run_index")[metric]
+        own.loc[reference.index] = reference.astype(float)
+    columns = reference_group_columns(runs)
+    if not columns:
+        return own.fillna(own.mean())
+    keys = [runs[column].astype(str) for column in columns]
+    return own.groupby(keys, dropna=False).transform("mean")
 
 
 def table_markdown(table: pd.DataFrame) -> str:
@@ -119,11 +195,12 @@ def table_markdown(table: pd.DataFrame) -> str:
     # Headline metrics in their usual order, then any other metric in the table's own order.
     metric_names = sorted(dict.fromkeys(column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")),
                           key=lambda name: HEADLINE_METRICS.index(name) if name in HEADLINE_METRICS else 99)
-    settings = [column for column in table.columns if not column.endswith(("_mean", "_std")) and column != "seeds"]
-    header = settings + ["seeds"] + metric_names
+    counts = [column for column in ("targets", "seeds", "readings") if column in table.columns]
+    settings = [column for column in table.columns if not column.endswith(("_mean", "_std")) and column not in counts]
+    header = settings + counts + metric_names
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [_setting(row[column]) for column in settings] + [str(int(row["seeds"]))]
+        cells = [_setting(row[column]) for column in settings] + [str(int(row[column])) for column in counts]
         for name in metric_names:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
             if pd.isna(mean):
@@ -246,9 +323,10 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, curve_columns: Sequence[
             stats = rows.groupby(LR_COLUMN)[[x_metric, y_metric]].mean().sort_index()
             axis.plot(stats[x_metric].clip(lower=floor), stats[y_metric], marker="o",
                       label=curve_label(rows.iloc[0], curve_columns))
-        for level in levels:
-            if level.metric == x_metric:
-                axis.axvline(level.value, color="black", linestyle="--", linewidth=1, label=f"level ({level.source})")
+        for index, level in enumerate(level for level in levels if level.metric == x_metric):
+            # One legend entry for the levels (each target and data has its own).
+            axis.axvline(level.value, color="black", linestyle="--", linewidth=1,
+                         label=f"level ({level.source})" if index == 0 else None)
         if reference_points is not None and not reference_points.empty:
             for _, point in reference_points.iterrows():
                 x_value = 1.0 if (x_metric == "forget_quality" and point["model"] == "retain reference") \
@@ -267,6 +345,62 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, curve_columns: Sequence[
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle("Trade-off curves over the lr grid (mean over seeds per lr)")
+    return _save(figure, path)
+
+
+def read_trajectories(results: str | Path, runs: pd.DataFrame, curve_columns: Sequence[str]) -> pd.DataFrame:
+    """Every stopped run's ``trajectory.parquet`` (the forget measures every ``unlearn.eval_every``
+    steps) stacked, with its run id, curve label, stop measure and own level; empty when none."""
+    from simu_core.matched import STOP_STATUS, curve_label
+
+    if STOP_STATUS not in runs.columns:
+        return pd.DataFrame()
+    frames = []
+    for _, row in runs[runs[STOP_STATUS].notna()].iterrows():
+        path = Path(results) / "runs" / str(row["run_id"]) / "trajectory.parquet"
+        if path.exists():
+            frames.append(pd.read_parquet(path).assign(
+                run_id=row["run_id"], curve=curve_label(row, curve_columns), measure=row["stop.measure"],
+                level=float(row["stop.level"]), status=row[STOP_STATUS]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_trajectories(trajectories: pd.DataFrame, path: str | Path) -> Path:
+    """Per stop measure, two panels: the measure (log) against retain probability, and against the
+    step; one line per run, one colour per curve, the levels dashed (each target has its own)."""
+    measures = list(dict.fromkeys(trajectories["measure"]))
+    figure, axes = plt.subplots(len(measures), 2, figsize=(11, 4.2 * len(measures)), squeeze=False)
+    colours = {curve: f"C{index % 10}" for index, curve in enumerate(dict.fromkeys(trajectories["curve"]))}
+    for row_axes, measure in zip(axes, measures):
+        rows = trajectories[trajectories["measure"] == measure]
+        levels = sorted(rows["level"].dropna().unique())
+        # Over-forgetting reaches 1e-50; drawn no lower than 1e-4 x the lowest level, at the axis edge.
+        floor = 1e-4 * min(levels) if levels and min(levels) > 0 else 1e-12
+        labelled = set()
+        for (curve, _), run in rows.groupby(["curve", "run_id"], sort=False):
+            run = run.sort_values("step")
+            values = run[measure].astype(float).clip(lower=floor)
+            label = None if curve in labelled else curve
+            labelled.add(curve)
+            row_axes[0].plot(values, run["retain_prob"], marker=".", color=colours[curve], alpha=0.8, label=label)
+            row_axes[1].plot(run["step"], values, marker=".", color=colours[curve], alpha=0.8, label=label)
+        for index, level in enumerate(levels):
+            name = "level" if index == 0 else None
+            row_axes[0].axvline(level, color="black", linestyle="--", linewidth=1, label=name)
+            row_axes[1].axhline(level, color="black", linestyle="--", linewidth=1, label=name)
+        title = measure.replace("_", " ")
+        row_axes[0].set_xscale("log")
+        if measure == "forget_prob":
+            row_axes[0].invert_xaxis()  # forgetting grows to the right
+        row_axes[0].set_xlabel(f"{title} (log)")
+        row_axes[0].set_ylabel("retain probability (retain sample)")
+        row_axes[1].set_yscale("log")
+        row_axes[1].set_xlabel("unlearning step")
+        row_axes[1].set_ylabel(f"{title} (log)")
+        for axis in row_axes:
+            axis.grid(True, which="both", alpha=0.3)
+        row_axes[0].legend(fontsize=7)
+        row_axes[0].set_title(f"Stopped at {title}: each run's path to its level ({len(levels)} distinct)")
     return _save(figure, path)
 
 
@@ -306,13 +440,20 @@ def plot_knockout(summary: pd.DataFrame, curve: pd.DataFrame | None, path: str |
 
 
 def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """The knockout summaries of the masked runs, one per distinct mask (latest run of each):
-    the mask settings, then the per-set rows of ``knockout_summary.parquet``."""
+    """The knockout summaries of the masked runs, one per distinct mask and target (latest run of
+    each): the mask settings, the target and data settings that vary between the runs (each
+    target has its own neurons: none is dropped), then the per-set rows of
+    ``knockout_summary.parquet``."""
     mask_columns = [column for column in runs.columns if column.startswith(("config.mask.", "config.attribution."))
                     and column != "config.mask.rule"]
+    # The check reads the target on the benchmark's items: each target and data is its own check.
+    target_columns = varying_columns(runs, lambda column: column.startswith(("config.model.", "config.data."))
+                                     and not has_no_effect(column))
+    group_columns = mask_columns + target_columns
     frames = []
     masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
-    for _, rows in masked.groupby(mask_columns, sort=True, dropna=False) if mask_columns else []:
+    keys = [masked[column].astype(str) for column in group_columns]
+    for _, rows in masked.groupby(keys, sort=False, dropna=False) if group_columns else []:
         # The latest run of this mask that ran the check (knockout.enabled may have been off since).
         with_check = [row for _, row in rows.sort_values("time").iterrows()
                       if (Path(results) / "runs" / str(row["run_id"]) / "knockout_summary.parquet").exists()]
@@ -320,12 +461,21 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
             latest = with_check[-1]
             path = Path(results) / "runs" / str(latest["run_id"]) / "knockout_summary.parquet"
             frame = pd.read_parquet(path)
-            for column in ("config.mask.score", "config.mask.threshold", "config.mask.variant"):
+            # Inserted at 0 in turn: mask.variant, mask.threshold, mask.score, then the target settings.
+            for column in [*reversed(target_columns), "config.mask.score", "config.mask.threshold",
+                           "config.mask.variant"]:
                 if column in latest.index:
                     frame.insert(0, column.removeprefix("config."), latest[column])
             frame["run_id"] = latest["run_id"]
             frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    # Stable order: by mask, then target (string keys above keep NaN settings groupable).
+    order = [column.removeprefix("config.") for column in ("config.mask.score", "config.mask.threshold",
+                                                             "config.mask.variant", *target_columns)
+             if column.removeprefix("config.") in table.columns]
+    return table.sort_values(order, kind="stable").reset_index(drop=True) if order else table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,18 +496,25 @@ def relearn_table(runs: pd.DataFrame) -> pd.DataFrame:
     attacked = runs[runs["metric.relearn_recovery"].notna()].rename(columns=columns)
     if attacked.empty:
         return pd.DataFrame()
-    return comparison_table(attacked, metrics=[name for name in columns.values() if name in attacked.columns])
+    return comparison_table(attacked, metrics=[name for name in columns.values() if name in attacked.columns],
+                            keys=relearn_setting_columns(attacked))
+
+
+def relearn_setting_columns(runs: pd.DataFrame) -> list[str]:
+    """The settings of the relearning table: the unlearned model's and the attack's own
+    (``relearn.*``, which name no other setting)."""
+    return [*setting_columns(runs), *varying_columns(runs, lambda column: column.startswith("config.relearn."))]
 
 
 def relearn_curves(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     """Every attacked run's ``relearn_curve.parquet`` stacked, with its setting columns and seed."""
-    frames, columns = [], [*setting_columns(runs), SEED_COLUMN]
+    frames, columns = [], [*relearn_setting_columns(runs), SEED_COLUMN, TARGET_SEED_COLUMN]
     for _, row in runs.iterrows():
         path = Path(results) / "runs" / str(row["run_id"]) / "relearn_curve.parquet"
         if path.exists():
             frame = pd.read_parquet(path)
             for column in columns:
-                frame[column] = row[column]
+                frame[column] = row.get(column, 0)  # no target-seed column: target 0
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -367,7 +524,8 @@ def plot_relearning(curves: pd.DataFrame, path: str | Path) -> Path:
     model (mean ± std over seeds), and the target and the retain reference (dashed, over all runs)."""
     from simu_core.matched import curve_label
 
-    columns = [column for column in curves.columns if column.startswith("config.") and column != SEED_COLUMN]
+    columns = [column for column in curves.columns if column.startswith("config.")
+               and column not in (SEED_COLUMN, TARGET_SEED_COLUMN)]
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     unlearned = curves[curves["model"] == "unlearned"]
     groups = unlearned.groupby(columns, sort=True, dropna=False) if columns else [((), unlearned)]
@@ -389,7 +547,7 @@ def plot_relearning(curves: pd.DataFrame, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Sequential deletion requests (data.requests): one runs-table row per request, kind "request"
 
-REQUEST_METRICS = ("model_utility", "forget_quality", "forget_prob")
+REQUEST_METRICS = ("model_utility", "forget_quality", "forget_prob", "retain_prob")
 REQUEST_INDEX, REQUEST_ITEMS = "request.index", "request.items"
 
 
@@ -411,8 +569,9 @@ def read_request_runs(results: str | Path) -> pd.DataFrame:
 
 
 def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) -> pd.DataFrame:
-    """Mean and std over seeds of each metric per setting (method, ...) and request index, with
-    the forget items seen so far (columns ``request`` and ``items so far``)."""
+    """Mean and std over seeds of each metric (model utility, forget quality, forget and retain
+    probability) per setting (method, ...) and request index, with the forget items seen so far
+    (columns ``request`` and ``items so far``)."""
     keys = (setting_columns(rows) or ["config.unlearn.method"]) + [REQUEST_INDEX, REQUEST_ITEMS]
     present = [metric for metric in metrics if metric in rows.columns]
     grouped = rows.groupby(keys, sort=True, dropna=False)

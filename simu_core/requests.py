@@ -3,7 +3,9 @@
 A request is a list of selectors over the forget split's item ids (``forget-<row>``): one item,
 ``forget-12``, or a half-open range, ``forget-0:10``. ``data.requests = N`` cuts the forget split
 into N contiguous batches in item order (``numpy.array_split``'s sizes: the first ``len % N``
-batches one item longer). Requests must not share items. No Prefect and no heavy imports here:
+batches one item longer). Requests must not share items. Request i is evaluated on the union of
+requests 1..i in :func:`union_order` (the requests in turn), so that ``eval.max_items`` evaluates
+items of every request. No Prefect and no heavy imports here:
 the config validates ``data.requests`` with :func:`check_requests`, so this module is behind every
 stage's code version (``tasks/versions.py``); it imports nothing from ``simu_core`` (not even for
 type hints), so the benchmark loaders do not join them.
@@ -114,6 +116,25 @@ def expand_requests(requests: Requests, forget_size: int) -> list[list[str]]:
                                f"{_listing(missing)}")
         expanded.append([item_id(row) for part in parts for row in part])
     return expanded
+
+
+def request_count(requests: Requests) -> int:
+    """How many requests ``data.requests`` (as written) makes."""
+    return requests if isinstance(requests, int) else len(requests)
+
+
+def union_order(requests: Sequence[Sequence[str]]) -> list[str]:
+    """The items of the requests so far, taken from each request in turn (round-robin: the first
+    item of every request, then the second, ...; a request that has run out is skipped).
+
+    The union's evaluation keeps the first ``eval.max_items`` forget items; in this order that cut
+    holds items of every request (at least one each when ``eval.max_items >= len(requests)``, which
+    the config requires) rather than request 1's only.
+    """
+    order: list[str] = []
+    for rank in range(max((len(request) for request in requests), default=0)):
+        order.extend(request[rank] for request in requests if rank < len(request))
+    return order
 
 
 def restrict_forget(benchmark: "QABenchmark", item_ids: Sequence[str]) -> "QABenchmark":  # noqa: F821

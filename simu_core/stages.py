@@ -33,7 +33,9 @@ def uses_tiny_model(config: SimuConfig) -> bool:
 
 
 def prepare_data(config: SimuConfig, out_dir: Path) -> dict[str, Any]:
-    """Load or generate the benchmark, write its splits as Parquet (and the tiny tokenizer)."""
+    """Load or generate the benchmark, write its splits as Parquet (and the tiny tokenizer).
+
+    The synthetic benchmark is generated with ``data.seed``; TOFU and LUME are read as they are."""
     benchmark = load_benchmark(config.data)
     folder = Path(out_dir) / BENCHMARK_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,8 @@ def training_examples(
 
 
 def base_model(config: SimuConfig, data_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model fine-tuning starts from: the tiny model (fresh, seeded) or ``model.base``."""
+    """The model fine-tuning starts from: the tiny model (fresh, initialised with
+    ``model.finetune.seed``) or ``model.base``."""
     if uses_tiny_model(config):
         tokenizer = load_tokenizer(Path(data_dir) / TOKENIZER_DIR)
         model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, config.model.finetune.seed)
@@ -111,6 +114,9 @@ def base_model(config: SimuConfig, data_dir: Path) -> tuple[PreTrainedModel, Pre
 
 def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the target or the retain reference; save it as a Hugging Face folder.
+
+    Seeded with ``model.finetune.seed`` (the tiny model's initialisation, the data order, dropout),
+    never ``run.seed``: a seed sweep unlearns one target.
 
     ``run.devices > 1``: sharded with FSDP over that many processes, which torchrun starts on this
     machine (:func:`simu_core.distributed.launch_stage`); each runs this function, and process 0
@@ -220,9 +226,17 @@ def unlearn(
     progress_callback: Any = None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    reference_items_path: Path | None = None,
 ) -> dict[str, Any]:
     """Unlearn the target with ``config.unlearn.method``; write ``<out_dir>/model/`` (HF folder with
     the tokenizer, safetensors) and ``<out_dir>/train_log.parquet``; return summary figures.
+
+    With ``unlearn.stop_at`` (``simu_core.stopping``) the forget measure is checked every
+    ``unlearn.eval_every`` steps on the forget items the evaluation measures, and the run stops at
+    the first check that reaches the level: the model saved is that check's; every check goes to
+    ``<out_dir>/trajectory.parquet`` and the outcome (``stop_*``) into the summary.
+    ``reference_items_path``: the retain reference's ``items.parquet``, needed by a ``reference``
+    level and by forget quality.
 
     ``mask_dir``: folder holding ``mask.parquet`` (read only by SIMU-scope methods). Forget set =
     the benchmark's ``forget`` split, retain set = its ``retain`` split (LUME: input/output rows).
@@ -283,6 +297,9 @@ def unlearn(
     reference = None
     if reference_dir is not None and build_objective(settings, spec).needs_reference:
         reference, _ = load_trained(reference_dir, config)
+    monitor = None
+    if settings.stop_at is not None:
+        monitor = _forget_monitor(config, benchmark, model, tokenizer, reference_items_path)
     out_dir = Path(out_dir)
     trainer = build_trainer(
         model, forget, retain, settings,
@@ -295,6 +312,7 @@ def unlearn(
         progress_callback=progress_callback,
         fail_at_step=config.run.fail_at_unlearn_step,
         distributed=distributed,
+        monitor=monitor,
     )
     # One subfolder per run: a checkpoint root shared by many runs (a sweep, a rerun with another lr)
     # resumes only the run that wrote it. The run is its settings plus its input folders (content-
@@ -316,6 +334,12 @@ def unlearn(
         save_model(model, tokenizer, out_dir / MODEL_DIR)
     result.log.to_parquet(out_dir / "train_log.parquet", index=False)
     log = result.log
+    if monitor is not None:
+        monitor.trajectory().to_parquet(out_dir / TRAJECTORY_FILE, index=False)
+
+    def first_last(column: str, position: int) -> float | None:  # None: nothing trained (at_start)
+        return float(log[column].iloc[position]) if len(log) else None
+
     total_params = sum(p.numel() for p in model.parameters())
     summary = {
         "method": spec.name,
@@ -329,10 +353,11 @@ def unlearn(
         "trainable_fraction": result.trainable_coordinates / max(1, total_params),
         "optimizer_state_bytes": result.optimizer_state_bytes,
         "devices": distributed.world if distributed is not None else 1,
-        "forget_loss_first": float(log["forget_loss"].iloc[0]),
-        "forget_loss_last": float(log["forget_loss"].iloc[-1]),
-        "retain_loss_first": float(log["retain_loss"].iloc[0]),
-        "retain_loss_last": float(log["retain_loss"].iloc[-1]),
+        "forget_loss_first": first_last("forget_loss", 0),
+        "forget_loss_last": first_last("forget_loss", -1),
+        "retain_loss_first": first_last("retain_loss", 0),
+        "retain_loss_last": first_last("retain_loss", -1),
+        **(monitor.outcome(trainer.total_steps) if monitor is not None else {}),
     }
     # NaN (no retain term, no win rate) becomes null: the summary travels as strict JSON.
     summary = {key: None if isinstance(value, float) and value != value else value for key, value in summary.items()}
@@ -343,6 +368,33 @@ def unlearn(
     if checkpoint_dir is None:
         shutil.rmtree(checkpoint_root, ignore_errors=True)
     return summary
+
+
+TRAJECTORY_FILE = "trajectory.parquet"
+
+
+def _forget_monitor(config: SimuConfig, benchmark: QABenchmark, model: PreTrainedModel,
+                    tokenizer: PreTrainedTokenizerBase, reference_items_path: Path | None) -> Any:
+    """The checks of ``unlearn.stop_at``: the evaluation's forget items (``eval.max_items``, as the
+    evaluate stage takes them) and the first ``unlearn.stop_retain_items`` of its retain split."""
+    from simu_core.evaluation.qa import evaluation_splits
+    from simu_core.stopping import ForgetMonitor, parse_stop_at
+
+    settings = config.unlearn
+    rule = parse_stop_at(settings.stop_at)
+    reference_items = None
+    if rule.uses_reference:
+        if reference_items_path is None or not Path(reference_items_path).is_file():
+            raise FileNotFoundError(
+                f"unlearn.stop_at={settings.stop_at!r} needs the retain reference's evaluation (items.parquet); "
+                f"got {str(reference_items_path)!r}"
+            )
+        reference_items = pd.read_parquet(reference_items_path)
+    splits = evaluation_splits(benchmark, config.eval.max_items)
+    retain = splits["retain_eval"].iloc[: settings.stop_retain_items].reset_index(drop=True)
+    return ForgetMonitor(model, tokenizer, splits["forget"], retain, rule, config.eval, eval_every=settings.eval_every,
+                         tolerance=settings.stop_tolerance, max_length=config.model.max_length,
+                         reference_items=reference_items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +496,8 @@ def threshold_mask(
 
     Reads the ``scores.parquet`` that :func:`attribute` wrote for each set (``retain_scores_dir``
     may be None for the ``include`` variant; C_r and dual neurons are then empty). Applies
-    ``config.mask`` (rule, threshold, top_fraction, variant). Writes into ``out_dir``:
+    ``config.mask`` (rule, threshold, top_fraction, variant; the ``random`` rule draws its neurons
+    with ``run.seed``, no other rule reads a seed). Writes into ``out_dir``:
     ``mask.parquet`` (layer, neuron, critical_forget, critical_retain, dual, in_mask);
     ``dual_analysis.parquet`` (per threshold and layer; layer-relative rule at t in
     {0.1, 0.2, 0.3, 0.5} plus the configured t); ``threshold_jaccard.parquet`` (Jaccard of the
@@ -511,77 +564,108 @@ def threshold_mask(
 # ----------------------------------------------------------------------------------------------
 # Knockout check of the mask (issue 10)
 
-KNOCKOUT_FILES = ("knockout.parquet", "knockout_summary.parquet", "knockout_curve.parquet")
+KNOCKOUT_FILES = ("knockout.parquet", "knockout_summary.parquet", "knockout_curve.parquet", "knockout_items.parquet",
+                  "knockout_mask.parquet")
 
 
-def _knockout_items(
-    config: SimuConfig, benchmark: QABenchmark | LumeBenchmark, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[EncodedExample], list[EncodedExample]]:
-    """Forget and retain items of the knockout check: all of each split, or a seeded sample of
-    ``knockout.max_items`` (numpy default_rng(run.seed), kept in split order)."""
-    import numpy as np
-
-    lume = isinstance(benchmark, LumeBenchmark)
-    limit = config.knockout.max_items
-    encoded = []
-    for offset, split in enumerate(("forget", "retain")):
-        frame = benchmark.split(split) if lume else benchmark[split]
-        if limit is not None and limit < len(frame):
-            chosen = np.sort(np.random.default_rng([config.run.seed, offset]).choice(len(frame), limit, replace=False))
-            frame = frame.iloc[chosen]
-        if lume:
-            max_length = config.model.max_length
-            encoded.append([encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])])
-        else:
-            encoded.append(encode_frame(tokenizer, frame, config.model.max_length))
-    return encoded[0], encoded[1]
+def _encoded_items(
+    config: SimuConfig, frame: pd.DataFrame, lume: bool, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[EncodedExample], list[str]]:
+    """Encoded items of a split's rows (QA: question + answer; LUME: input/output) and their ids."""
+    max_length = config.model.max_length
+    if lume:
+        examples = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])]
+        return examples, [str(item) for item in frame["id"]]
+    return encode_frame(tokenizer, frame, max_length), [str(item) for item in frame["item_id"]]
 
 
-def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, mask_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Knockout check of the mask written by :func:`threshold_mask` on the target (nothing trained).
+def knockout_mask_settings(config: SimuConfig) -> dict[str, Any]:
+    """The mask settings the knockout's critical set depends on: the ``random`` rule's critical sets
+    are the layer-relative ones (the random draw is not what the check measures), and each rule reads
+    only its own parameter (t, or the global fraction)."""
+    mask = config.mask
+    rule = "layer_relative" if mask.rule == "random" else mask.rule
+    parameter = {"top_fraction": mask.top_fraction} if rule == "global_top_fraction" else {"threshold": mask.threshold}
+    return {"rule": rule, **parameter, "score": mask.score, "variant": mask.variant}
 
-    The critical set is the mask variant's set of *critical* neurons (``mask.parquet``'s
-    critical_forget / critical_retain columns), whatever the rule, so a ``random`` mask is checked
-    against the neurons it stands in for. Writes ``knockout.parquet`` (one row per set and draw,
-    the intact model first), ``knockout_summary.parquet`` (per set kind) and
-    ``knockout_curve.parquet`` (top-k by forget score vs random, per k); returns the headline
-    figures plus ``forward_passes`` and ``wall_seconds``.
+
+def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Knockout check of the method on the target, on held-out items (nothing trained; see
+    :mod:`simu_core.knockout`).
+
+    The forget and retain items are split by :func:`simu_core.knockout.holdout_split` (seeded with
+    ``knockout.seed``, not ``run.seed``: the check does not depend on the unlearning's seed). The
+    critical set is attributed (``attribution.*``) and thresholded (:func:`knockout_mask_settings`)
+    on the attributed part; the knockout measures the other part, the same number of forget and
+    retain items. Writes ``knockout.parquet`` (one row per set and draw, the intact model first),
+    ``knockout_summary.parquet`` (per set kind), ``knockout_curve.parquet`` (top-k by selection
+    score vs random, per k), ``knockout_items.parquet`` (item_id, split, role 'attributed' |
+    'measured') and ``knockout_mask.parquet`` (the attributed half's mask table with its
+    forget_score, retain_score and selection_score columns); returns the headline figures plus item
+    counts, ``forward_passes`` and wall times.
     """
     import math
     import time
 
-    from simu_core.attribution import scores_from_table
-    from simu_core.knockout import knockout_check, knockout_sets_from_mask_table
+    import numpy as np
+
+    from simu_core.attribution import attribute_neurons
+    from simu_core.knockout import holdout_split, knockout_check
     from simu_core.prompting import pad_token_id
+    from simu_core.thresholding import apply_variant, contrastive_scores, select_mask
 
     started = time.perf_counter()
-    mask_table = pd.read_parquet(Path(mask_dir) / MASK_FILE)
-    scores = pd.read_parquet(Path(mask_dir) / SCORES_FILE)
-    critical = knockout_sets_from_mask_table(mask_table, config.mask.variant)
+    settings, mask_settings = config.knockout, knockout_mask_settings(config)
+    benchmark = read_benchmark(data_dir)
+    lume = isinstance(benchmark, LumeBenchmark)
+    frames = {split: benchmark.split(split) if lume else benchmark[split] for split in ("forget", "retain")}
+    rows = holdout_split(len(frames["forget"]), len(frames["retain"]), settings.seed,
+                         attribute_limit=config.attribution.max_items, measure_limit=settings.max_items)
+    model, tokenizer = load_trained(target_dir, config)
+    pad = pad_token_id(tokenizer)
+    parts = {(split, role): _encoded_items(config, frames[split].iloc[getattr(rows, f"{split}_{role}")], lume, tokenizer)
+             for split in ("forget", "retain") for role in ("attributed", "measured")}
+    attribution, attributing = config.attribution, time.perf_counter()
+    scores = {split: attribute_neurons(model, parts[(split, "attributed")][0], pad, mode=attribution.mode,
+                                       steps=attribution.steps, batch_size=attribution.batch_size, progress=progress)
+              for split in ("forget", "retain")}
+    attributed_seconds = time.perf_counter() - attributing
+    selection_scores = scores["forget"].scores
+    if mask_settings["score"] == "contrastive":
+        selection_scores = contrastive_scores(scores["forget"], scores["forget"].num_samples, scores["retain"],
+                                              scores["retain"].num_samples)
+    selection = select_mask(selection_scores, scores["retain"], threshold=config.mask.threshold,
+                            variant=mask_settings["variant"], rule=mask_settings["rule"],
+                            top_fraction=config.mask.top_fraction)
+    critical = apply_variant(selection.critical_forget, selection.critical_retain, mask_settings["variant"])
     if critical.total() == 0:
         raise ValueError(
-            f"knockout: the critical set of mask.variant={config.mask.variant!r} at mask.threshold="
-            f"{config.mask.threshold} is empty; nothing to knock out (lower the threshold or use variant 'include')"
+            f"knockout: the critical set of mask.variant={config.mask.variant!r} ({mask_settings}) on the attributed "
+            "half of the forget items is empty; nothing to knock out (lower the threshold or use variant 'include')"
         )
-    has_retain = "retain_score" in scores.columns and scores["retain_score"].notna().all()
-    benchmark = read_benchmark(data_dir)
-    model, tokenizer = load_trained(target_dir, config)
-    forget, retain = _knockout_items(config, benchmark, tokenizer)
-    settings = config.knockout
+    forget, retain = parts[("forget", "measured")][0], parts[("retain", "measured")][0]
     result = knockout_check(
-        model, forget, retain, pad_token_id(tokenizer), critical,
-        retain_scores=scores_from_table(scores, "retain_score") if has_retain else None,
-        forget_scores=scores_from_table(scores, "selection_score" if "selection_score" in scores else "forget_score"),
+        model, forget, retain, pad, critical, retain_scores=scores["retain"].scores, forget_scores=selection_scores,
         random_draws=settings.random_draws, curve_sizes=settings.curve_sizes, curve_draws=settings.curve_draws,
-        seed=config.run.seed, batch_size=settings.batch_size,
+        seed=settings.seed, batch_size=settings.batch_size,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.sets.to_parquet(out_dir / KNOCKOUT_FILES[0], index=False)
     result.summary.to_parquet(out_dir / KNOCKOUT_FILES[1], index=False)
     result.curve.to_parquet(out_dir / KNOCKOUT_FILES[2], index=False)
+    pd.DataFrame([{"item_id": item, "split": split, "role": role}
+                  for (split, role), (_, ids) in parts.items() for item in ids]).to_parquet(
+        out_dir / KNOCKOUT_FILES[3], index=False)
+    selection.table().assign(forget_score=np.concatenate(scores["forget"].scores),
+                             retain_score=np.concatenate(scores["retain"].scores),
+                             selection_score=np.concatenate(selection_scores)).to_parquet(
+        out_dir / KNOCKOUT_FILES[4], index=False)
     summary = {**result.headline(), "knockout_forward_passes": result.forward_passes,
                "knockout_forget_items": len(forget), "knockout_retain_items": len(retain),
+               "knockout_attributed_forget_items": len(parts[("forget", "attributed")][0]),
+               "knockout_attributed_retain_items": len(parts[("retain", "attributed")][0]),
+               "knockout_attribution_seconds": attributed_seconds,
                "knockout_wall_seconds": time.perf_counter() - started}
     # inf (a set that spares the retain items) travels as null in strict JSON; the Parquet keeps it.
     summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
@@ -598,9 +682,11 @@ RELEARN_FILES = ("relearn_curve.parquet", "relearn_items.parquet")
 def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Relearning attack on one model (:mod:`simu_core.relearning`; nothing is saved but figures).
 
-    Writes ``relearn_curve.parquet`` (step, forget_prob, forget_rouge, forget_truth_ratio, loss,
-    seconds) and ``relearn_items.parquet`` (item_id, role 'train' | 'measured'); returns the
-    measures before and after the attack, the item counts and the wall time.
+    ``run.seed`` splits the items, orders the batches and seeds torch's global generators
+    (dropout). Writes ``relearn_curve.parquet`` (step, forget_prob, forget_rouge,
+    forget_truth_ratio, loss, seconds) and ``relearn_items.parquet`` (item_id, role 'train' |
+    'measured'); returns the measures before and after the attack, the item counts and the wall
+    time.
     """
     import time
 

@@ -92,6 +92,12 @@ def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states:
     return row
 
 
+def stop_columns(unlearning: dict[str, Any]) -> dict[str, Any]:
+    """The unlearn stage's ``stop_*`` figures (``unlearn.stop_at``) as ``stop.*`` columns of the runs
+    table; nothing for a run without a stop level."""
+    return {f"stop.{key.removeprefix('stop_')}": value for key, value in unlearning.items() if key.startswith("stop_")}
+
+
 def current_run_id() -> str:
     """The Prefect flow run id, or a fresh id outside a flow."""
     return str(flow_run.id or uuid.uuid4())
@@ -133,9 +139,12 @@ def _write_tables(store, refs: dict[str, dict | None], folder: Path) -> None:
               ("mask", "dual_analysis.parquet", "dual_analysis.parquet"),
               ("mask", "threshold_jaccard.parquet", "threshold_jaccard.parquet"),
               ("unlearned", "train_log.parquet", "train_log.parquet"),
+              ("unlearned", "trajectory.parquet", "trajectory.parquet"),
               ("knockout", "knockout.parquet", "knockout.parquet"),
               ("knockout", "knockout_summary.parquet", "knockout_summary.parquet"),
-              ("knockout", "knockout_curve.parquet", "knockout_curve.parquet"))
+              ("knockout", "knockout_curve.parquet", "knockout_curve.parquet"),
+              ("knockout", "knockout_items.parquet", "knockout_items.parquet"),
+              ("knockout", "knockout_mask.parquet", "knockout_mask.parquet"))
     for ref_name, source, target_name in copies:
         table = _table(store, refs.get(ref_name), source)
         if table is not None:
@@ -173,8 +182,9 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     knockout_table = _table(store, refs.get("knockout"), "knockout_summary.parquet")
     # The knockout figures land in the runs table as metric.knockout_* columns.
     # ... and the relearning attack's as metric.relearn_*.
-    append_run_row(results, run_row(cfg, run_id, "completed", {**headline, **knockout, **relearn}, states, seconds,
-                                    kind=kind))
+    unlearning = _summary(store, refs.get("unlearned"))
+    row = run_row(cfg, run_id, "completed", {**headline, **knockout, **relearn}, states, seconds, kind=kind)
+    append_run_row(results, {**row, **stop_columns(unlearning)})
 
     reference = _summary(store, refs.get("evaluate_reference"))
     target = _summary(store, refs.get("evaluate_target"))
@@ -189,10 +199,15 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
             continue
         lines.append("| " + name + " | " + " | ".join("-" if v is None else f"{v:.4g}" for v in values) + " |")
         table_rows.append({"metric": name, **{column.replace(" ", "_"): value for column, value in zip(columns, values)}})
+    if "stop_status" in unlearning:
+        from simu_core.stopping import format_outcome
+
+        lines += ["", "## Stop at a forgetting level", "", format_outcome(unlearning)]
     if knockout_table is not None:
         from simu_core.knockout import format_summary
 
-        lines += ["", "## Knockout check (target, nothing trained)", "", "```", *format_summary(knockout_table), "```"]
+        lines += ["", "## Knockout check (target, nothing trained; neurons chosen on half of the forget items, "
+                  "measured on the other half)", "", "```", *format_summary(knockout_table), "```"]
     if relearn:
         from simu_core.relearning import format_recovery
 
@@ -207,7 +222,7 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
             "target_metrics": target, "reference_metrics": reference, "states": states, "seconds": seconds,
             "dataset_sizes": _summary(store, refs.get("data")),
             "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
-            "unlearning": _summary(store, refs.get("unlearned")),
+            "unlearning": unlearning,
             "knockout": knockout_table.to_dict(orient="records") if knockout_table is not None else None,
             "relearn": relearn or None,
             "markdown": markdown}
@@ -239,6 +254,7 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
         headline = _summary(store, request_refs.get("evaluate"))
         row = run_row(cfg, run_id, "completed", {**headline, **_summary(store, request_refs.get("knockout"))}, states,
                       seconds, kind="request")
+        row.update(stop_columns(_summary(store, request_refs.get("unlearned"))))
         row.update({"request.index": request["index"], "request.count": len(requests),
                     "request.items": request["items"]})
         rows.append(row)

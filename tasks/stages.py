@@ -76,15 +76,17 @@ def threshold_mask(config: dict, store_url: str, code_version: str, params: dict
 
 @task(name="knockout", cache_policy=stage_cache_policy("knockout"), **_TASK_OPTIONS)
 def knockout(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
-    """Knockout check of the mask on the target: critical vs random vs retain-critical neurons."""
+    """Knockout check on the target (own attribution on half of the items, measured on the other half):
+    critical vs random vs retain-critical neurons."""
     cfg = config_from_dict(config)
     return run_stage("knockout", store_url, code_version, params, inputs,
-                     lambda out, dirs: stages.knockout(cfg, dirs["data"], dirs["target"], dirs["mask"], out))
+                     lambda out, dirs: stages.knockout(cfg, dirs["data"], dirs["target"], out))
 
 
 @task(name="unlearn", cache_policy=stage_cache_policy("unlearn"), **_TASK_OPTIONS)
 def unlearn(config: dict, store_url: str, code_version: str, params: dict, inputs: dict, checkpoint_dir: str) -> Ref:
-    """Run one unlearning method from the target; a progress artifact follows the steps."""
+    """Run one unlearning method from the target (to a forgetting level with ``unlearn.stop_at``: the
+    retain reference's evaluation is then an input); a progress artifact follows the steps."""
     cfg = config_from_dict(config)
     progress_id = create_progress_artifact(progress=0.0, description=f"unlearning ({cfg.unlearn.method})")
 
@@ -97,6 +99,7 @@ def unlearn(config: dict, store_url: str, code_version: str, params: dict, input
         lambda out, dirs: stages.unlearn(
             cfg, dirs["data"], dirs["target"], dirs.get("mask"), out,
             progress_callback=report_progress, checkpoint_dir=checkpoint_dir,
+            reference_items_path=dirs["reference_eval"] / "items.parquet" if dirs.get("reference_eval") else None,
         ),
     )
 

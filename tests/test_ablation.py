@@ -27,6 +27,8 @@ def _paths(root):
         (["--grid", "mask.threshold=0.2,1.5"], "mask.threshold=1.5"),
         (["--grid", "unlearn.method=simu,magic"], "unlearn.method"),
         ([], "grid is empty"),
+        (["--grid", "unlearn.lr=1e-3", "--targets", "0"], "--targets must be >= 1"),
+        (["--grid", "model.finetune.seed=0,1", "--targets", "2"], "--targets sweeps model.finetune.seed"),
     ],
 )
 def test_bad_grids_fail_before_anything_runs(tmp_path, grid_args, message):
@@ -49,6 +51,26 @@ def test_sweep_points_are_validated_and_seeded():
     assert points[0] == ["mask.threshold=0.1", "unlearn.method=simu", "run.seed=0"]
     with pytest.raises(ConfigError, match="--seeds"):
         sweep_points({key: values}, 0, [], None)
+
+
+def test_targets_sweep_the_target_seed_like_seeds_sweep_the_run_seed():
+    from flows.grid import sweep_points
+
+    points = sweep_points({"unlearn.method": ["simu", "ga"]}, 2, [], None, targets=3)
+    assert len(points) == 2 * 3 * 2
+    assert points[:3] == [["unlearn.method=simu", "model.finetune.seed=0", "run.seed=0"],
+                          ["unlearn.method=simu", "model.finetune.seed=0", "run.seed=1"],
+                          ["unlearn.method=simu", "model.finetune.seed=1", "run.seed=0"]]
+    assert sweep_points({"unlearn.method": ["simu"]}, 1, [], None) == [["unlearn.method=simu", "run.seed=0"]]
+    with pytest.raises(ConfigError, match="--targets must be >= 1"):
+        sweep_points({"unlearn.method": ["simu"]}, 1, [], None, targets=0)
+    with pytest.raises(ConfigError, match="grid sweeps it too"):
+        sweep_points({"model.finetune.seed": [0, 1]}, 1, [], None, targets=2)
+    with pytest.raises(ConfigError, match="drop --set model.finetune.seed"):
+        sweep_points({"unlearn.method": ["simu"]}, 1, ["model.finetune.seed=4"], None, targets=2)
+    with pytest.raises(ConfigError, match="the target is given, not trained"):
+        sweep_points({"unlearn.method": ["simu"]}, 1, ["model.target=some/model", "model.retain_reference=other/model"],
+                     None, targets=2)
 
 
 def test_interrupted_sweep_restarts_without_recomputing_finished_points(prefect_api, tmp_path, monkeypatch):

@@ -28,8 +28,10 @@ COMMON_ROWS = [
     ("data.source", set()),  # the synthetic benchmark is generated, not read
     ("data.requests", set()),  # the flow passes each request's items to select_request (its own key)
     ("data.*", {"prepare_data"}),
-    ("attribution.*", {"attribute"}),
-    ("mask.*", {"threshold_mask"}),
+    # The knockout attributes and thresholds on half of the items itself, with the run's settings.
+    ("attribution.*", {"attribute", "knockout"}),
+    ("mask.top_fraction", {"threshold_mask"}),  # the default layer-relative rule: the knockout does not read it
+    ("mask.*", {"threshold_mask", "knockout"}),
     ("knockout.enabled", set()),
     ("knockout.*", {"knockout"}),
     ("unlearn.checkpoint_every", set()),  # resuming is bit-identical: only how often progress is saved
@@ -44,7 +46,7 @@ COMMON_ROWS = [
     ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn"}),
     ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn"}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
-    ("run.seed", {"attribute", "unlearn", "knockout", "relearn"}),
+    ("run.seed", {"attribute", "unlearn", "relearn"}),  # the knockout has knockout.seed: a seed sweep shares it
     ("run.dtype", {"unlearn"}),  # autocast: only the unlearning trainer uses it
     ("run.*", set()),  # device, devices (FSDP: same result within rounding), store, results, name, tags, fault injection
 ]
@@ -319,6 +321,20 @@ def test_code_version_follows_the_code_a_stage_runs(core_copy, edited):
     versions._import_closure.cache_clear()
     changed = {stage for stage in stages if versions.stage_code_version(stage) != before[stage]}
     assert changed == CODE_EDITS[edited] & set(stages)
+
+
+def test_the_knockout_key_ignores_what_cannot_change_its_critical_set():
+    # The random rule's critical sets are the layer-relative ones and run.seed draws only the trained mask.
+    knockout = [stage_params(load_config(overrides=overrides))["knockout"] for overrides in (
+        [], ["mask.rule=random"], ["mask.rule=random", "run.seed=1"], ["run.seed=1"])]
+    assert all(params == knockout[0] for params in knockout)
+    assert stage_params(load_config(overrides=["mask.rule=random", "mask.threshold=0.3"]))["knockout"] != knockout[0]
+    # The global rule reads its fraction, not t.
+    global_rule = stage_params(load_config(overrides=["mask.rule=global_top_fraction"]))["knockout"]
+    assert stage_params(load_config(overrides=["mask.rule=global_top_fraction", "mask.threshold=0.3"]))[
+        "knockout"] == global_rule != knockout[0]
+    assert stage_params(load_config(overrides=["mask.rule=global_top_fraction", "mask.top_fraction=0.1"]))[
+        "knockout"] != global_rule
 
 
 def test_every_keyed_stage_has_a_code_version():

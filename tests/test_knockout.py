@@ -157,3 +157,68 @@ def test_summary_selectivity_and_ratio_are_computed_from_mean_drops():
     assert summary.loc["random", "selectivity"] == pytest.approx(0.15 / 0.2)
     assert summary.loc["critical", "forget_drop_over_random"] == pytest.approx(4.0)
     assert summary.loc["retain_critical", "selectivity"] == float("inf")  # spares the retain items
+
+
+def test_holdout_split_is_disjoint_equal_sized_and_seeded():
+    from simu_core.knockout import holdout_split
+
+    split = holdout_split(11, 50, seed=0)
+    assert len(split.forget_attributed) == 6 and len(split.forget_measured) == len(split.retain_measured) == 5
+    assert len(split.retain_attributed) == 6  # an equally sized retain sample
+    assert not set(split.forget_attributed) & set(split.forget_measured)
+    assert not set(split.retain_attributed) & set(split.retain_measured)
+    again = holdout_split(11, 50, seed=0)
+    assert all(np.array_equal(getattr(split, name), getattr(again, name)) for name in
+               ("forget_attributed", "forget_measured", "retain_attributed", "retain_measured"))
+    assert not np.array_equal(holdout_split(11, 50, seed=1).forget_measured, split.forget_measured)
+    # attribution.max_items caps the attributed half (and its retain sample); knockout.max_items the measured parts.
+    capped = holdout_split(40, 360, seed=0, attribute_limit=6, measure_limit=8)
+    assert [len(capped.forget_attributed), len(capped.retain_attributed)] == [6, 6]
+    assert [len(capped.forget_measured), len(capped.retain_measured)] == [8, 8]
+    # Few retain items: both sides measure as many as the retain split has left.
+    few = holdout_split(20, 13, seed=0)
+    assert [len(few.retain_attributed), len(few.forget_measured), len(few.retain_measured)] == [10, 3, 3]
+    with pytest.raises(ValueError, match="at least 2 forget items"):
+        holdout_split(1, 50, seed=0)
+    with pytest.raises(ValueError, match="the retain split has 10"):
+        holdout_split(20, 10, seed=0)
+
+
+def test_the_stage_measures_items_the_critical_set_was_not_chosen_on(trained_small, tmp_path, one_torch_thread):
+    from simu_core.attribution import attribute_neurons
+    from simu_core.config import load_config
+    from simu_core.finetune import encode_frame
+    from simu_core.prompting import pad_token_id
+    from simu_core.stages import knockout, load_trained, read_benchmark
+    from simu_core.thresholding import select_mask
+
+    from conftest import SMALL_OVERRIDES
+
+    config = load_config(overrides=SMALL_OVERRIDES + ["knockout.random_draws=2", "knockout.curve_sizes=[1]"])
+    summary = knockout(config, trained_small["data"], trained_small["target"], tmp_path, progress=False)
+    items = pd.read_parquet(tmp_path / "knockout_items.parquet")
+    benchmark = read_benchmark(trained_small["data"])
+    forget_size = len(benchmark["forget"])
+    for split in ("forget", "retain"):
+        roles = items[items["split"] == split].groupby("role")["item_id"].apply(set)
+        assert not roles["attributed"] & roles["measured"], split
+    measured = items[items["role"] == "measured"]["split"].value_counts()
+    assert measured["forget"] == measured["retain"] == forget_size // 2
+    assert summary["knockout_forget_items"] == summary["knockout_retain_items"] == forget_size // 2
+    assert summary["knockout_attributed_forget_items"] == summary["knockout_attributed_retain_items"] == \
+        forget_size - forget_size // 2
+    # The critical set is the one the attributed items give, by the run's mask settings.
+    model, tokenizer = load_trained(trained_small["target"], config)
+    attributed = {}
+    for split in ("forget", "retain"):
+        ids = set(items[(items["split"] == split) & (items["role"] == "attributed")]["item_id"])
+        frame = benchmark[split][benchmark[split]["item_id"].astype(str).isin(ids)]
+        attributed[split] = attribute_neurons(model, encode_frame(tokenizer, frame, config.model.max_length),
+                                              pad_token_id(tokenizer), mode=config.attribution.mode,
+                                              steps=config.attribution.steps, batch_size=config.attribution.batch_size,
+                                              progress=False)
+    expected = select_mask(attributed["forget"], attributed["retain"], threshold=config.mask.threshold)
+    mask = pd.read_parquet(tmp_path / "knockout_mask.parquet")
+    assert mask["critical_forget"].tolist() == expected.table()["critical_forget"].tolist()
+    sets = pd.read_parquet(tmp_path / "knockout.parquet").set_index("kind")
+    assert sets.loc["critical", "neurons"] == expected.critical_forget.total() > 0

@@ -37,8 +37,16 @@ def test_knockout_stage_writes_its_tables_is_cached_and_keyed_by_its_settings(pr
     assert critical["selectivity"] == pytest.approx(critical["forget_drop"] / critical["retain_drop"])
     curve = pd.read_parquet(run_dir / "knockout_curve.parquet")
     assert sorted(curve["k"].unique()) == [1, 4] and set(curve["kind"]) == {"top_forget_score", "random"}
+    # Measured on held-out items only: none chose the critical set; as many forget as retain items.
+    items = pd.read_parquet(run_dir / "knockout_items.parquet")
+    for split in ("forget", "retain"):
+        roles = items[items["split"] == split].groupby("role")["item_id"].apply(set)
+        assert roles["measured"] and not roles["attributed"] & roles["measured"], split
+    measured = items[items["role"] == "measured"]["split"].value_counts()
+    assert measured["forget"] == measured["retain"] == 5  # the held-out half of the 10 forget items
     runs = pd.read_parquet(root / "results" / "runs.parquet")
     assert runs["metric.knockout_critical_over_random"].iloc[-1] == pytest.approx(critical["forget_drop_over_random"])
+    assert runs["metric.knockout_forget_items"].iloc[-1] == runs["metric.knockout_retain_items"].iloc[-1] == 5
     assert [row["kind"] for row in first["knockout"]] == ["critical", "random", "retain_critical"]
 
     again = run_flow(paths)
@@ -58,6 +66,8 @@ def test_random_rule_trains_random_neurons_at_the_same_per_layer_counts(prefect_
     control = run_flow(paths + ["mask.rule=random"])
     assert control["states"]["attribute_forget"] == "Cached"  # same attribution
     assert control["states"]["threshold_mask"] == "Completed" and control["states"]["unlearn"] == "Completed"
+    # The knockout checks the critical neurons the random mask stands in for: one entry for both rules.
+    assert control["states"]["knockout"] == "Cached"
     # The knockout compares the critical neurons the random mask stands in for: the same figures.
     critical_check = pd.read_parquet(Path(critical["run_dir"]) / "knockout_summary.parquet")
     control_check = pd.read_parquet(Path(control["run_dir"]) / "knockout_summary.parquet")
@@ -70,6 +80,8 @@ def test_random_rule_trains_random_neurons_at_the_same_per_layer_counts(prefect_
     reseeded = run_flow(paths + ["mask.rule=random", "run.seed=1"])
     other = pd.read_parquet(Path(reseeded["run_dir"]) / "mask.parquet")
     assert not other["in_mask"].equals(random["in_mask"])  # run.seed draws the control
+    # ... but not the knockout (knockout.seed splits its items and draws its random sets): shared by every seed.
+    assert reseeded["states"]["knockout"] == "Cached" and reseeded["states"]["unlearn"] == "Completed"
 
 
 def test_report_writes_matched_forgetting_frontier_and_knockout(prefect_api, knockout_workspace):

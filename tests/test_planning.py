@@ -89,6 +89,52 @@ def test_finetuning_estimate_is_within_20_percent_of_the_measured_peak():
     assert estimate.peak == pytest.approx(tracker.peak, rel=0.20)
 
 
+def test_relearning_estimate_is_within_20_percent_of_the_measured_peak(monkeypatch):
+    """The attack's step (MasterAdamW over every parameter, relearn.batch_size items) as
+    relearning.relearn_curve runs it, on full-length items; its measurements are stubbed out here
+    (the plan adds the evaluation's pass on top of the attack's persistent state)."""
+    import pandas as pd
+
+    from simu_core import relearning
+
+    config = load_config(overrides=TINY + ["relearn.enabled=true", "relearn.batch_size=5", "relearn.steps=3"])
+    shape = planning.architecture_config(config)
+    estimate = planning.simulate_step(shape, config, "relearn", seq_len=SEQ)
+    full_length = iter(examples(8, 4, shape.vocab_size))
+    monkeypatch.setattr(relearning, "encode_qa", lambda *args: next(full_length))
+    monkeypatch.setattr(relearning, "forget_measures", lambda *args: dict.fromkeys(relearning.MEASURES, 0.0))
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape)
+    tracker = TensorMemoryTracker()
+    tracker.register([*model.parameters(), *model.buffers()])
+    items = pd.DataFrame({"question": ["q"] * 8, "answer": ["a"] * 8})
+    with tracker:
+        relearning.relearn_curve(model, Tokenizer(), items, items, config.relearn, config.eval,
+                                 lr=config.relearn.lr, max_length=SEQ, seed=0, progress=False)
+    assert estimate.peak == pytest.approx(tracker.peak, rel=0.20)
+    # AdamW's two fp32 moments over every parameter, as fine-tuning's.
+    assert estimate.trainable == sum(p.numel() for p in model.parameters())
+    assert estimate.optimizer == pytest.approx(2 * 4 * estimate.trainable, rel=1e-3)
+
+
+def test_the_plan_has_a_relearning_row_only_when_the_attack_runs():
+    config = load_config(overrides=TINY + ["relearn.batch_size=3"])
+    assert not planning.plan_memory(config).rows("relearn")
+    plan = planning.plan_memory(load_config(overrides=TINY + ["relearn.batch_size=3", "relearn.enabled=true"]))
+    (row,) = plan.rows("relearn")
+    assert row.devices == 1 and row.batch == 3 and row.seq_len == 128
+    step = planning.simulate_step(planning.architecture_config(config), config, "relearn")
+    evaluate = plan.rows("evaluate")[0]
+    # Measured between steps with the optimizer state alive: the larger of the step and the evaluation on top.
+    assert row.optimizer == step.optimizer > 0 and row.peak == max(
+        step.peak, step.weights + step.master + step.optimizer + evaluate.activations)
+    assert "relearn" in planning.format_plan(plan)
+
+
 def test_deep_models_are_extrapolated_from_two_and_three_layers(monkeypatch):
     config = load_config(overrides=TINY + ["model.tiny.num_layers=7", "unlearn.method=so_graddiff"])
     shape = planning.architecture_config(config)
@@ -179,6 +225,18 @@ def test_a_model_that_does_not_fit_the_devices_is_refused_naming_the_numbers(gpu
                                              r"run\.devices=2, and a device here has 40\.0 GiB .*it fits from run\.devices=4"):
         check_inputs(load_config(overrides=[*models, *run, "run.devices=2"]))
     check_inputs(load_config(overrides=[*models, *run, "run.devices=4"]))
+
+
+def test_a_relearning_attack_that_does_not_fit_one_device_is_refused(gpu_of):
+    from simu_core.preflight import PreflightError, check_inputs
+
+    gpu_of(70)  # SIMU's unlearning fits (59.7 GiB); the attack's AdamW on every fp32 parameter does not
+    models = [f"model.target={LLAMA2_7B}", f"model.retain_reference={LLAMA2_7B}", "unlearn.method=simu",
+              "run.device=cuda"]
+    check_inputs(load_config(overrides=models))
+    with pytest.raises(PreflightError, match=r"^the relearning attack LlamaForCausalLM .* needs 101\.\d GiB on its one "
+                                             r"device, and a device here has 70\.0 GiB .*not sharded"):
+        check_inputs(load_config(overrides=[*models, "relearn.enabled=true"]))
 
 
 def test_a_model_that_does_not_fit_even_sharded_says_so(gpu_of):

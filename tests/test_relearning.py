@@ -54,6 +54,14 @@ def test_config_refuses_zero_steps_and_lume_and_fills_the_benchmark_lr():
     assert load_config(overrides=["relearn.lr=0.01"]).relearn.lr == 0.01
 
 
+def test_config_refuses_the_attack_on_several_devices():
+    # The attack runs in one process: a run sharded over devices would relearn unsharded.
+    with pytest.raises(ConfigError, match=r"relearn.enabled=true with run.devices=2: .*one process"):
+        load_config(overrides=["relearn.enabled=true", "run.devices=2"])
+    assert load_config(overrides=["relearn.enabled=false", "run.devices=2"]).run.devices == 2
+    assert load_config(overrides=["relearn.enabled=true", "run.devices=1"]).relearn.enabled
+
+
 def test_curve_steps():
     assert curve_steps(10, 2) == [0, 2, 4, 6, 8, 10]
     assert curve_steps(7, 3) == [0, 3, 6, 7]
@@ -220,3 +228,30 @@ def test_cli_refuses_bad_forget_set_uses_before_starting_anything(capsys, overri
     captured = capsys.readouterr()
     assert message in captured.err
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_attack_with_dropout_is_reproducible(trained_small, one_torch_thread):
+    """Dropout draws from torch's global generator: the attack seeds it from its seed, so two attacks
+    with the same seed give the same curve whatever ran before them."""
+    from simu_core.relearning import relearn_curve
+    from simu_core.stages import load_trained, read_benchmark
+
+    config = trained_small["config"]
+    items = read_benchmark(trained_small["data"])["forget"].iloc[:4]
+    eval_config = config.eval.model_copy(update={"max_new_tokens": 4})
+    settings = RelearnConfig(steps=4, eval_every=2, batch_size=4)
+    curves = []
+    for _ in range(2):
+        model, tokenizer = load_trained(trained_small["reference"], config)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3  # read at every forward (training mode only)
+        curves.append(relearn_curve(model, tokenizer, items, items, settings, eval_config, lr=3e-3,
+                                    max_length=config.model.max_length, seed=0, progress=False))
+    pd.testing.assert_frame_equal(curves[0].drop(columns="seconds"), curves[1].drop(columns="seconds"))
+    # Dropout is on: a different seed gives a different training loss.
+    model, tokenizer = load_trained(trained_small["reference"], config)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    other = relearn_curve(model, tokenizer, items, items, settings, eval_config, lr=3e-3,
+                          max_length=config.model.max_length, seed=1, progress=False)
+    assert other["loss"].iloc[-1] != curves[0]["loss"].iloc[-1]

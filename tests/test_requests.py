@@ -50,6 +50,43 @@ def test_bad_requests_are_refused_when_the_config_loads(value, message):
     assert message in str(error.value)
 
 
+def test_the_union_so_far_takes_the_requests_in_turn_so_an_evaluation_cut_covers_them_all(tmp_path):
+    from simu_core.evaluation.qa import evaluation_splits
+    from simu_core.requests import union_order
+    from simu_core.stages import prepare_data, read_benchmark, select_request
+
+    requests = expand_requests([["forget-0:3"], ["forget-3"], ["forget-4:6"]], 10)
+    assert union_order(requests) == ["forget-0", "forget-3", "forget-4", "forget-1", "forget-5", "forget-2"]
+    assert union_order(requests[:1]) == requests[0]
+    # The evaluation keeps the first eval.max_items forget items of the union: one of each request here.
+    prepare_data(load_config(overrides=PIPELINE_OVERRIDES), tmp_path / "data")
+    select_request(tmp_path / "data", tmp_path / "union", union_order(requests))
+    evaluated = evaluation_splits(read_benchmark(tmp_path / "union"), max_items=3)["forget"]["item_id"].tolist()
+    assert [[item for item in request if item in evaluated] for request in requests] == [
+        ["forget-0"], ["forget-3"], ["forget-4"]]
+
+
+def test_fewer_evaluated_items_than_requests_are_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"eval.max_items=2 with 3 deletion requests \(data.requests\): .*every "
+                                          r"request"):
+        load_config(overrides=["data.requests=3", "eval.max_items=2"])
+    with pytest.raises(ConfigError, match=r"eval.max_items=1 with 2 deletion requests"):
+        load_config(overrides=["data.requests=[[forget-0:2], [forget-2:4]]", "eval.max_items=1"])
+    assert load_config(overrides=["data.requests=3", "eval.max_items=3"]).eval.max_items == 3
+
+
+def test_a_one_item_request_with_the_knockout_check_is_refused_before_anything_runs():
+    from simu_core.preflight import PreflightError, check_inputs
+
+    # The knockout chooses its neurons on half of a request's forget items and measures the other half.
+    one_item = ["data.requests=[[forget-0:3], [forget-3]]"]
+    with pytest.raises(PreflightError, match=r"request 2 has 1 forget item: the knockout check .* at least 2 .*"
+                                             r"knockout.enabled=false"):
+        check_inputs(load_config(overrides=one_item))
+    check_inputs(load_config(overrides=[*one_item, "knockout.enabled=false"]))
+    check_inputs(load_config(overrides=[*one_item, "unlearn.method=so_graddiff"]))  # no mask, no knockout
+
+
 def test_overlap_names_the_first_few_shared_items():
     with pytest.raises(ConfigError, match=r"forget-2, forget-3, forget-4, forget-5, forget-6, \.\.\. \(8 in all\)"):
         load_config(overrides=["data.requests=[[forget-0:10], [forget-2:10]]"])
@@ -167,6 +204,11 @@ def test_a_fourth_request_computes_only_its_own_stages(prefect_api, requests_wor
         items = pd.read_parquet(folder / "items.parquet")
         forget = items[(items["split"] == "forget") & (items["model"] == "unlearned")]
         assert len(forget) == min(2 * index, 6)  # eval.max_items=6 of the union so far
+        # ... taken from every request so far in turn (request 4: 8 items, 6 evaluated).
+        evaluated = set(forget["item_id"])
+        for request in FOUR[:index]:
+            start, end = map(int, request[0].removeprefix("forget-").split(":"))
+            assert evaluated & {f"forget-{row}" for row in range(start, end)}, (index, request, evaluated)
 
 
 def test_cli_summary_and_report_show_the_curve(prefect_api, requests_workspace):

@@ -47,6 +47,7 @@ from simu_core.unlearning.trainer import (
 
 if TYPE_CHECKING:
     from simu_core.distributed import DistributedContext
+    from simu_core.stopping import ForgetMonitor
 
 __all__ = [
     "METHODS",
@@ -183,6 +184,7 @@ def build_trainer(
     progress_callback: ProgressCallback | None = None,
     fail_at_step: int | None = None,
     distributed: DistributedContext | None = None,
+    monitor: ForgetMonitor | None = None,
 ) -> UnlearningTrainer:
     """Validate the inputs and build the trainer of ``config.method``.
 
@@ -190,6 +192,8 @@ def build_trainer(
     needs one and none is given, a frozen copy of ``model`` as it is before unlearning is taken.
     ``distributed``: shard ``model`` (and the reference) with FSDP over this process group once the
     trainable set is fixed (``simu_core.distributed``); the masks stay those of the whole model.
+    ``monitor``: checks the forget measure every ``eval_every`` steps and stops the run at a
+    forgetting level (``simu_core.stopping``); None runs the whole budget.
     """
     spec = validate_unlearning(config, model, mask)
     objective = build_objective(config, spec)
@@ -213,7 +217,7 @@ def build_trainer(
         pad_token_id=pad_token_id, reference=reference if objective.needs_reference else None, seed=seed,
         autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir, progress=progress,
         progress_callback=progress_callback, fail_at_step=fail_at_step, description=f"unlearn {spec.name}",
-        distributed=distributed,
+        distributed=distributed, monitor=monitor,
     )
     args = (model, trainables, objective, forget_examples, retain_examples, config)
     if spec.optimizer == "sophia":

@@ -59,6 +59,7 @@ from simu_core.unlearning.losses import UnlearningObjective
 
 if TYPE_CHECKING:
     from simu_core.distributed import DistributedContext
+    from simu_core.stopping import ForgetMonitor
 
 __all__ = [
     "AdamWUnlearningTrainer",
@@ -237,6 +238,7 @@ class UnlearningTrainer:
         fail_at_step: int | None = None,
         description: str = "unlearn",
         distributed: DistributedContext | None = None,
+        monitor: ForgetMonitor | None = None,
     ) -> None:
         if not config.lr > 0:
             raise ValueError(f"unlearn.lr must be > 0, got {config.lr}")
@@ -277,6 +279,9 @@ class UnlearningTrainer:
         self.fail_at_step = fail_at_step
         self.description = description
         self.distributed = distributed
+        self.monitor = monitor
+        if distributed is not None and monitor is not None:
+            raise ValueError("stopping at a forgetting level (unlearn.stop_at) runs in one process, not sharded")
         if distributed is not None and config.checkpoint_every:
             raise ValueError("periodic checkpoints are not written by sharded runs (unlearn.checkpoint_every=0)")
         self.device = distributed.device if distributed is not None else next(model.parameters()).device
@@ -396,6 +401,7 @@ class UnlearningTrainer:
             "rng": rng,
             "extra": self.extra_state(),
             "log": {column: [row[column] for row in rows] for column in LOG_COLUMNS},
+            "monitor": self.monitor.state() if self.monitor is not None else None,
         }
         torch.save(state, tmp / _STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
@@ -428,6 +434,8 @@ class UnlearningTrainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.load_extra_state(state["extra"])
+        if self.monitor is not None and state.get("monitor") is not None:
+            self.monitor.load_state(state["monitor"])
         log = state["log"]
         rows = [{column: log[column][i] for column in LOG_COLUMNS} for i in range(len(log["step"]))]
         return int(state["step"]), rows
@@ -577,6 +585,9 @@ class UnlearningTrainer:
                 resumed_from = start
             else:
                 torch.manual_seed(self.seed)
+                # The model as it starts: a run whose target already reaches the level trains nothing.
+                if self.monitor is not None and self.monitor.check(0, 0.0):
+                    start = self.total_steps
             self.model.train()
             if self.reference is not None:
                 self.reference.eval()
@@ -613,13 +624,18 @@ class UnlearningTrainer:
                     "tokens": figures["tokens"],
                 }
                 rows.append(row)
-                if self.checkpoint_dir is not None and self.config.checkpoint_every and \
+                # Checked before the checkpoint, so a resumed run never repeats or skips a check.
+                stop = self.monitor is not None and self.monitor.due(step, self.total_steps) and \
+                    self.monitor.check(step, float(lr))
+                if not stop and self.checkpoint_dir is not None and self.config.checkpoint_every and \
                         step % self.config.checkpoint_every == 0 and step < self.total_steps:
                     self.save_checkpoint(step, rows)
                 bar.update(1)
                 bar.set_postfix(forget=f"{row['forget_loss']:.3f}", retain=f"{row['retain_loss']:.3f}")
                 if self.progress_callback is not None:
                     self.progress_callback(step, self.total_steps, row)
+                if stop:
+                    break
             bar.close()
             state_bytes = _state_bytes(self.optimizer)
             if self.distributed is not None:  # every process holds its shards' state: the total

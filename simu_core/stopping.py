@@ -1,0 +1,312 @@
+"""Stop unlearning at a forgetting level: match methods by forgetting directly, not afterwards.
+
+``unlearn.stop_at`` names a level on a forget measure, ``<measure><comparison><level>``:
+
+- ``forget_prob<=reference``: the forget answer probability (mean over the forget items, as the
+  evaluation's ``forget_prob``) reaches the retain reference's, read from the reference's cached
+  evaluation of the same items;
+- ``forget_prob<=0.15``: a number instead;
+- ``forget_quality>=0.05``: forget quality (the KS-test p-value of the forget truth ratios against
+  the retain reference's) reaches a p-value. ``forget_quality>=reference`` is refused: the
+  reference's own forget quality is 1 by definition, which no unlearned model reaches.
+
+Every ``unlearn.eval_every`` optimizer steps (and before the first, and after the last; sooner
+near the level: :meth:`ForgetMonitor.next_check`) the :class:`ForgetMonitor` measures, with the evaluation suite's own scoring code and the model in
+eval mode, the forget measure on the forget items the evaluation measures and the retain
+probability on a fixed retain sample (the first ``unlearn.stop_retain_items`` items of the
+evaluation's ``retain_eval`` split). Training stops at the first check that reaches the level;
+that model is the stage's output. The outcome (:meth:`ForgetMonitor.outcome`):
+
+- ``matched``: reached, within ``unlearn.stop_tolerance`` (relative) of the level;
+- ``overshot``: reached, but further past the level than the tolerance (too large an lr, or checks
+  too far apart): not counted as matched;
+- ``not_reached``: the budget (``epochs`` / ``max_steps``) ended first: the last model is kept;
+- ``at_start``: the model before unlearning already satisfies the level (nothing is trained).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from simu_core.metrics import tofu
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from simu_core.config import EvalConfig
+
+#: Each measure with the direction unlearning moves it (the only comparison that makes sense).
+STOP_MEASURES = {"forget_prob": "<=", "forget_quality": ">="}
+REFERENCE = "reference"
+STATUSES = ("matched", "overshot", "not_reached", "at_start")
+TRAJECTORY_COLUMNS = ("step", "forget_prob", "forget_quality", "forget_truth_ratio", "retain_prob", "lr",
+                      "seconds", "reached")
+#: Share of the extrapolated steps to the level after which the next check runs (simulated on per-step
+#: trajectories of SIMU, SO- and FO-GradDiff on the testbed preset: with eval_every 10 the stop lands
+#: within 1-7 % of the level where a step moves the measure by less than that, in 5-7 checks).
+REFINE_FACTOR = 0.5
+_RULE_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>|==|=)\s*(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """A parsed ``unlearn.stop_at``: the measure, its comparison and the level (None: the reference's)."""
+
+    measure: str
+    comparison: str
+    level: float | None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run needs the retain reference's evaluation (its level, or its truth ratios)."""
+        return self.level is None or self.measure == "forget_quality"
+
+    def reached(self, value: float, level: float) -> bool:
+        """Whether ``value`` is at or past ``level`` in the measure's direction."""
+        if not math.isfinite(value):
+            return False
+        return value <= level if self.comparison == "<=" else value >= level
+
+    def within(self, value: float, level: float, tolerance: float) -> bool:
+        """Whether ``value`` is no more than ``tolerance`` (relative) away from ``level``."""
+        return abs(value - level) <= tolerance * abs(level)
+
+    def text(self) -> str:
+        """The rule as written in a config."""
+        return f"{self.measure}{self.comparison}{REFERENCE if self.level is None else f'{self.level:g}'}"
+
+
+def parse_stop_at(text: str) -> StopRule:
+    """Parse ``<measure><comparison><level>``; a ValueError names what is wrong and what is allowed."""
+    allowed = ", ".join(f"{measure}{op}<level>" for measure, op in STOP_MEASURES.items())
+    match = _RULE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not '<measure><comparison><level>' (allowed: {allowed}; e.g. "
+                         "forget_prob<=reference, forget_quality>=0.05)")
+    measure, comparison, raw = match.groups()
+    if measure not in STOP_MEASURES:
+        raise ValueError(f"unknown forget measure {measure!r} in {text!r}; known: {sorted(STOP_MEASURES)}")
+    if comparison != STOP_MEASURES[measure]:
+        direction = "lowers" if STOP_MEASURES[measure] == "<=" else "raises"
+        raise ValueError(f"comparison {comparison!r} in {text!r}: unlearning {direction} {measure}, so its level "
+                         f"is reached with {STOP_MEASURES[measure]!r} ({measure}{STOP_MEASURES[measure]}{raw})")
+    if raw == REFERENCE:
+        if measure == "forget_quality":
+            raise ValueError(f"{text!r}: the retain reference's own forget quality is 1 by definition (a KS test of "
+                             "its truth ratios against themselves); give a p-value, e.g. forget_quality>=0.05")
+        return StopRule(measure, comparison, None)
+    try:
+        level = float(raw)
+    except ValueError:
+        raise ValueError(f"level {raw!r} in {text!r} is neither a number nor 'reference'") from None
+    upper = 1.0
+    if not (0.0 < level <= upper) or not math.isfinite(level):
+        raise ValueError(f"level {raw!r} in {text!r}: {measure} is a probability, the level must be in (0, 1]")
+    return StopRule(measure, comparison, level)
+
+
+def budget_steps(forget_items: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of an unlearning run over ``forget_items`` (as the trainer's batch plan counts them)."""
+    micro = epochs * math.ceil(forget_items / batch_size)
+    steps = math.ceil(micro / grad_accum)
+    return steps if max_steps is None else max_steps
+
+
+def reference_level(rule: StopRule, reference_items: pd.DataFrame | None) -> tuple[float, str]:
+    """The numeric level and where it came from (``reference`` or ``value``)."""
+    if rule.level is not None:
+        return rule.level, "value"
+    if reference_items is None:
+        raise ValueError(f"unlearn.stop_at={rule.text()!r} needs the retain reference's evaluation (its items table)")
+    forget = reference_items[reference_items["split"] == "forget"]
+    if forget.empty:
+        raise ValueError("the retain reference's items table holds no forget rows: its forget probability is unknown")
+    return float(forget["probability"].mean()), REFERENCE
+
+
+class ForgetMonitor:
+    """Measures the forget measure and the retain probability during unlearning; decides when to stop.
+
+    ``forget`` / ``retain``: the evaluation splits' frames (``forget`` and ``retain_eval`` as
+    :func:`~simu_core.evaluation.qa.evaluation_splits` returns them); ``reference_items``: the retain
+    reference's items table (forget quality, and the ``reference`` level).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        forget: pd.DataFrame,
+        retain: pd.DataFrame,
+        rule: StopRule,
+        eval_config: EvalConfig,
+        *,
+        eval_every: int,
+        tolerance: float,
+        max_length: int,
+        reference_items: pd.DataFrame | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.forget, self.retain = forget, retain
+        self.rule, self.eval_config = rule, eval_config
+        self.eval_every, self.tolerance, self.max_length = eval_every, tolerance, max_length
+        self.level, self.level_source = reference_level(rule, reference_items)
+        self.reference_truth_ratios = None
+        if reference_items is not None:
+            reference_forget = reference_items[reference_items["split"] == "forget"]
+            reference_forget = reference_forget.set_index(reference_forget["item_id"].astype(str))
+            missing = set(forget["item_id"].astype(str)) - set(reference_forget.index.astype(str))
+            if missing:
+                raise ValueError(f"the retain reference's evaluation lacks {len(missing)} of the forget items measured "
+                                 f"here (e.g. {sorted(missing)[:3]}): evaluate both with the same data and "
+                                 "eval.max_items")
+            measured = reference_forget.loc[forget["item_id"].astype(str)]
+            if self.level_source == REFERENCE:  # the level over exactly the items measured here
+                self.level = float(measured["probability"].mean())
+            self.reference_truth_ratios = measured["truth_ratio"].to_numpy(dtype=float)
+        if rule.measure == "forget_quality" and self.reference_truth_ratios is None:
+            raise ValueError("unlearn.stop_at on forget_quality needs the retain reference's truth ratios")
+        self.rows: list[dict[str, Any]] = []
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether a check runs after ``step``: :meth:`next_check` and after the last step."""
+        return step == self.next_check() or step == total_steps
+
+    def next_check(self) -> int:
+        """The step of the next check: ``eval_every`` steps after the last one, or sooner when the last
+        two checks, extrapolated linearly in log10 of the measure, reach the level sooner: then after
+        :data:`REFINE_FACTOR` of the predicted steps (at least one), because forgetting accelerates and a
+        straight line predicts the crossing late. A check then lands near the level instead of up to
+        ``eval_every`` steps past it, for a few extra checks around the crossing only."""
+        if not self.rows:
+            return 0
+        last = self.rows[-1]
+        regular = int(last["step"]) + self.eval_every
+        if len(self.rows) < 2:
+            return regular
+        before = self.rows[-2]
+        measure = self.rule.measure
+        values = [float(row[measure]) for row in (before, last)]
+        if not all(math.isfinite(v) and v > 0 for v in values) or self.level <= 0:
+            return regular
+        slope = (math.log10(values[1]) - math.log10(values[0])) / (int(last["step"]) - int(before["step"]))
+        remaining = math.log10(self.level) - math.log10(values[1])
+        toward = slope < 0 if self.rule.comparison == "<=" else slope > 0
+        if not toward:
+            return regular
+        return int(last["step"]) + max(1, min(self.eval_every, math.ceil(REFINE_FACTOR * remaining / slope)))
+
+    def measure(self) -> dict[str, float]:
+        """The forget and retain measures of the model as it is now (eval mode, no gradients)."""
+        from simu_core.evaluation.qa import answer_probabilities, forget_answer_scores
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                forget_prob = forget_quality = forget_truth_ratio = float("nan")
+                if self.rule.measure == "forget_quality":  # truth ratios: both forget measures
+                    items = forget_answer_scores(self.model, self.tokenizer, self.forget, self.eval_config,
+                                                 max_length=self.max_length)
+                    ratios = items["truth_ratio"].to_numpy(dtype=float)
+                    forget_prob = float(items["probability"].mean())
+                    forget_quality = tofu.forget_quality(ratios, self.reference_truth_ratios)
+                    forget_truth_ratio = tofu.truth_ratio_score_forget(ratios)
+                else:
+                    forget_prob = float(np.mean(answer_probabilities(
+                        self.model, self.tokenizer, self.forget, self.eval_config, max_length=self.max_length)))
+                retain_prob = float(np.mean(answer_probabilities(
+                    self.model, self.tokenizer, self.retain, self.eval_config, max_length=self.max_length)))
+        finally:
+            self.model.train(was_training)
+        return {"forget_prob": forget_prob, "forget_quality": forget_quality,
+                "forget_truth_ratio": forget_truth_ratio, "retain_prob": retain_prob}
+
+    def check(self, step: int, lr: float) -> bool:
+        """Measure after ``step`` (0: before unlearning), record the check; True when the level is reached."""
+        started = time.perf_counter()
+        values = self.measure()
+        reached = self.rule.reached(values[self.rule.measure], self.level)
+        self.rows.append({"step": step, **values, "lr": float(lr), "seconds": time.perf_counter() - started,
+                          "reached": reached})
+        return reached
+
+    def trajectory(self) -> pd.DataFrame:
+        """Every check: :data:`TRAJECTORY_COLUMNS`."""
+        return pd.DataFrame(self.rows, columns=list(TRAJECTORY_COLUMNS))
+
+    def state(self) -> dict[str, list]:
+        """The checks so far as plain lists (saved in the trainer's checkpoints)."""
+        return {column: [row[column] for row in self.rows] for column in TRAJECTORY_COLUMNS}
+
+    def load_state(self, state: dict[str, list]) -> None:
+        """Restore the checks a checkpoint saved."""
+        count = len(state["step"])
+        self.rows = [{column: state[column][i] for column in TRAJECTORY_COLUMNS} for i in range(count)]
+
+    def outcome(self, budget_steps: int) -> dict[str, Any]:
+        """Where the run stopped and why (the ``stop_*`` figures of the stage's summary)."""
+        if not self.rows:
+            raise ValueError("no check was made")
+        reached = [index for index, row in enumerate(self.rows) if row["reached"]]
+        index = reached[0] if reached else len(self.rows) - 1
+        row = self.rows[index]
+        value = float(row[self.rule.measure])
+        if not reached:
+            status = "not_reached"
+        elif row["step"] == 0:
+            status = "at_start"
+        else:
+            status = "matched" if self.rule.within(value, self.level, self.tolerance) else "overshot"
+        previous = self.rows[index - 1] if index > 0 else None
+        return {
+            "stop_rule": self.rule.text(),
+            "stop_measure": self.rule.measure,
+            "stop_level": self.level,
+            "stop_level_source": self.level_source,
+            "stop_tolerance": self.tolerance,
+            "stop_status": status,
+            "stop_matched": status == "matched",
+            "stop_step": int(row["step"]),
+            "stop_budget_steps": int(budget_steps),
+            "stop_value": value,
+            "stop_retain_prob": float(row["retain_prob"]),
+            "stop_first_check": bool(reached) and index == 1,
+            "stop_previous_step": int(previous["step"]) if previous is not None else None,
+            "stop_previous_value": float(previous[self.rule.measure]) if previous is not None else None,
+            "stop_checks": len(self.rows),
+            "stop_check_seconds": float(sum(r["seconds"] for r in self.rows)),
+        }
+
+
+def format_outcome(outcome: dict[str, Any]) -> str:
+    """One line for the printout: where the run stopped, the value reached and the check before."""
+    measure, level = outcome["stop_measure"], outcome["stop_level"]
+    source = "the retain reference's" if outcome["stop_level_source"] == REFERENCE else "given"
+    head = (f"stop_at {outcome['stop_rule']} (level {level:.4g}, {source}): ")
+    previous = ""
+    if outcome.get("stop_previous_step") is not None:
+        previous = f"; check before: step {outcome['stop_previous_step']}, {outcome['stop_previous_value']:.4g}"
+    where = f"step {outcome['stop_step']} of {outcome['stop_budget_steps']}, {measure} {outcome['stop_value']:.4g}"
+    tolerance = f"{100 * outcome['stop_tolerance']:g} %"
+    status = outcome["stop_status"]
+    if status == "matched":
+        verdict = f"stopped at {where}{previous}: matched (within {tolerance} of the level)"
+    elif status == "overshot":
+        cause = ("already past it at the first check: too large an lr, or a smaller unlearn.eval_every"
+                 if outcome.get("stop_first_check") else "past it by more than the tolerance between two checks")
+        verdict = f"stopped at {where}{previous}: NOT matched, {cause} ({tolerance})"
+    elif status == "not_reached":
+        verdict = f"budget ended at {where}: NOT matched, the level was never reached (larger lr or budget)"
+    else:
+        verdict = f"the model before unlearning already reaches the level ({measure} {outcome['stop_value']:.4g}): " \
+                  "nothing was trained"
+    return head + verdict

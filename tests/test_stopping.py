@@ -1,0 +1,265 @@
+"""Stopping unlearning at a forgetting level (``unlearn.stop_at``, ``simu_core.stopping``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from simu_core.config import ConfigError, load_config
+from simu_core.stopping import ForgetMonitor, StopRule, budget_steps, format_outcome, parse_stop_at
+
+from tests.conftest import SMALL_OVERRIDES
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("forget_prob<=reference", StopRule("forget_prob", "<=", None)),
+    (" forget_prob <= 0.15 ", StopRule("forget_prob", "<=", 0.15)),
+    ("forget_quality>=0.05", StopRule("forget_quality", ">=", 0.05)),
+])
+def test_stop_rules_parse(text, rule):
+    assert parse_stop_at(text) == rule
+    assert load_config(overrides=[f"unlearn.stop_at={text}"]).unlearn.stop_at == rule.text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("forget_rouge<=0.1", "unknown forget measure 'forget_rouge'"),
+    ("forget_prob>=0.1", "forget_prob<=0.1"),  # the direction unlearning moves it
+    ("forget_quality<0.05", "forget_quality>=0.05"),
+    ("forget_quality>=reference", "1 by definition"),
+    ("forget_prob<=lots", "neither a number nor 'reference'"),
+    ("forget_prob<=1.5", "must be in (0, 1]"),
+    ("forget_prob", "is not '<measure><comparison><level>'"),
+])
+def test_bad_stop_rules_name_the_problem(text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[f"unlearn.stop_at={text}"])
+    assert "unlearn.stop_at" in str(error.value) and message in str(error.value)
+
+
+def test_stop_at_is_refused_where_it_cannot_run(tmp_path):
+    with pytest.raises(ConfigError, match="data.benchmark='lume'"):
+        load_config(overrides=["data.benchmark=lume", f"model.target={tmp_path}", "unlearn.stop_at=forget_prob<=0.1"])
+    with pytest.raises(ConfigError, match="run.devices=2"):
+        load_config(overrides=["run.devices=2", "unlearn.stop_at=forget_prob<=0.1"])
+
+
+def test_eval_every_beyond_the_budget_is_refused_before_any_training():
+    from flows.pipeline import check_stop_budget
+
+    config = load_config(overrides=["unlearn.stop_at=forget_prob<=reference", "unlearn.epochs=2",
+                                     "unlearn.batch_size=4", "unlearn.eval_every=25"])
+    assert budget_steps(40, 4, 1, 2, None) == 20
+    with pytest.raises(ConfigError, match=r"unlearn.eval_every=25 is larger than the run's 20 optimizer steps"):
+        check_stop_budget(config, 40)
+    check_stop_budget(config.model_copy(update={"unlearn": config.unlearn.model_copy(update={"eval_every": 20})}), 40)
+
+
+def test_stop_at_without_a_reference_run_is_refused():
+    from flows.pipeline import unlearn_inputs
+
+    config = load_config(overrides=["unlearn.stop_at=forget_prob<=reference"])
+    with pytest.raises(ConfigError, match="needs a retain reference"):
+        unlearn_inputs(config, {"key": "d"}, {"key": "t"}, None, None)
+    # A numeric forget-probability level reads no reference: the stage's inputs stay as without stop_at.
+    numeric = load_config(overrides=["unlearn.stop_at=forget_prob<=0.2"])
+    assert set(unlearn_inputs(numeric, {"key": "d"}, {"key": "t"}, None, None)) == {"data", "target", "mask"}
+
+
+# ------------------------------------------------------------------------------ checks and status
+
+
+class _Scripted(ForgetMonitor):
+    """A monitor whose measurements follow a script (step -> forget probability)."""
+
+    def __init__(self, values: dict[int, float], level: float, eval_every: int = 10, tolerance: float = 0.1):
+        self.rule = StopRule("forget_prob", "<=", level)
+        self.level, self.level_source, self.tolerance, self.eval_every = level, "value", tolerance, eval_every
+        self.values, self.rows = values, []
+
+    def measure(self) -> dict[str, float]:
+        return {"forget_prob": self.values[self._step], "forget_quality": math.nan, "forget_truth_ratio": math.nan,
+                "retain_prob": 0.9}
+
+    def check(self, step: int, lr: float) -> bool:
+        self._step = step
+        return super().check(step, lr)
+
+
+def _run_script(monitor: _Scripted, total: int) -> list[int]:
+    if monitor.check(0, 0.0):
+        return [0]
+    for step in range(1, total + 1):
+        if monitor.due(step, total) and monitor.check(step, 1e-3):
+            break
+    return [row["step"] for row in monitor.rows]
+
+
+def test_checks_come_every_eval_every_steps_and_sooner_near_the_level():
+    # Forgetting that accelerates (log-probability falling faster and faster), as the testbed's curves do.
+    values = {step: 0.9 * math.exp(-0.002 * step * step) for step in range(101)}
+    level = 0.15
+    first = next(step for step, value in values.items() if value <= level)
+    monitor = _Scripted(values, level)
+    steps = _run_script(monitor, 100)
+    assert steps[:3] == [0, 10, 20]  # regular checks while the level is far
+    assert steps[-1] == first  # the first step at the level is where it stops
+    assert len(steps) <= 8
+    outcome = monitor.outcome(100)
+    assert outcome["stop_status"] == "matched" and outcome["stop_step"] == first
+    assert outcome["stop_previous_step"] == steps[-2]
+    assert outcome["stop_value"] == pytest.approx(values[first])
+
+
+def test_statuses_overshot_not_reached_and_at_start():
+    far = {step: (0.9 if step < 10 else 0.01) for step in range(51)}
+    monitor = _Scripted(far, 0.15)
+    _run_script(monitor, 50)
+    outcome = monitor.outcome(50)
+    assert outcome["stop_status"] == "overshot" and outcome["stop_first_check"] and not outcome["stop_matched"]
+    assert "already past it at the first check" in format_outcome(outcome)
+
+    never = {step: 0.9 - 0.001 * step for step in range(51)}
+    monitor = _Scripted(never, 0.15)
+    assert _run_script(monitor, 50)[-1] == 50
+    outcome = monitor.outcome(50)
+    assert outcome["stop_status"] == "not_reached" and outcome["stop_step"] == 50
+    assert "never reached" in format_outcome(outcome)
+
+    monitor = _Scripted({0: 0.1}, 0.15)
+    assert _run_script(monitor, 50) == [0]
+    assert monitor.outcome(50)["stop_status"] == "at_start"
+
+
+# ------------------------------------------------------------------------- on a trained model
+
+
+@pytest.fixture(scope="module")
+def reference_items(trained_small, tmp_path_factory):
+    from simu_core import stages
+
+    config = trained_small["config"]
+    out = tmp_path_factory.mktemp("reference-eval")
+    stages.evaluate(config, trained_small["data"], trained_small["reference"], out, light=True)
+    return out / "items.parquet"
+
+
+def _config(*extra: str):
+    return load_config(overrides=[*SMALL_OVERRIDES, "unlearn.method=fo_graddiff", "unlearn.lr=1e-3",
+                                  "unlearn.epochs=3", "unlearn.batch_size=4", "eval.batch_size=32", *extra])
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_checks_do_not_change_the_training(trained_small, reference_items, tmp_path):
+    """A level never reached: the checks run, and the model is bit for bit the one without them."""
+    from simu_core import stages
+
+    plain = stages.unlearn(_config(), trained_small["data"], trained_small["target"], None, tmp_path / "plain",
+                           progress=False)
+    checked = stages.unlearn(_config("unlearn.stop_at=forget_prob<=1e-9", "unlearn.eval_every=5"),
+                             trained_small["data"], trained_small["target"], None, tmp_path / "checked",
+                             progress=False, reference_items_path=reference_items)
+    assert checked["steps"] == plain["steps"] == checked["stop_budget_steps"] == 15  # 20 forget items, batch 4
+    assert checked["stop_status"] == "not_reached"
+    trajectory = pd.read_parquet(tmp_path / "checked" / "trajectory.parquet")
+    assert trajectory["step"].tolist() == [0, 5, 10, 15]
+    for name, tensor in _weights(tmp_path / "plain").items():
+        assert torch.equal(tensor, _weights(tmp_path / "checked")[name]), name
+
+
+@pytest.mark.slow
+def test_a_stopped_run_keeps_the_model_of_its_stopping_check(trained_small, reference_items, tmp_path):
+    from simu_core import stages
+
+    config = _config("unlearn.stop_at=forget_prob<=reference", "unlearn.eval_every=2", "unlearn.epochs=10")
+    summary = stages.unlearn(config, trained_small["data"], trained_small["target"], None, tmp_path / "stopped",
+                             progress=False, reference_items_path=reference_items)
+    trajectory = pd.read_parquet(tmp_path / "stopped" / "trajectory.parquet")
+    reference = pd.read_parquet(reference_items)
+    level = float(reference[reference["split"] == "forget"]["probability"].mean())
+    assert summary["stop_level"] == pytest.approx(level) and summary["stop_level_source"] == "reference"
+    assert summary["stop_status"] in ("matched", "overshot")
+    assert summary["steps"] == summary["stop_step"] == int(trajectory["step"].iloc[-1]) < summary["stop_budget_steps"]
+    assert trajectory["reached"].tolist() == [False] * (len(trajectory) - 1) + [True]
+    assert summary["stop_value"] <= level < summary["stop_previous_value"]
+    # The saved model is the one measured at the stop: its evaluation reads the same forget probability.
+    evaluation = stages.evaluate(config, trained_small["data"], tmp_path / "stopped", tmp_path / "eval",
+                                 reference_items_path=reference_items)
+    assert evaluation["forget_prob"] == pytest.approx(summary["stop_value"], rel=1e-5)
+    assert float(trajectory["retain_prob"].iloc[-1]) == pytest.approx(
+        float(np.mean(pd.read_parquet(tmp_path / "eval" / "items.parquet").query("split == 'retain_eval'")
+                      ["probability"].iloc[: config.unlearn.stop_retain_items])), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_forget_quality_checks_use_the_suites_truth_ratios(trained_small, reference_items, tmp_path):
+    from simu_core import stages
+    from simu_core.evaluation.qa import evaluation_splits, forget_answer_scores, score_items
+
+    config = _config("unlearn.stop_at=forget_quality>=0.9", "unlearn.eval_every=10")
+    model, tokenizer = stages.load_trained(trained_small["target"], config)
+    forget = evaluation_splits(stages.read_benchmark(trained_small["data"]))["forget"]
+    fast = forget_answer_scores(model, tokenizer, forget, config.eval, max_length=config.model.max_length)
+    full = score_items(model, tokenizer, {"forget": forget}, config.eval, max_length=config.model.max_length,
+                       generate=False)
+    np.testing.assert_array_equal(fast["truth_ratio"].to_numpy(), full["truth_ratio"].to_numpy())
+    np.testing.assert_array_equal(fast["probability"].to_numpy(), full["probability"].to_numpy())
+
+    summary = stages.unlearn(config, trained_small["data"], trained_small["target"], None, tmp_path / "fq",
+                             progress=False, reference_items_path=reference_items)
+    trajectory = pd.read_parquet(tmp_path / "fq" / "trajectory.parquet")
+    assert trajectory["forget_quality"].notna().all() and trajectory["forget_truth_ratio"].notna().all()
+    evaluation = stages.evaluate(config, trained_small["data"], tmp_path / "fq", tmp_path / "eval",
+                                 reference_items_path=reference_items)
+    assert evaluation["forget_quality"] == pytest.approx(summary["stop_value"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_checks(trained_small, reference_items, tmp_path):
+    """Interrupted after a checkpoint, then resumed: the same trajectory and model as one run."""
+    from simu_core import stages
+
+    stop = ["unlearn.stop_at=forget_prob<=1e-9", "unlearn.eval_every=3", "unlearn.checkpoint_every=4"]
+    whole = stages.unlearn(_config(*stop), trained_small["data"], trained_small["target"], None, tmp_path / "whole",
+                           progress=False, reference_items_path=reference_items, checkpoint_dir=tmp_path / "c1")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        stages.unlearn(_config(*stop, "run.fail_at_unlearn_step=11"), trained_small["data"], trained_small["target"],
+                       None, tmp_path / "broken", progress=False, reference_items_path=reference_items,
+                       checkpoint_dir=tmp_path / "c2")
+    resumed = stages.unlearn(_config(*stop), trained_small["data"], trained_small["target"], None,
+                             tmp_path / "resumed", progress=False, reference_items_path=reference_items,
+                             checkpoint_dir=tmp_path / "c2")
+    assert resumed["resumed_from"] == 8
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "whole" / "trajectory.parquet").drop(columns="seconds"),
+        pd.read_parquet(tmp_path / "resumed" / "trajectory.parquet").drop(columns="seconds"))
+    assert whole["stop_checks"] == resumed["stop_checks"]
+    for name, tensor in _weights(tmp_path / "whole").items():
+        assert torch.equal(tensor, _weights(tmp_path / "resumed")[name]), name
+
+
+@pytest.mark.slow
+def test_a_target_already_at_the_level_trains_nothing(trained_small, reference_items, tmp_path):
+    from simu_core import stages
+
+    summary = stages.unlearn(_config("unlearn.stop_at=forget_prob<=1.0"), trained_small["data"],
+                             trained_small["target"], None, tmp_path / "start", progress=False,
+                             reference_items_path=reference_items)
+    assert summary["stop_status"] == "at_start" and summary["steps"] == 0 and summary["forget_loss_first"] is None
+    target = _weights(trained_small["target"])
+    for name, tensor in _weights(tmp_path / "start").items():
+        assert torch.equal(tensor, target[name]), name
