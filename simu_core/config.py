@@ -275,7 +275,7 @@ class UnlearnConfig(_Section):
         0.1, gt=0, lt=1, description="stop_at: a stop within this relative distance of the level counts as matched"
     )
     stop_retain_items: int = Field(
-        32, ge=1, description="stop_at: retain probability measured on the first N items of the evaluation's retain split"
+        16, ge=1, description="stop_at: retain probability measured on the first N items of the evaluation's retain split"
     )
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps")
     gradient_checkpointing: bool = Field(
@@ -288,7 +288,7 @@ class UnlearnConfig(_Section):
     def _stop_at_well_formed(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() in ("", "none", "null"):
             return None
-        from simu_core.stopping import parse_stop_at
+        from simu_core.stop_rule import parse_stop_at
 
         return parse_stop_at(value).text()  # one spelling per rule: the same rule, the same key
 
@@ -412,11 +412,6 @@ class SimuConfig(_Section):
                     f"unlearn.stop_at={self.unlearn.stop_at!r} with data.benchmark='lume': the stop measures (forget "
                     "probability, forget quality) are the TOFU-style benchmarks'; LUME has neither, nor a retain reference "
                     "by default"
-                )
-            if self.run.devices > 1:
-                raise ValueError(
-                    f"unlearn.stop_at with run.devices={self.run.devices}: the checks run in one process (a sharded run "
-                    "would have to gather the model at every check); set run.devices=1 or leave unlearn.stop_at unset"
                 )
         return self
 

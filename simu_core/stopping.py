@@ -27,25 +27,25 @@ that model is the stage's output. The outcome (:meth:`ForgetMonitor.outcome`):
 from __future__ import annotations
 
 import math
-import re
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from simu_core.evaluation.qa import answer_probabilities, forget_answer_scores
 from simu_core.metrics import tofu
+from simu_core.stop_rule import REFERENCE, STOP_MEASURES, StopRule, parse_stop_at
+
+__all__ = ["ForgetMonitor", "REFERENCE", "STATUSES", "STOP_MEASURES", "StopRule", "TRAJECTORY_COLUMNS",
+           "budget_steps", "format_outcome", "parse_stop_at", "reference_level"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from simu_core.config import EvalConfig
 
-#: Each measure with the direction unlearning moves it (the only comparison that makes sense).
-STOP_MEASURES = {"forget_prob": "<=", "forget_quality": ">="}
-REFERENCE = "reference"
 STATUSES = ("matched", "overshot", "not_reached", "at_start")
 TRAJECTORY_COLUMNS = ("step", "forget_prob", "forget_quality", "forget_truth_ratio", "retain_prob", "lr",
                       "seconds", "reached")
@@ -53,64 +53,6 @@ TRAJECTORY_COLUMNS = ("step", "forget_prob", "forget_quality", "forget_truth_rat
 #: trajectories of SIMU, SO- and FO-GradDiff on the testbed preset: with eval_every 10 the stop lands
 #: within 1-7 % of the level where a step moves the measure by less than that, in 5-7 checks).
 REFINE_FACTOR = 0.5
-_RULE_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>|==|=)\s*(\S+)\s*$")
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """A parsed ``unlearn.stop_at``: the measure, its comparison and the level (None: the reference's)."""
-
-    measure: str
-    comparison: str
-    level: float | None
-
-    @property
-    def uses_reference(self) -> bool:
-        """Whether the run needs the retain reference's evaluation (its level, or its truth ratios)."""
-        return self.level is None or self.measure == "forget_quality"
-
-    def reached(self, value: float, level: float) -> bool:
-        """Whether ``value`` is at or past ``level`` in the measure's direction."""
-        if not math.isfinite(value):
-            return False
-        return value <= level if self.comparison == "<=" else value >= level
-
-    def within(self, value: float, level: float, tolerance: float) -> bool:
-        """Whether ``value`` is no more than ``tolerance`` (relative) away from ``level``."""
-        return abs(value - level) <= tolerance * abs(level)
-
-    def text(self) -> str:
-        """The rule as written in a config."""
-        return f"{self.measure}{self.comparison}{REFERENCE if self.level is None else f'{self.level:g}'}"
-
-
-def parse_stop_at(text: str) -> StopRule:
-    """Parse ``<measure><comparison><level>``; a ValueError names what is wrong and what is allowed."""
-    allowed = ", ".join(f"{measure}{op}<level>" for measure, op in STOP_MEASURES.items())
-    match = _RULE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not '<measure><comparison><level>' (allowed: {allowed}; e.g. "
-                         "forget_prob<=reference, forget_quality>=0.05)")
-    measure, comparison, raw = match.groups()
-    if measure not in STOP_MEASURES:
-        raise ValueError(f"unknown forget measure {measure!r} in {text!r}; known: {sorted(STOP_MEASURES)}")
-    if comparison != STOP_MEASURES[measure]:
-        direction = "lowers" if STOP_MEASURES[measure] == "<=" else "raises"
-        raise ValueError(f"comparison {comparison!r} in {text!r}: unlearning {direction} {measure}, so its level "
-                         f"is reached with {STOP_MEASURES[measure]!r} ({measure}{STOP_MEASURES[measure]}{raw})")
-    if raw == REFERENCE:
-        if measure == "forget_quality":
-            raise ValueError(f"{text!r}: the retain reference's own forget quality is 1 by definition (a KS test of "
-                             "its truth ratios against themselves); give a p-value, e.g. forget_quality>=0.05")
-        return StopRule(measure, comparison, None)
-    try:
-        level = float(raw)
-    except ValueError:
-        raise ValueError(f"level {raw!r} in {text!r} is neither a number nor 'reference'") from None
-    upper = 1.0
-    if not (0.0 < level <= upper) or not math.isfinite(level):
-        raise ValueError(f"level {raw!r} in {text!r}: {measure} is a probability, the level must be in (0, 1]")
-    return StopRule(measure, comparison, level)
 
 
 def budget_steps(forget_items: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
@@ -206,8 +148,6 @@ class ForgetMonitor:
 
     def measure(self) -> dict[str, float]:
         """The forget and retain measures of the model as it is now (eval mode, no gradients)."""
-        from simu_core.evaluation.qa import answer_probabilities, forget_answer_scores
-
         was_training = self.model.training
         self.model.eval()
         try:

@@ -30,6 +30,7 @@ LUME_DIR = SHARED_DATA_DIR / "lume"
 
 # A smaller configuration of the built-in benchmark that still memorises (seconds to train).
 SMALL_OVERRIDES = [
+    "unlearn.stop_at=null",  # a fixed budget (the default config stops at the reference's level)
     "data.num_authors=20",
     "data.holdout_authors=2",
     "data.general_facts=12",

@@ -36,6 +36,10 @@ COMMON_ROWS = [
     ("knockout.*", {"knockout"}),
     ("unlearn.checkpoint_every", set()),  # resuming is bit-identical: only how often progress is saved
     ("unlearn.gradient_checkpointing", set()),  # recomputes activations: same results (test_checkpointing.py)
+    # Read only when the run stops at a level; the default has no unlearn.stop_at (see the test below).
+    ("unlearn.eval_every", set()),
+    ("unlearn.stop_tolerance", set()),
+    ("unlearn.stop_retain_items", set()),
     ("unlearn.*", {"unlearn"}),
     ("eval.mmlu_source", set()),  # LUME only
     ("relearn.enabled", set()),
@@ -111,6 +115,8 @@ def _candidates(field: str, value, folders) -> list:
     if field in ("model.base", "model.target", "model.retain_reference", "model.tokenizer", "data.source",
                  "eval.mmlu_source"):
         return [str(folders["c"])] if value != str(folders["c"]) else [str(folders["d"])]
+    if field == "unlearn.stop_at":
+        return ["forget_prob<=0.2"] if value is None else [None]
     annotation = _annotation(field)
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
@@ -304,7 +310,7 @@ CODE_EDITS = {
                      "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn"},
     "attribution.py": {"attribute", "threshold_mask", "knockout"},  # knockout reads scores_from_table
     "unlearning/losses.py": {"unlearn"},
-    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn"},
+    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn", "unlearn"},  # unlearn: stop_at's checks
     "../data/synthetic/templates.yaml": {"prepare_data"},
 }
 
@@ -362,3 +368,24 @@ def test_hub_lookup_failure_falls_back_to_the_cache(monkeypatch, tmp_path):
     ref.parent.mkdir(parents=True)
     ref.write_text("4" * 40)
     assert model_fingerprint("org/base", "model.base")["commit"] == "4" * 40
+
+
+def test_the_stop_settings_key_unlearning_only_when_it_stops():
+    """unlearn.stop_at, its settings and the evaluation settings its checks use are in the unlearn key
+    with a stop level, in no key without one; other stages never see them."""
+    def keys(*overrides: str) -> dict:
+        return stage_params(load_config(overrides=list(overrides)))
+
+    base = keys()
+    stopped = keys("unlearn.stop_at=forget_prob<=reference")
+    assert stopped["unlearn"] != base["unlearn"]
+    assert {stage: params for stage, params in stopped.items() if stage != "unlearn"} == \
+        {stage: params for stage, params in base.items() if stage != "unlearn"}
+    for field in ("unlearn.eval_every=3", "unlearn.stop_tolerance=0.2", "unlearn.stop_retain_items=8",
+                  "eval.max_items=10", "eval.template=open_unlearning", "eval.batch_size=4"):
+        assert keys(field)["unlearn"] == base["unlearn"], field  # no stop level: nothing to read them
+        assert keys("unlearn.stop_at=forget_prob<=reference", field)["unlearn"] != stopped["unlearn"], field
+    assert keys("unlearn.stop_at=forget_prob<=0.2")["unlearn"] != stopped["unlearn"]
+    assert keys("unlearn.stop_at=forget_prob <= reference")["unlearn"] == stopped["unlearn"]  # one spelling
+    # Settings the checks never read stay out of the key.
+    assert keys("unlearn.stop_at=forget_prob<=reference", "eval.max_new_tokens=7")["unlearn"] == stopped["unlearn"]

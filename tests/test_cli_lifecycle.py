@@ -18,6 +18,7 @@ from conftest import PROJECT_ROOT
 
 # The smallest run that goes through every stage (about 5 s of work; the rest is Prefect's start).
 TINY_RUN = [
+    "unlearn.stop_at=null",  # a fixed budget (the default config stops at the reference's level)
     "data.num_authors=10", "data.holdout_authors=1", "data.general_facts=4",
     "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.vocab_size=400", "model.max_length=64", "model.finetune.epochs=1",

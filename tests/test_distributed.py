@@ -22,6 +22,7 @@ from simu_core.masking import NeuronMask
 from simu_core.models.tiny import build_tiny_llama, save_model
 
 OVERRIDES = [
+    "unlearn.stop_at=null",  # a fixed budget (the default config stops at the reference's level)
     "data.num_authors=12", "data.holdout_authors=2", "data.general_facts=8",
     "model.tiny.num_layers=2", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.num_heads=4", "model.tiny.vocab_size=300", "model.max_length=64",
@@ -87,6 +88,27 @@ def test_npo_with_a_sharded_reference_and_adamw_on_shards_matches_one_process(in
     # (each process's share counts sequences, not tokens); micro-batches of 5 items split 3 + 2.
     _, single = unlearn(inputs, 1, "npo-one", "unlearn.method=npo", "unlearn.batch_size=5")
     _, sharded = unlearn(inputs, 2, "npo-two", "unlearn.method=npo", "unlearn.batch_size=5")
+    for name, weights in single.items():
+        torch.testing.assert_close(sharded[name], weights, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_gloo_processes_stop_where_one_process_stops(inputs):
+    """unlearn.stop_at sharded: every process measures, all stop at the same check, as one process does."""
+    import pandas as pd
+
+    budget = ["unlearn.max_steps=8", "unlearn.eval_every=1", "unlearn.method=fo_graddiff", "unlearn.lr=3e-3"]
+    unlearn(inputs, 1, "probe", *budget, "unlearn.stop_at=forget_prob<=1e-30")
+    probe = pd.read_parquet(inputs / "probe" / "trajectory.parquet")
+    values = probe["forget_prob"].to_numpy()
+    assert (values[1:] < values[:-1]).all()  # forget probability falls every step here
+    level = float((values[4] * values[5]) ** 0.5)  # first reached at step 5, far from rounding either side
+    stop = [*budget, f"unlearn.stop_at=forget_prob<={level!r}"]
+    single_stats, single = unlearn(inputs, 1, "stop-one", *stop)
+    sharded_stats, sharded = unlearn(inputs, 2, "stop-two", *stop)
+    assert single_stats["stop_step"] == sharded_stats["stop_step"] == sharded_stats["steps"] == 5
+    assert sharded_stats["stop_value"] == pytest.approx(single_stats["stop_value"], rel=1e-5)
+    trajectory = pd.read_parquet(inputs / "stop-two" / "trajectory.parquet")
+    assert trajectory["step"].tolist() == list(range(6))
     for name, weights in single.items():
         torch.testing.assert_close(sharded[name], weights, rtol=1e-5, atol=1e-6, msg=name)
 

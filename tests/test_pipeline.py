@@ -17,6 +17,7 @@ import yaml
 from conftest import PROJECT_ROOT
 
 PIPELINE_OVERRIDES = [
+    "unlearn.stop_at=null",  # a fixed budget (the default config stops at the reference's level)
     "data.num_authors=10", "data.holdout_authors=1", "data.general_facts=4",
     "model.tiny.num_layers=2", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.vocab_size=400", "model.max_length=64", "model.finetune.epochs=2",
@@ -219,7 +220,7 @@ def test_lume_run_with_a_given_target(prefect_api, tmp_path):
     summary = simu_pipeline(overrides=[
         "data.benchmark=lume", f"data.source={LUME_DIR}", f"model.target={tmp_path / 'target'}",
         "model.max_length=48", "attribution.max_items=2", "unlearn.max_steps=1", "unlearn.batch_size=2",
-        "eval.max_items=1", "eval.max_new_tokens=4", f"run.store={tmp_path / 'store'}",
+        "unlearn.stop_at=null", "eval.max_items=1", "eval.max_new_tokens=4", f"run.store={tmp_path / 'store'}",
         f"run.results={tmp_path / 'results'}",
     ])
     assert "train_retain_reference" not in summary["states"] and summary["states"]["unlearn"] == "Completed"

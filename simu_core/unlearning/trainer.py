@@ -280,8 +280,6 @@ class UnlearningTrainer:
         self.description = description
         self.distributed = distributed
         self.monitor = monitor
-        if distributed is not None and monitor is not None:
-            raise ValueError("stopping at a forgetting level (unlearn.stop_at) runs in one process, not sharded")
         if distributed is not None and config.checkpoint_every:
             raise ValueError("periodic checkpoints are not written by sharded runs (unlearn.checkpoint_every=0)")
         self.device = distributed.device if distributed is not None else next(model.parameters()).device
@@ -567,6 +565,14 @@ class UnlearningTrainer:
         torch.nn.utils.clip_grads_with_norm_([t.param for t in with_grad], self.config.max_grad_norm, norm)
         return norm
 
+    def _stop_check(self, step: int, lr: float) -> bool:
+        """The monitor's check; sharded, every process measures (FSDP gathers the weights for the
+        forward passes) and all stop together if any reached the level."""
+        reached = self.monitor.check(step, lr)
+        if self.distributed is None:
+            return reached
+        return bool(self.distributed.all_reduce_sum(torch.tensor(float(reached), dtype=torch.float64)).item() > 0)
+
     def train(self) -> UnlearningResult:
         """Run (or resume) the whole schedule; returns the log and summary figures."""
         started = time.perf_counter()
@@ -586,7 +592,7 @@ class UnlearningTrainer:
             else:
                 torch.manual_seed(self.seed)
                 # The model as it starts: a run whose target already reaches the level trains nothing.
-                if self.monitor is not None and self.monitor.check(0, 0.0):
+                if self.monitor is not None and self._stop_check(0, 0.0):
                     start = self.total_steps
             self.model.train()
             if self.reference is not None:
@@ -626,7 +632,7 @@ class UnlearningTrainer:
                 rows.append(row)
                 # Checked before the checkpoint, so a resumed run never repeats or skips a check.
                 stop = self.monitor is not None and self.monitor.due(step, self.total_steps) and \
-                    self.monitor.check(step, float(lr))
+                    self._stop_check(step, float(lr))
                 if not stop and self.checkpoint_dir is not None and self.config.checkpoint_every and \
                         step % self.config.checkpoint_every == 0 and step < self.total_steps:
                     self.save_checkpoint(step, rows)
