@@ -1,49 +1,79 @@
 #!/usr/bin/env bash
-# Reproduces docs/results.md, "Does choosing critical neurons help?": FO-GradDiff, SO-GradDiff,
-# SIMU (critical neurons), SIMU (random neurons, same per-layer counts), SIMU (MLP only) and
-# SIMU (MLP only, random neurons), each over the same lr grid and 3 seeds, compared at matched
-# forgetting by `simu report`; plus the knockout check of the masks.
-#   scripts/matched_forgetting.sh                 # both parts
-#   PART=testbed scripts/matched_forgetting.sh    # the mlp_localised preset (built-in benchmark)
-#   PART=tofu scripts/matched_forgetting.sh       # TOFU forget01, tiny model trained in the run
-# Every point is a `simu ablate` point; stages shared by points (data, target, reference,
-# attribution, mask, knockout) are computed once and served from the store afterwards.
+# Reproduces docs/results.md, "Does choosing critical neurons help?": every method stopped at a
+# forgetting level (unlearn.stop_at), over its own lr grid, on several independently trained targets
+# (model.finetune.seed, `--targets`) and unlearning seeds (`--seeds`), compared by `simu report`
+# (measured forget value of every reading, matched / not matched, best lr, paired differences).
+#   scripts/matched_forgetting.sh                       # every part below
+#   PART=testbed scripts/matched_forgetting.sh          # the mlp_localised preset (built-in benchmark)
+#   PART=tofu scripts/matched_forgetting.sh             # TOFU forget01, tiny model trained in the run
+#   LEVELS='forget_prob<=reference' PART=testbed ...    # one level only
+# Curves: FO-GradDiff, SO-GradDiff, NPO, SimNPO, SIMU, SIMU with random neurons, SIMU MLP only with
+# critical and with random neurons. Each level writes its own results folder and report
+# (results/matched/<part>/<level>/report/report.md). Stages shared by points (data, targets, references,
+# attribution, masks, knockout) are computed once and served from the store afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIMU=${SIMU:-.venv/bin/simu}
 OUT=${OUT:-results/matched}
 PART=${PART:-all}
 PARALLEL=${PARALLEL:-2}
-# The same lr grid for every method: log-spaced from 1e-4 to 3e-2, denser where the methods reach
-# the retain reference's forgetting (2e-4 to 5e-4 on the testbed; TOFU's grid stops at 1e-2).
-LRS=${LRS:-1e-4,2e-4,3e-4,5e-4,1e-3,3e-3,1e-2,3e-2}
-TOFU_LRS=${TOFU_LRS:-1e-4,2e-4,5e-4,1e-3,3e-3,1e-2}
+TARGETS=${TARGETS:-3}
 SEEDS=${SEEDS:-3}
-MLP_ONLY_RULES=${MLP_ONLY_RULES:-layer_relative,random}   # SIMU (MLP only) with critical, and random, neurons
+LEVELS=${LEVELS:-forget_prob<=reference forget_quality>=0.05}
+# Per curve, four lrs that reach the level within the budget (10 epochs = 100 steps on the testbed), chosen
+# on target 0, seed 0 from per-step trajectories (docs/results.md lists the probe). Overrides: LR_<curve>.
+declare -A TESTBED_LRS=(
+  [fo_graddiff]=${LR_fo_graddiff:-1.5e-4,2e-4,3e-4,5e-4}
+  [so_graddiff]=${LR_so_graddiff:-5e-5,7e-5,1e-4,1.5e-4}
+  [npo]=${LR_npo:-2e-4,3e-4,5e-4,7e-4}
+  [simnpo]=${LR_simnpo:-1e-4,1.5e-4,2e-4,3e-4}
+  [simu]=${LR_simu:-1.5e-4,2e-4,3e-4,5e-4}
+  [simu_random]=${LR_simu_random:-1.5e-4,2e-4,3e-4,5e-4}
+  [simu_mlp]=${LR_simu_mlp:-3e-3,5e-3,7e-3,1e-2}
+  [simu_mlp_random]=${LR_simu_mlp_random:-5e-3,7e-3,1e-2,1.5e-2}
+)
 
-sweep() {  # name, lr grid, extra arguments for every ablate call...
-  local name=$1 lrs=$2; shift 2
-  local out=$OUT/$name
-  local common=(--seeds "$SEEDS" --max-parallel "$PARALLEL" --grid unlearn.lr=$lrs --set run.results=$out "$@")
-  $SIMU ablate --grid unlearn.method=fo_graddiff,so_graddiff,simu "${common[@]}"
-  $SIMU ablate --set unlearn.method=simu --grid mask.rule=random "${common[@]}"
-  $SIMU ablate --set unlearn.method=simu --set unlearn.train_attention=false --grid mask.rule=$MLP_ONLY_RULES \
-    "${common[@]}"
-  $SIMU report --results "$out"
+curve_args() {  # curve name -> the --set arguments of that curve
+  case $1 in
+    simu_random) echo "--set unlearn.method=simu --set mask.rule=random" ;;
+    simu_mlp) echo "--set unlearn.method=simu --set unlearn.train_attention=false" ;;
+    simu_mlp_random) echo "--set unlearn.method=simu --set unlearn.train_attention=false --set mask.rule=random" ;;
+    *) echo "--set unlearn.method=$1" ;;
+  esac
+}
+
+sweep() {  # part name, lr table name, extra arguments for every ablate call...
+  local name=$1 table=$2; shift 2
+  local -n lrs=$table
+  for level in $LEVELS; do
+    local out=$OUT/$name/${level//[<>=]/_}
+    for curve in ${CURVES:-fo_graddiff so_graddiff npo simnpo simu simu_random simu_mlp simu_mlp_random}; do
+      # shellcheck disable=SC2046
+      $SIMU ablate --targets "$TARGETS" --seeds "$SEEDS" --max-parallel "$PARALLEL" $(curve_args "$curve") \
+        --grid unlearn.lr="${lrs[$curve]}" --set unlearn.stop_at="$level" --set run.results="$out" "$@"
+    done
+    $SIMU report --results "$out"
+  done
 }
 
 if [[ $PART == all || $PART == testbed ]]; then
-  sweep testbed "$LRS" --config data/configs/mlp_localised.yaml --set eval.max_items=100
-  # The contrastive score (forget minus retain attribution) on the same target, for comparison.
-  $SIMU ablate --config data/configs/mlp_localised.yaml --set mask.score=contrastive --set unlearn.method=simu \
-    --grid unlearn.lr=$LRS --seeds "$SEEDS" --max-parallel "$PARALLEL" --set run.results=$OUT/testbed --set eval.max_items=100
-  $SIMU report --results $OUT/testbed
+  sweep testbed TESTBED_LRS --config data/configs/mlp_localised.yaml --set eval.max_items=100
 fi
 
 if [[ $PART == all || $PART == tofu ]]; then
-  # TOFU evaluates 40 items per split (forget01 has 40) to fit the CPU budget, and runs SIMU (MLP only)
-  # with the critical neurons only.
-  MLP_ONLY_RULES=layer_relative sweep tofu "$TOFU_LRS" --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
+  # TOFU forget01 (2 authors, 40 items) with the first 20 retain authors; the tiny Llama trained 30 epochs;
+  # 40 items per split and 64 new tokens to fit the CPU budget; the same budget as the testbed.
+  declare -A TOFU_LRS=(
+    [fo_graddiff]=${TOFU_LR_fo_graddiff:-2e-4,3e-4,5e-4,7e-4}
+    [so_graddiff]=${TOFU_LR_so_graddiff:-1e-4,1.5e-4,2e-4,3e-4}
+    [npo]=${TOFU_LR_npo:-3e-4,5e-4,7e-4,1e-3}
+    [simnpo]=${TOFU_LR_simnpo:-2e-4,3e-4,5e-4,7e-4}
+    [simu]=${TOFU_LR_simu:-2e-4,3e-4,5e-4,7e-4}
+    [simu_random]=${TOFU_LR_simu_random:-2e-4,3e-4,5e-4,7e-4}
+    [simu_mlp]=${TOFU_LR_simu_mlp:-1e-3,2e-3,3e-3,5e-3}
+    [simu_mlp_random]=${TOFU_LR_simu_mlp_random:-2e-3,3e-3,5e-3,7e-3}
+  )
+  sweep tofu TOFU_LRS --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
     --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
-    --set eval.max_items=40 --set eval.max_new_tokens=64
+    --set unlearn.epochs=10 --set eval.max_items=40 --set eval.max_new_tokens=64
 fi

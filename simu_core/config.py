@@ -406,13 +406,6 @@ class SimuConfig(_Section):
                 f"unlearn.checkpoint_every={self.unlearn.checkpoint_every} with run.devices={self.run.devices}: "
                 "periodic checkpoints are written by one-process runs only (set unlearn.checkpoint_every=0)"
             )
-        if self.unlearn.stop_at is not None:
-            if self.data.benchmark == "lume":
-                raise ValueError(
-                    f"unlearn.stop_at={self.unlearn.stop_at!r} with data.benchmark='lume': the stop measures (forget "
-                    "probability, forget quality) are the TOFU-style benchmarks'; LUME has neither, nor a retain reference "
-                    "by default"
-                )
         return self
 
     @model_validator(mode="after")
@@ -523,10 +516,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def check_pipeline_models(config: SimuConfig) -> None:
-    """The pipeline's (``simu run``, ``simu ablate``) rule on models: a given target on a QA benchmark
-    needs a retain reference (given, or trained from ``model.base``) for forget quality. Raises
+    """The pipeline's (``simu run``, ``simu ablate``) rules: a given target on a QA benchmark needs a
+    retain reference (given, or trained from ``model.base``) for forget quality; LUME cannot stop at a
+    forgetting level (``unlearn.stop_at``). Raises
     :class:`ConfigError`; ``simu eval`` evaluates a model without one."""
     model = config.model
+    if config.unlearn.stop_at is not None and config.data.benchmark == "lume":
+        # Here, not when the config loads: `simu eval` of a LUME model with the default config unlearns nothing.
+        raise ConfigError(
+            f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark='lume': the stop measures "
+            "(forget probability, forget quality) are the TOFU-style benchmarks'; LUME has neither, nor a retain "
+            "reference by default. Set unlearn.stop_at=null (the default config stops at the retain reference's level)"
+        )
     if model.target and not (model.retain_reference or model.base) and config.data.benchmark != "lume":
         raise ConfigError(
             "invalid config: model.target is set: also set model.retain_reference (or model.base to train one) "

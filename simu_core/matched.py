@@ -92,7 +92,7 @@ def data_key(runs: pd.DataFrame) -> pd.Series:
     columns = sorted(column for column in runs.columns if column.startswith("config.data."))
     if not columns:
         return pd.Series("", index=runs.index)
-    return runs[columns].astype(str).agg(", ".join, axis=1)
+    return runs[columns].map(str).agg(", ".join, axis=1)
 
 
 @dataclass(frozen=True)

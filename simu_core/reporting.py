@@ -186,7 +186,7 @@ def reference_levels(results: str | Path, runs: pd.DataFrame, metric: str = "for
     columns = reference_group_columns(runs)
     if not columns:
         return own.fillna(own.mean())
-    keys = [runs[column].astype(str) for column in columns]
+    keys = [runs[column].map(str) for column in columns]
     return own.groupby(keys, dropna=False).transform("mean")
 
 
@@ -229,7 +229,7 @@ def plot_tradeoff(runs: pd.DataFrame, path: str | Path, reference_points: pd.Dat
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     keys = [column for column in setting_columns(runs) if column != "config.unlearn.method"]
     for method, rows in runs.groupby("config.unlearn.method"):
-        groups = rows.groupby([rows[key].astype(str) for key in keys]) if keys else [(None, rows)]
+        groups = rows.groupby([rows[key].map(str) for key in keys]) if keys else [(None, rows)]
         points = [(group["model_utility"].mean(), group["model_utility"].std(), group["forget_quality"].mean(),
                    group["forget_quality"].std()) for _, group in groups]
         points = np.array(points, dtype=float).reshape(-1, 4)
@@ -452,7 +452,7 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
     group_columns = mask_columns + target_columns
     frames = []
     masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
-    keys = [masked[column].astype(str) for column in group_columns]
+    keys = [masked[column].map(str) for column in group_columns]
     for _, rows in masked.groupby(keys, sort=False, dropna=False) if group_columns else []:
         # The latest run of this mask that ran the check (knockout.enabled may have been off since).
         with_check = [row for _, row in rows.sort_values("time").iterrows()

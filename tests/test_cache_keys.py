@@ -36,18 +36,17 @@ COMMON_ROWS = [
     ("knockout.*", {"knockout"}),
     ("unlearn.checkpoint_every", set()),  # resuming is bit-identical: only how often progress is saved
     ("unlearn.gradient_checkpointing", set()),  # recomputes activations: same results (test_checkpointing.py)
-    # Read only when the run stops at a level; the default has no unlearn.stop_at (see the test below).
-    ("unlearn.eval_every", set()),
-    ("unlearn.stop_tolerance", set()),
-    ("unlearn.stop_retain_items", set()),
+    # The default stops at a level (unlearn.stop_at), so its settings key unlearning (without one: the test below).
     ("unlearn.*", {"unlearn"}),
     ("eval.mmlu_source", set()),  # LUME only
     ("relearn.enabled", set()),
     ("relearn.*", {"relearn"}),
     ("eval.reference_full", {"evaluate_reference"}),
     # The relearning attack measures with the evaluation's prompt template, batches and generation length.
-    ("eval.template", {"evaluate", "evaluate_reference", "relearn"}),
-    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn"}),
+    # Unlearning's stop checks measure with the evaluation's items, template and batches (the default stops).
+    ("eval.template", {"evaluate", "evaluate_reference", "relearn", "unlearn"}),
+    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn", "unlearn"}),
+    ("eval.max_items", {"evaluate", "evaluate_reference", "unlearn"}),
     ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn"}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
     ("run.seed", {"attribute", "unlearn", "relearn"}),  # the knockout has knockout.seed: a seed sweep shares it
@@ -374,7 +373,7 @@ def test_the_stop_settings_key_unlearning_only_when_it_stops():
     """unlearn.stop_at, its settings and the evaluation settings its checks use are in the unlearn key
     with a stop level, in no key without one; other stages never see them."""
     def keys(*overrides: str) -> dict:
-        return stage_params(load_config(overrides=list(overrides)))
+        return stage_params(load_config(overrides=["unlearn.stop_at=null", *overrides]))
 
     base = keys()
     stopped = keys("unlearn.stop_at=forget_prob<=reference")

@@ -120,4 +120,9 @@ def test_eval_template_is_a_validated_setting_in_the_evaluate_keys():
     simu, ours = (stage_params(load_config(overrides=[f"eval.template={value}"]))
                   for value in ("simu", "open_unlearning"))
     assert simu["evaluate"] != ours["evaluate"] and simu["evaluate_reference"] != ours["evaluate_reference"]
-    assert simu["unlearn"] == ours["unlearn"] and simu["attribute"] == ours["attribute"]
+    assert simu["attribute"] == ours["attribute"]
+    # Unlearning reads the template only to measure its stop level (the default config stops at one).
+    assert simu["unlearn"] != ours["unlearn"]
+    fixed = [stage_params(load_config(overrides=[f"eval.template={value}", "unlearn.stop_at=null"]))["unlearn"]
+             for value in ("simu", "open_unlearning")]
+    assert fixed[0] == fixed[1]

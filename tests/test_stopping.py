@@ -46,8 +46,12 @@ def test_bad_stop_rules_name_the_problem(text, message):
 
 
 def test_stop_at_is_refused_where_it_cannot_run(tmp_path):
-    with pytest.raises(ConfigError, match="data.benchmark='lume'"):
-        load_config(overrides=["data.benchmark=lume", f"model.target={tmp_path}", "unlearn.stop_at=forget_prob<=0.1"])
+    from simu_core.config import check_pipeline_models
+
+    lume = load_config(overrides=["data.benchmark=lume", f"model.target={tmp_path}", "unlearn.stop_at=forget_prob<=0.1"])
+    with pytest.raises(ConfigError, match="data.benchmark='lume'.*Set unlearn.stop_at=null"):
+        check_pipeline_models(lume)  # the pipeline refuses it; `simu eval` of a LUME model unlearns nothing
+    check_pipeline_models(lume.model_copy(update={"unlearn": lume.unlearn.model_copy(update={"stop_at": None})}))
 
 
 def test_eval_every_beyond_the_budget_is_refused_before_any_training():
