@@ -20,17 +20,19 @@ PARALLEL=${PARALLEL:-2}
 TARGETS=${TARGETS:-3}
 SEEDS=${SEEDS:-3}
 LEVELS=${LEVELS:-forget_prob<=reference forget_quality>=0.05}
-# Per curve, four lrs that reach the level within the budget (10 epochs = 100 steps on the testbed), chosen
-# on target 0, seed 0 from per-step trajectories (docs/results.md lists the probe). Overrides: LR_<curve>.
+# Per curve, four lrs that reach the level within the budget (20 epochs = 200 steps on the testbed), chosen
+# on target 0, seed 0 from per-step trajectories at one lr (docs/results.md, "The lr grids"): the smallest
+# lr reaches the reference's forget probability late in the budget, where one step moves it by a few per
+# cent; the largest reaches it within about 40 steps. Overrides: LR_<curve>.
 declare -A TESTBED_LRS=(
-  [fo_graddiff]=${LR_fo_graddiff:-1.5e-4,2e-4,3e-4,5e-4}
-  [so_graddiff]=${LR_so_graddiff:-5e-5,7e-5,1e-4,1.5e-4}
-  [npo]=${LR_npo:-2e-4,3e-4,5e-4,7e-4}
-  [simnpo]=${LR_simnpo:-1e-4,1.5e-4,2e-4,3e-4}
-  [simu]=${LR_simu:-1.5e-4,2e-4,3e-4,5e-4}
-  [simu_random]=${LR_simu_random:-1.5e-4,2e-4,3e-4,5e-4}
-  [simu_mlp]=${LR_simu_mlp:-3e-3,5e-3,7e-3,1e-2}
-  [simu_mlp_random]=${LR_simu_mlp_random:-5e-3,7e-3,1e-2,1.5e-2}
+  [fo_graddiff]=${LR_fo_graddiff:-1.2e-4,1.5e-4,2e-4,2.5e-4}
+  [so_graddiff]=${LR_so_graddiff:-5e-5,6e-5,8e-5,1e-4}
+  [npo]=${LR_npo:-1e-4,1.3e-4,1.7e-4,2.2e-4}
+  [simnpo]=${LR_simnpo:-1.5e-3,2e-3,2.5e-3,3e-3}
+  [simu]=${LR_simu:-1.2e-4,1.5e-4,2e-4,2.5e-4}
+  [simu_random]=${LR_simu_random:-1.2e-4,1.5e-4,2e-4,2.5e-4}
+  [simu_mlp]=${LR_simu_mlp:-3e-3,4e-3,5e-3,6.5e-3}
+  [simu_mlp_random]=${LR_simu_mlp_random:-5e-3,6e-3,8e-3,1e-2}
 )
 
 curve_args() {  # curve name -> the --set arguments of that curve
@@ -47,7 +49,7 @@ sweep() {  # part name, lr table name, extra arguments for every ablate call...
   local -n lrs=$table
   for level in $LEVELS; do
     local out=$OUT/$name/${level//[<>=]/_}
-    for curve in ${CURVES:-fo_graddiff so_graddiff npo simnpo simu simu_random simu_mlp simu_mlp_random}; do
+    for curve in ${CURVES:-fo_graddiff so_graddiff simu simu_random simu_mlp simu_mlp_random npo simnpo}; do
       # shellcheck disable=SC2046
       $SIMU ablate --targets "$TARGETS" --seeds "$SEEDS" --max-parallel "$PARALLEL" $(curve_args "$curve") \
         --grid unlearn.lr="${lrs[$curve]}" --set unlearn.stop_at="$level" --set run.results="$out" "$@"
@@ -57,7 +59,7 @@ sweep() {  # part name, lr table name, extra arguments for every ablate call...
 }
 
 if [[ $PART == all || $PART == testbed ]]; then
-  sweep testbed TESTBED_LRS --config data/configs/mlp_localised.yaml --set eval.max_items=100
+  sweep testbed TESTBED_LRS --config data/configs/mlp_localised.yaml --set unlearn.epochs=20 --set eval.max_items=100
 fi
 
 if [[ $PART == all || $PART == tofu ]]; then

@@ -452,18 +452,27 @@ def stopped_table(readings: pd.DataFrame, utilities: Sequence[str] = UTILITY_MET
 def best_lrs(table: pd.DataFrame, utility: str = "model_utility") -> pd.DataFrame:
     """Per (stop rule, curve): the lr with the highest mean ``utility`` over its matched readings,
     among the lrs whose readings all matched (an lr where some reading missed the level is not a
-    reading *at* the level); NaN lr and a note when no lr has every reading matched."""
+    reading *at* the level). When no lr has every reading matched: among the lrs where at least two
+    thirds did, the one with the most matched readings (then the highest utility), noted as such;
+    else NaN lr and a note."""
     rows = []
     for (stop_at, curve), group in table.groupby(["stop_at", "curve"], sort=False):
         candidates = group[group["all_matched"].astype(bool) & (group["matched"] > 0)]
         if candidates.empty:
             partial = group[group["matched"] > 0]
-            note = "no lr has every reading matched"
-            if not partial.empty:
-                shown = ", ".join(f"lr {_number(lr)}: {matched}/{count}" for lr, matched, count
-                                  in zip(partial["lr"], partial["matched"], partial["readings"]))
-                note += f" ({shown})"
-            rows.append({"stop_at": stop_at, "curve": curve, "lr": float("nan"), "note": note})
+            shown = ", ".join(f"lr {_number(lr)}: {matched}/{count}" for lr, matched, count
+                              in zip(partial["lr"], partial["matched"], partial["readings"]))
+            # Fallback: the lrs where at least two thirds of the readings matched, the most matched first
+            # (a one-step jump past the tolerance on one target should not drop the method), marked so.
+            mostly = partial[partial["matched"] * 3 >= partial["readings"] * 2]
+            if mostly.empty:
+                note = "no lr has every reading matched" + (f" ({shown})" if shown else "")
+                rows.append({"stop_at": stop_at, "curve": curve, "lr": float("nan"), "note": note})
+                continue
+            most = mostly[mostly["matched"] == mostly["matched"].max()]
+            best = most.loc[most[f"{utility}_mean"].fillna(-math.inf).idxmax()]
+            rows.append({**best.to_dict(), "note": f"no lr has every reading matched ({shown}): the lr with the "
+                         f"most matched readings ({int(best['matched'])}/{int(best['readings'])}), over those only"})
             continue
         best = candidates.loc[candidates[f"{utility}_mean"].fillna(-math.inf).idxmax()]
         rows.append({**best.to_dict(), "note": f"best of {len(candidates)} lr with every reading matched"

@@ -71,20 +71,29 @@ def test_unlearning_estimate_is_within_20_percent_of_the_measured_peak(overrides
     assert estimate.peak == pytest.approx(measured, rel=0.20)
 
 
+
+class _PadTokenizer:
+    """All that fine-tuning and the attack read of a tokenizer."""
+
+    pad_token_id = 0
+
+
+def _tracked_model(shape):
+    """A seeded Llama of ``shape`` and a memory tracker holding its parameters and buffers."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape)
+    tracker = TensorMemoryTracker()
+    tracker.register([*model.parameters(), *model.buffers()])
+    return model, tracker
+
 def test_finetuning_estimate_is_within_20_percent_of_the_measured_peak():
     config = load_config(overrides=TINY)
     shape = planning.architecture_config(config)
     estimate = planning.simulate_step(shape, config, "finetune", seq_len=SEQ)
 
-    class Tokenizer:
-        pad_token_id = 0
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(shape)
-    tracker = TensorMemoryTracker()
-    tracker.register([*model.parameters(), *model.buffers()])
+    model, tracker = _tracked_model(shape)
     with tracker:
-        finetune(model, Tokenizer(), examples(12, 3, shape.vocab_size),
+        finetune(model, _PadTokenizer(), examples(12, 3, shape.vocab_size),
                  config.model.finetune.model_copy(update={"epochs": 1}), progress=False)
     assert estimate.peak == pytest.approx(tracker.peak, rel=0.20)
 
@@ -104,16 +113,10 @@ def test_relearning_estimate_is_within_20_percent_of_the_measured_peak(monkeypat
     monkeypatch.setattr(relearning, "encode_qa", lambda *args: next(full_length))
     monkeypatch.setattr(relearning, "forget_measures", lambda *args: dict.fromkeys(relearning.MEASURES, 0.0))
 
-    class Tokenizer:
-        pad_token_id = 0
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(shape)
-    tracker = TensorMemoryTracker()
-    tracker.register([*model.parameters(), *model.buffers()])
+    model, tracker = _tracked_model(shape)
     items = pd.DataFrame({"question": ["q"] * 8, "answer": ["a"] * 8})
     with tracker:
-        relearning.relearn_curve(model, Tokenizer(), items, items, config.relearn, config.eval,
+        relearning.relearn_curve(model, _PadTokenizer(), items, items, config.relearn, config.eval,
                                  lr=config.relearn.lr, max_length=SEQ, seed=0, progress=False)
     assert estimate.peak == pytest.approx(tracker.peak, rel=0.20)
     # AdamW's two fp32 moments over every parameter, as fine-tuning's.

@@ -326,3 +326,20 @@ def test_paired_differences_pair_on_target_seed_and_data():
     assert row["model_utility_diff_std"] == pytest.approx(0.1)
     assert row["model_utility_diff_se"] == pytest.approx(0.1 / math.sqrt(3))
     assert not row["model_utility_beyond_std"] and not row["model_utility_beyond_2se"]
+
+
+def test_best_lr_falls_back_to_the_most_matched_lr_and_says_so():
+    from simu_core.matched import best_lrs
+
+    def table(rows):
+        return pd.DataFrame([{"stop_at": "forget_prob<=reference", "curve": "simu", "lr": lr, "matched": matched,
+                              "readings": 9, "all_matched": matched == 9, "model_utility_mean": utility}
+                             for lr, matched, utility in rows])
+
+    full = best_lrs(table([(1e-4, 9, 0.60), (2e-4, 9, 0.65), (3e-4, 8, 0.70)])).iloc[0]
+    assert full["lr"] == 2e-4 and full["note"].startswith("best of 2 lr with every reading matched")
+    fallback = best_lrs(table([(1e-4, 6, 0.70), (2e-4, 8, 0.60), (3e-4, 8, 0.65), (4e-4, 5, 0.90)])).iloc[0]
+    assert fallback["lr"] == 3e-4  # most matched (8/9), then the higher utility; 5/9 is under two thirds
+    assert "the lr with the most matched readings (8/9)" in fallback["note"]
+    none = best_lrs(table([(1e-4, 5, 0.70), (2e-4, 0, float("nan"))])).iloc[0]
+    assert np.isnan(none["lr"]) and none["note"].startswith("no lr has every reading matched (lr 0.0001: 5/9")
