@@ -18,7 +18,7 @@ SEEDS=${SEEDS:-3}
 TARGETS=${TARGETS:-3}
 RELEARN_DATA=${RELEARN_DATA:-forget_half}   # forget_half,retain_only for the benign attack too
 # method:lr, each method's best lr at the reference's forget probability (docs/results.md).
-METHODS=${METHODS:-fo_graddiff:1.2e-4 so_graddiff:5e-5 simu:1.2e-4 simu-random:1.2e-4 simu-mlp:3e-3 simu-mlp-random:5e-3 npo:1e-4}
+METHODS=${METHODS:-fo_graddiff:1.2e-4 so_graddiff:5e-5 simu:1.2e-4 simu-random:1.2e-4 simu-mlp:3e-3 simu-mlp-random:6e-3 npo:1e-4 simnpo:2.5e-3}
 COMMON=(--config data/configs/mlp_localised.yaml --set eval.max_items=100 --set knockout.enabled=false
         --seeds "$SEEDS" --max-parallel "$PARALLEL")
 

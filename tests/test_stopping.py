@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -265,3 +268,61 @@ def test_a_target_already_at_the_level_trains_nothing(trained_small, reference_i
     target = _weights(trained_small["target"])
     for name, tensor in _weights(tmp_path / "start").items():
         assert torch.equal(tensor, target[name]), name
+
+
+# ------------------------------------------------------------------------------- the pipeline
+
+
+@pytest.fixture(scope="module")
+def stop_workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stop-pipeline")
+    return [f"run.store={root / 'store'}", f"run.results={root / 'results'}"], root
+
+
+def _stop_flow(paths, *overrides):
+    from flows.pipeline import simu_pipeline
+    from test_pipeline import PIPELINE_OVERRIDES
+
+    return simu_pipeline(overrides=PIPELINE_OVERRIDES + paths + ["unlearn.stop_at=forget_prob<=reference",
+                                                                  "unlearn.eval_every=1", *overrides])
+
+
+@pytest.mark.slow
+def test_pipeline_stops_reports_and_keeps_the_trajectory(prefect_api, stop_workspace):
+    from flows.cli import print_run_summary
+
+    paths, root = stop_workspace
+    summary = _stop_flow(paths)
+    states = list(summary["states"])
+    assert states.index("evaluate_reference") < states.index("unlearn")  # the level is read before unlearning
+    outcome = summary["unlearning"]
+    assert outcome["stop_level_source"] == "reference" and outcome["stop_checks"] >= 2
+    run_dir = Path(summary["run_dir"])
+    trajectory = pd.read_parquet(run_dir / "trajectory.parquet")
+    assert trajectory["step"].iloc[-1] == outcome["stop_step"]
+    row = pd.read_parquet(root / "results" / "runs.parquet").iloc[-1]
+    assert row["stop.status"] == outcome["stop_status"] and row["stop.step"] == outcome["stop_step"]
+    assert row["stop.value"] == pytest.approx(row["forget_prob"], rel=1e-5)  # the saved model is the one measured
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # not capsys: Prefect's console handler keeps the stream
+        print_run_summary(summary)
+    assert f"stop_at forget_prob<=reference (level {outcome['stop_level']:.4g}" in printed.getvalue()
+
+    # eval_every beyond the budget: refused right after prepare_data, before any training.
+    from simu_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unlearn.eval_every=9 is larger than the run's 3 optimizer steps"):
+        _stop_flow([f"run.store={root / 'other-store'}", f"run.results={root / 'other-results'}"],
+                   "unlearn.eval_every=9")
+    assert not (root / "other-store" / "train_target").exists()
+
+
+@pytest.mark.slow
+def test_sequential_requests_stop_on_their_own_items(prefect_api, stop_workspace):
+    paths, root = stop_workspace
+    summary = _stop_flow(paths, "data.requests=2")
+    assert "request2.evaluate_reference_request" in summary["states"]  # request 2's own items' level
+    rows = pd.read_parquet(root / "results" / "runs.parquet")
+    rows = rows[rows["kind"] == "request"]
+    assert rows["stop.status"].notna().all() and len(rows) == 2
+    assert (rows["stop.level_source"] == "reference").all()
