@@ -627,7 +627,8 @@ def plan_memory(
                                 f"{config.attribution.batch_size} items x m={config.attribution.steps} scaled "
                                 "copies per pass (fast mode runs them on the upper layers only: an upper bound)"))
     if "unlearn" in stages:
-        rows, plan.trainable = _plan_unlearning(model_config, config, seq_len, mask_fraction, device_counts)
+        rows, plan.trainable = _plan_unlearning(model_config, config, seq_len, mask_fraction, device_counts,
+                                                evaluation)
         plan.stages.extend(rows)
     if "evaluate" in stages:
         batch = config.eval.batch_size
@@ -701,16 +702,27 @@ def _sharded_rows(stage: str, step: StepMemory, other: StepMemory, batch: int, s
 
 
 def _plan_unlearning(
-    model_config: Any, config: SimuConfig, seq_len: int, mask_fraction: float, device_counts: Sequence[int]
+    model_config: Any, config: SimuConfig, seq_len: int, mask_fraction: float, device_counts: Sequence[int],
+    evaluation: StepMemory | None = None,
 ) -> tuple[list[StageMemory], int]:
-    """Unlearning rows (one device, then FSDP per device count) and the number of trainable coordinates."""
+    """Unlearning rows (one device, then FSDP per device count) and the number of trainable coordinates.
+
+    With ``unlearn.stop_at`` the one-device row's peak is also at least the stop checks': the
+    evaluation's scoring pass (``evaluation``) made between steps while the weights, masters and
+    optimizer state stay alive (gradients are freed before a check)."""
     batch = config.unlearn.batch_size
     ckpt = config.unlearn.gradient_checkpointing
     step = simulate_step(model_config, config, "unlearn", seq_len=seq_len, mask_fraction=mask_fraction)
     other = simulate_step(model_config, config, "unlearn", seq_len=seq_len, mask_fraction=mask_fraction,
                           gradient_checkpointing=not ckpt, optimizer_step=False)
     note = "with the frozen reference model" if step.reference else ""
-    rows = [_row("unlearn", 1, batch, seq_len, step, other.activations, ckpt, note)]
+    row = _row("unlearn", 1, batch, seq_len, step, other.activations, ckpt, note)
+    if config.unlearn.stop_at is not None and evaluation is not None:
+        checking = step.weights + step.reference + step.master + step.optimizer + evaluation.activations
+        row = StageMemory(**{**asdict(row), "peak": max(row.peak, checking),
+                             "note": "; ".join(filter(None, [note, "the larger of the step and the stop checks' "
+                                                                   "scoring pass (eval.batch_size)"]))})
+    rows = [row]
     rows += _sharded_rows("unlearn", step, other, batch, seq_len, config, device_counts)
     return rows, step.trainable
 

@@ -11,8 +11,8 @@
   reference's own forget quality is 1 by definition, which no unlearned model reaches.
 
 Every ``unlearn.eval_every`` optimizer steps (and before the first, and after the last; sooner
-near the level: :meth:`ForgetMonitor.next_check`) the :class:`ForgetMonitor` measures, with the evaluation suite's own scoring code and the model in
-eval mode, the forget measure on the forget items the evaluation measures and the retain
+near the level: :meth:`ForgetMonitor.next_check`) the :class:`ForgetMonitor` measures, with the
+evaluation suite's own scoring code and the model in eval mode, the forget measure on the forget items the evaluation measures and the retain
 probability on a fixed retain sample (the first ``unlearn.stop_retain_items`` items of the
 evaluation's ``retain_eval`` split). Training stops at the first check that reaches the level;
 that model is the stage's output. The outcome (:meth:`ForgetMonitor.outcome`):

@@ -258,3 +258,17 @@ def test_more_devices_than_exist_is_a_preflight_error():
 
     with pytest.raises(PreflightError, match=r"run\.devices=4096 but this machine has \d+ CPU core"):
         check_inputs(load_config(overrides=["run.devices=4096"]))
+
+
+def test_a_stopped_unlearning_plans_its_checks_scoring_pass():
+    """unlearn.stop_at: the unlearning row's peak covers the checks' scoring pass (eval.batch_size items)
+    on top of the weights and optimizer state; without a stop level, the step alone."""
+    fixed = load_config(overrides=TINY + ["unlearn.stop_at=null", "eval.batch_size=512"])
+    stopped = load_config(overrides=TINY + ["unlearn.stop_at=forget_prob<=reference", "eval.batch_size=512"])
+    rows = {name: planning.plan_memory(config, stages=("unlearn", "evaluate")).rows("unlearn")[0]
+            for name, config in (("fixed", fixed), ("stopped", stopped))}
+    evaluate = planning.plan_memory(stopped, stages=("evaluate",)).rows("evaluate")[0]
+    assert rows["stopped"].peak > rows["fixed"].peak  # 512 items scored at once outweigh a step of 6
+    expected = rows["fixed"].weights + rows["fixed"].master + rows["fixed"].optimizer + evaluate.activations
+    assert rows["stopped"].peak == max(rows["fixed"].peak, expected)
+    assert "stop checks" in rows["stopped"].note
