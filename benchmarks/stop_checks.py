@@ -1,12 +1,13 @@
 """Cost of stopping at a forgetting level: the checks' share of the unlearning stage's time.
 
     python benchmarks/stop_checks.py [--config data/configs/mlp_localised.yaml] [--workdir DIR]
-                                     [--threads T] [--methods fo_graddiff,so_graddiff,simu]
+                                     [--threads T] [--methods fo_graddiff:1.2e-4,so_graddiff:5e-5,simu:1.2e-4]
                                      [--stop-at forget_prob<=reference] [--set key=value ...]
 
 Prepares the config's benchmark and trains its target and retain reference into ``--workdir``
 (reused when there), evaluates the reference lightly (the level), computes SIMU's mask, then, per
-method, in one process one after another:
+method at its lr (by default each method's best lr of the testbed sweep, with its 200-step budget),
+in one process one after another:
 
 - the unlearning stage with ``unlearn.stop_at`` (the config's ``unlearn.eval_every``, default 10):
   the stage's wall time, the checks' seconds (``stop_check_seconds``: every check's measurement),
@@ -63,9 +64,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "data" / "configs" / "mlp_localised.yaml"))
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "simu-bench-stop"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="fo_graddiff,so_graddiff,simu")
+    parser.add_argument("--methods", default="fo_graddiff:1.2e-4,so_graddiff:5e-5,simu:1.2e-4",
+                        help="method:lr pairs (default: each method's best lr of the testbed sweep, docs/results.md)")
     parser.add_argument("--stop-at", default="forget_prob<=reference")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--set", action="append", default=["unlearn.epochs=20"], dest="overrides",
+                        help="config overrides (default: unlearn.epochs=20, the testbed sweep's budget)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load_config(args.config, [*args.overrides, "knockout.enabled=false"])
@@ -75,10 +78,11 @@ def main() -> None:
           f"eval_every {base.unlearn.eval_every}, stop_retain_items {base.unlearn.stop_retain_items}")
     print(f"{'method':<12} {'stage s':>8} {'checks s':>9} {'share':>6} {'checks':>6} {'steps':>11} "
           f"{'no-stop stage s':>15}  outcome")
-    for method in args.methods.split(","):
-        stopped = load_config(args.config, [*args.overrides, "knockout.enabled=false", f"unlearn.method={method}",
-                                            f"unlearn.stop_at={args.stop_at}"])
-        plain = load_config(args.config, [*args.overrides, "knockout.enabled=false", f"unlearn.method={method}"])
+    for entry in args.methods.split(","):
+        method, _, lr = entry.partition(":")
+        chosen = [*args.overrides, "knockout.enabled=false", f"unlearn.method={method}", *([f"unlearn.lr={lr}"] if lr else [])]
+        stopped = load_config(args.config, [*chosen, f"unlearn.stop_at={args.stop_at}"])
+        plain = load_config(args.config, [*chosen, "unlearn.stop_at=null"])
         mask = folders["mask"] if method in ("simu", "simu_npo") else None
         out = workdir / f"unlearn-{method}"
         started = time.perf_counter()
