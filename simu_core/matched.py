@@ -526,7 +526,8 @@ def stopped_markdown(table: pd.DataFrame, readings: pd.DataFrame, best: pd.DataF
             lines.append(f"| {row['curve']} | {_number(row['lr'])} | {row['target']} | {row['seed']} | not matched "
                          f"(run status: {row['status']}) | {_number(row['value'])} | {_number(row['level'])} | "
                          f"{100 * row['deviation']:.3g} % | {row['reason']} |")
-    lines += ["", "Per method: the lr with the highest mean model utility among the lrs whose readings all matched.",
+    lines += ["", "Per method: the lr with the highest mean model utility among the lrs whose readings all matched "
+              "(where none has all: the lr with the most matched readings, if at least two thirds, over those only).",
               "", "| " + " | ".join(["curve", "best lr", "readings", *utilities, f"{measure} measured", "note"]) + " |",
               "|" + "---|" * (5 + len(utilities))]
     for _, row in best.iterrows():
