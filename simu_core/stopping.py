@@ -56,10 +56,10 @@ REFINE_FACTOR = 0.5
 
 
 def budget_steps(forget_items: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
-    """Optimizer steps of an unlearning run over ``forget_items`` (as the trainer's batch plan counts them)."""
-    micro = epochs * math.ceil(forget_items / batch_size)
-    steps = math.ceil(micro / grad_accum)
-    return steps if max_steps is None else max_steps
+    """Optimizer steps of an unlearning run over ``forget_items``: the trainer's own batch plan, counted."""
+    from simu_core.unlearning.trainer import plan_batches
+
+    return len(plan_batches(forget_items, 0, batch_size, grad_accum, epochs, max_steps, seed=0))
 
 
 def reference_level(rule: StopRule, reference_items: pd.DataFrame | None) -> tuple[float, str]:
