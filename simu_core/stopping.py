@@ -39,7 +39,7 @@ from simu_core.metrics import tofu
 from simu_core.stop_rule import REFERENCE, STOP_MEASURES, StopRule, parse_stop_at
 
 __all__ = ["ForgetMonitor", "REFERENCE", "STATUSES", "STOP_MEASURES", "StopRule", "TRAJECTORY_COLUMNS",
-           "budget_steps", "format_outcome", "parse_stop_at", "reference_level"]
+           "budget_steps", "format_outcome", "parse_stop_at"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,16 +62,16 @@ def budget_steps(forget_items: int, batch_size: int, grad_accum: int, epochs: in
     return len(plan_batches(forget_items, 0, batch_size, grad_accum, epochs, max_steps, seed=0))
 
 
-def reference_level(rule: StopRule, reference_items: pd.DataFrame | None) -> tuple[float, str]:
-    """The numeric level and where it came from (``reference`` or ``value``)."""
-    if rule.level is not None:
-        return rule.level, "value"
-    if reference_items is None:
-        raise ValueError(f"unlearn.stop_at={rule.text()!r} needs the retain reference's evaluation (its items table)")
-    forget = reference_items[reference_items["split"] == "forget"]
-    if forget.empty:
-        raise ValueError("the retain reference's items table holds no forget rows: its forget probability is unknown")
-    return float(forget["probability"].mean()), REFERENCE
+def _measured_reference(reference_items: pd.DataFrame, forget: pd.DataFrame) -> pd.DataFrame:
+    """The retain reference's rows of exactly the forget items measured here, in their order."""
+    reference_forget = reference_items[reference_items["split"] == "forget"]
+    reference_forget = reference_forget.set_index(reference_forget["item_id"].astype(str))
+    wanted = forget["item_id"].astype(str)
+    missing = set(wanted) - set(reference_forget.index)
+    if missing:
+        raise ValueError(f"the retain reference's evaluation lacks {len(missing)} of the forget items measured here "
+                         f"(e.g. {sorted(missing)[:3]}): evaluate both with the same data and eval.max_items")
+    return reference_forget.loc[wanted]
 
 
 class ForgetMonitor:
@@ -100,20 +100,14 @@ class ForgetMonitor:
         self.forget, self.retain = forget, retain
         self.rule, self.eval_config = rule, eval_config
         self.eval_every, self.tolerance, self.max_length = eval_every, tolerance, max_length
-        self.level, self.level_source = reference_level(rule, reference_items)
-        self.reference_truth_ratios = None
-        if reference_items is not None:
-            reference_forget = reference_items[reference_items["split"] == "forget"]
-            reference_forget = reference_forget.set_index(reference_forget["item_id"].astype(str))
-            missing = set(forget["item_id"].astype(str)) - set(reference_forget.index.astype(str))
-            if missing:
-                raise ValueError(f"the retain reference's evaluation lacks {len(missing)} of the forget items measured "
-                                 f"here (e.g. {sorted(missing)[:3]}): evaluate both with the same data and "
-                                 "eval.max_items")
-            measured = reference_forget.loc[forget["item_id"].astype(str)]
-            if self.level_source == REFERENCE:  # the level over exactly the items measured here
-                self.level = float(measured["probability"].mean())
-            self.reference_truth_ratios = measured["truth_ratio"].to_numpy(dtype=float)
+        measured = _measured_reference(reference_items, forget) if reference_items is not None else None
+        if rule.level is not None:
+            self.level, self.level_source = rule.level, "value"
+        elif measured is None:
+            raise ValueError(f"unlearn.stop_at={rule.text()!r} needs the retain reference's evaluation (its items table)")
+        else:  # the reference's forget probability over exactly the items measured here
+            self.level, self.level_source = float(measured["probability"].mean()), REFERENCE
+        self.reference_truth_ratios = None if measured is None else measured["truth_ratio"].to_numpy(dtype=float)
         if rule.measure == "forget_quality" and self.reference_truth_ratios is None:
             raise ValueError("unlearn.stop_at on forget_quality needs the retain reference's truth ratios")
         self.rows: list[dict[str, Any]] = []
