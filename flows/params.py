@@ -12,15 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from simu_core.config import SimuConfig
+from simu_core.method_names import parse_method, settings_outside_key
+from simu_core.preferred import preferred_identity
 from simu_core.models.identity import model_fingerprint
 from simu_core.stages import knockout_mask_settings, uses_tiny_model
 
-MASKED_METHODS = ("simu", "simu_npo")
-
-
 def uses_mask(config: SimuConfig) -> bool:
     """True when the unlearning method trains only critical neurons (needs attribution)."""
-    return config.unlearn.method in MASKED_METHODS
+    return parse_method(config.unlearn.method).needs_mask
 
 
 # Data fields that only the synthetic generator reads; LUME reads only its source.
@@ -94,6 +93,9 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         # checkpoint_every only decides how often progress is saved: resuming is bit-identical; gradient
         # checkpointing recomputes activations with the same results.
         "unlearn": _unlearn_params(tree, model_identity),
+        # AltPO's alternates: sampled from the model the run unlearns (an input), with the run's seed.
+        "generate_alternates": {"alternates": {key: tree["unlearn"][key] for key in ALTERNATE_FIELDS},
+                                "model": model_identity, "seed": run["seed"], "batch_size": tree["eval"]["batch_size"]},
         # The attack measures with the evaluation's template, batch size and generation length.
         "relearn": {"relearn": {key: value for key, value in tree["relearn"].items() if key != "enabled"},
                     "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
@@ -108,16 +110,27 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
 STOP_FIELDS = ("stop_at", "eval_every", "stop_tolerance", "stop_retain_items")
 #: Evaluation settings the stop checks measure with (which items, template, batching).
 STOP_EVAL_FIELDS = ("max_items", "template", "batch_size")
+#: AltPO's generation settings (the generate_alternates stage's key; the unlearn stage reads its output).
+ALTERNATE_FIELDS = ("altpo_alternates", "altpo_max_new_tokens", "altpo_temperature")
+#: File paths the preference losses read: keyed by their content (``preferred``), not their names.
+PREFERRED_FILE_FIELDS = ("idk_source", "preferred_source")
 
 
 def _unlearn_params(tree: dict[str, Any], model_identity: dict[str, Any]) -> dict[str, Any]:
     """The unlearn stage's key: ``unlearn.*`` but ``checkpoint_every`` (resuming is bit-identical) and
-    ``gradient_checkpointing`` (same results); the stop settings, and the evaluation settings the checks
+    ``gradient_checkpointing`` (same results) and the settings of losses the method does not use
+    (``simu_core.method_names.LOSS_SETTINGS``); the stop settings, and the evaluation settings the checks
     use, only with ``stop_at`` (without it they change nothing)."""
     stops = tree["unlearn"]["stop_at"] is not None
-    excluded = ("checkpoint_every", "gradient_checkpointing", *(() if stops else STOP_FIELDS))
+    loss = parse_method(tree["unlearn"]["method"]).loss
+    excluded = ("checkpoint_every", "gradient_checkpointing", *(() if stops else STOP_FIELDS),
+                *settings_outside_key(loss), *PREFERRED_FILE_FIELDS, *ALTERNATE_FIELDS)
     params = {"unlearn": {key: value for key, value in tree["unlearn"].items() if key not in excluded},
               "model": model_identity, "seed": tree["run"]["seed"], "autocast": tree["run"]["dtype"]}
+    preferred = preferred_identity(loss, tree["unlearn"]["idk_source"], tree["unlearn"]["preferred_source"],
+                                   tree["data"]["source"])
+    if preferred is not None:
+        params["preferred"] = preferred
     if stops:
         params["stop_eval"] = {key: tree["eval"][key] for key in STOP_EVAL_FIELDS}
     return params

@@ -26,6 +26,7 @@ from flows import lifecycle
 from flows.lifecycle import raise_if_stopping
 from flows.params import run_name, stage_params, uses_mask
 from simu_core.config import ConfigError, SimuConfig, check_pipeline_models, load_config
+from simu_core.method_names import parse_method
 from tasks import stages as stage_tasks
 from tasks.caching import entry_is_valid, open_store
 from tasks.report import append_run_row, current_run_id, report, report_requests, run_row
@@ -174,6 +175,14 @@ def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,
     return refs
 
 
+def alternates_stage(config: SimuConfig, run: _StageRunner, data: dict, model: dict, prefix: str = "") -> dict | None:
+    """AltPO: the alternate answers the model it unlearns writes for ``data``'s forget items; None otherwise."""
+    if parse_method(config.unlearn.method).loss != "altpo":
+        return None
+    return run(f"{prefix}generate_alternates", stage_tasks.generate_alternates, "generate_alternates",
+               {"data": data, "model": model})
+
+
 def stops_on_reference(config: SimuConfig) -> bool:
     """Whether unlearning reads the retain reference's evaluation (``unlearn.stop_at`` with a
     ``reference`` level, or on forget quality)."""
@@ -183,10 +192,12 @@ def stops_on_reference(config: SimuConfig) -> bool:
 
 
 def unlearn_inputs(config: SimuConfig, data: dict, target: dict, mask: dict | None,
-                   reference_eval: dict | None) -> dict[str, dict | None]:
+                   reference_eval: dict | None, alternates: dict | None = None) -> dict[str, dict | None]:
     """The unlearn stage's inputs; the retain reference's evaluation only when the stop rule reads it
-    (so runs without ``stop_at`` keep their keys)."""
+    and AltPO's alternates only for altpo (so other runs keep their keys)."""
     inputs = {"data": data, "target": target, "mask": mask}
+    if alternates is not None:
+        inputs["alternates"] = alternates
     if stops_on_reference(config):
         if reference_eval is None:
             raise ConfigError(f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} needs a retain reference, "
@@ -225,8 +236,9 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     if reference is not None:  # before unlearning: a stop at the reference's level reads it
         reference_eval = run("evaluate_reference", stage_tasks.evaluate_reference, "evaluate_reference",
                              {"data": data, "model": reference})
+    alternates = alternates_stage(config, run, data, target)
     unlearned = run("unlearn", stage_tasks.unlearn, "unlearn",
-                    unlearn_inputs(config, data, target, masking["mask"], reference_eval),
+                    unlearn_inputs(config, data, target, masking["mask"], reference_eval, alternates),
                     checkpoint_dir=checkpoint_folder(config))
     target_eval = run("evaluate_target", stage_tasks.evaluate, "evaluate",
                       {"data": data, "model": target, "reference_eval": reference_eval})
@@ -308,8 +320,9 @@ def run_request(config: SimuConfig, run: _StageRunner, label: str, data: dict, i
     if stops_on_reference(config) and own is not union:
         own_reference_eval = run(f"{label}.evaluate_reference_request", stage_tasks.evaluate_reference,
                                  "evaluate_reference", {"data": own, "model": reference})
+    alternates = alternates_stage(config, run, own, model, prefix=f"{label}.")
     unlearned = run(f"{label}.unlearn", stage_tasks.unlearn, "unlearn",
-                    unlearn_inputs(config, own, model, masking["mask"], own_reference_eval),
+                    unlearn_inputs(config, own, model, masking["mask"], own_reference_eval, alternates),
                     checkpoint_dir=checkpoint_folder(config))
     evaluation = run(f"{label}.evaluate", stage_tasks.evaluate, "evaluate",
                      {"data": union, "model": unlearned, "reference_eval": reference_eval})

@@ -10,6 +10,7 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from simu_core.method_names import is_masked
 from simu_core import reporting
 
 
@@ -38,7 +39,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
     threshold_plot = reporting.plot_metric_vs_threshold(runs, out / "metrics_vs_threshold.png")
     if threshold_plot is not None:
         plots["metrics_vs_threshold"] = threshold_plot
-    masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
+    masked = runs[runs["config.unlearn.method"].map(is_masked).astype(bool)]
     if not masked.empty:
         latest = masked.iloc[-1]
         analysis_path = results / "runs" / str(latest["run_id"]) / "dual_analysis.parquet"

@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from simu_core.method_names import LOSSES, OPTIMIZERS, SCOPE_SPELLINGS, parse_method, resolve_method
 from simu_core.paths import DEFAULT_CONFIG_PATH
 
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -237,8 +238,20 @@ class UnlearnConfig(_Section):
     here (``forget_weight``, ``retain_weight``).
     """
 
-    method: Literal["ga", "fo_graddiff", "so_graddiff", "simu", "npo", "so_npo", "simu_npo", "simnpo"] = (
-        "simu"
+    method: str = Field(
+        "simu",
+        description="the method: a loss x an optimizer x a trainable scope (simu_core/method_names.py). The "
+        "version-1 names (ga, fo_graddiff, so_graddiff, simu, npo, so_npo, simu_npo, simnpo) and <loss>, so_<loss>, "
+        "simu_<loss>, fo_simu_<loss>; unlearn.loss / optimizer / scope replace one part of it",
+    )
+    loss: str | None = Field(
+        None, description="replace the method's loss: " + ", ".join(LOSSES) + " (None keeps the method's; the "
+        "config then stores the combination's name in unlearn.method and clears this field)",
+    )
+    optimizer: str | None = Field(None, description="replace the method's optimizer: adamw or sophia")
+    scope: str | None = Field(
+        None, description="replace the method's trainable scope: all, simu (attention + critical down-projection "
+        "columns), critical (critical columns only), layers (RMU's published layer set; rmu only)",
     )
     lr: float = Field(3e-4, gt=0, le=1.0)
     epochs: int = Field(5, ge=1, le=1000)
@@ -262,6 +275,35 @@ class UnlearnConfig(_Section):
     simnpo_beta: float = Field(4.5, gt=0, description="SimNPO's beta (simnpo); open-unlearning's default")
     simnpo_gamma: float = Field(0.0, ge=0, description="SimNPO's reward margin gamma (simnpo)")
     train_attention: bool = True
+    # The other losses' settings (simu_core/unlearning/losses.py); open-unlearning's defaults, from the
+    # configs/trainer/<Method>.yaml named in each description. In the unlearn key only for the loss that reads them.
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta (dpo, idk_dpo, altpo); open-unlearning DPO.yaml")
+    preferred_source: str | None = Field(
+        None, description="dpo: a JSON Lines file of preferred answers, {'question', 'answer'} per forget question "
+        "(idk_dpo prefers 'I don't know', altpo the target's own alternates)",
+    )
+    idk_source: str | None = Field(
+        None, description="idk_dpo: TOFU's 'I don't know' answers, a local idontknow.jsonl or the folder holding "
+        "it; None reads data.source's folder when it has the file, else downloads open-unlearning's copy (hub)",
+    )
+    altpo_alternates: int = Field(5, ge=1, le=64, description="AltPO: alternate answers sampled per forget question")
+    altpo_max_new_tokens: int = Field(
+        200, ge=1, le=4096, description="AltPO: new tokens per alternate (AltPO's generate.yaml: 200)")
+    altpo_temperature: float = Field(1.0, gt=0, description="AltPO: sampling temperature of the alternates (1.0)")
+    undial_beta: float = Field(10.0, gt=0, description="UNDIAL's logit decrease; open-unlearning UNDIAL.yaml")
+    wga_beta: float = Field(1.0, ge=0, description="WGA's weight exponent; open-unlearning WGA.yaml")
+    satimp_beta1: float = Field(5.0, ge=0, description="SatImp's beta1; open-unlearning SatImp.yaml")
+    satimp_beta2: float = Field(1.0, ge=0, description="SatImp's beta2; open-unlearning SatImp.yaml")
+    ceu_ignore_first: int = Field(
+        1, ge=0, description="CE-U: answer tokens at the start left out of the loss; open-unlearning CEU.yaml")
+    pdu_retain_eps: float = Field(0.0, description="PDU: the retain loss's constraint level epsilon")
+    pdu_dual_step: float = Field(1.0, ge=0, description="PDU: the dual variable's step size (per optimizer step)")
+    rmu_layer: int = Field(7, ge=0, description="RMU: the decoder layer whose output is steered (WMDP's 7 of 32)")
+    rmu_steering_coeff: float = Field(
+        300.0, gt=0, description="RMU: the control vector's norm c (open-unlearning RMU.yaml 300; WMDP Zephyr-7B 6.5)")
+    rmu_alpha: float = Field(
+        1000.0, ge=0, description="RMU: its retain term's weight, in place of retain_weight (open-unlearning "
+        "RMU.yaml 1000; WMDP Zephyr-7B 1200)")
     stop_at: str | None = Field(
         None,
         description="stop at a forgetting level (simu_core/stopping.py): 'forget_prob<=reference' (the retain "
@@ -282,6 +324,38 @@ class UnlearnConfig(_Section):
         False, description="recompute each decoder layer's activations in the backward (less memory, about a "
         "third more compute); results are unchanged, so it is in no cache key",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_method(cls, tree: Any) -> Any:
+        """One spelling per method: ``loss`` / ``optimizer`` / ``scope`` are folded into ``method``'s name
+        (so ``method=so_graddiff, scope=simu`` is stored, keyed and reported as ``simu``)."""
+        if not isinstance(tree, Mapping):
+            return tree
+        tree = dict(tree)
+        loss, optimizer, scope = (tree.pop(field, None) for field in ("loss", "optimizer", "scope"))
+        for field, value, known in (("loss", loss, LOSSES), ("optimizer", optimizer, OPTIMIZERS),
+                                    ("scope", scope, SCOPE_SPELLINGS)):
+            if value is not None and value not in known:
+                raise ValueError(f"unknown unlearn.{field} {value!r}; known: {list(known)}")
+        if scope == "critical":
+            scope = "simu"
+            if tree.get("train_attention") is True:
+                raise ValueError("unlearn.scope=critical trains the critical columns only; it contradicts "
+                                 "unlearn.train_attention=true (use scope=simu)")
+            tree["train_attention"] = False
+        method = str(tree.get("method", "simu"))
+        try:
+            parse_method(method)
+        except ValueError as error:
+            raise ValueError(f"unlearn.method: {error}") from None
+        try:
+            tree["method"] = resolve_method(method, loss, optimizer, scope).name
+        except ValueError as error:
+            given = ", ".join(f"unlearn.{field}={value}" for field, value in
+                              (("method", method), ("loss", loss), ("optimizer", optimizer), ("scope", scope)) if value)
+            raise ValueError(f"{given}: {error}") from None
+        return tree
 
     @field_validator("stop_at")
     @classmethod
@@ -518,9 +592,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def check_pipeline_models(config: SimuConfig) -> None:
     """The pipeline's (``simu run``, ``simu ablate``) rules: a given target on a QA benchmark needs a
     retain reference (given, or trained from ``model.base``) for forget quality; LUME cannot stop at a
-    forgetting level (``unlearn.stop_at``). Raises
+    forgetting level (``unlearn.stop_at``) nor take a preference loss; dpo needs its preferred answers. Raises
     :class:`ConfigError`; ``simu eval`` evaluates a model without one."""
     model = config.model
+    loss = resolve_method(config.unlearn.method).loss
+    if loss in ("dpo", "idk_dpo", "altpo") and config.data.benchmark == "lume":
+        raise ConfigError(
+            f"invalid config: unlearn.method={config.unlearn.method!r} (the {loss} loss) with data.benchmark='lume': "
+            "a preference loss pairs each forget question's answer with a preferred answer; LUME's forget items are "
+            "document continuations. Use a loss without preferred answers (e.g. npo, rmu, undial)"
+        )
+    if loss == "dpo" and config.unlearn.preferred_source is None:
+        raise ConfigError(
+            "invalid config: the dpo loss needs unlearn.preferred_source, a JSON Lines file with a preferred answer "
+            "{'question', 'answer'} per forget question (idk_dpo prefers 'I don't know', altpo the target's own "
+            "alternates)"
+        )
+    resolved = resolve_method(config.unlearn.method)
+    if resolved.optimizer == "adamw" and resolved.needs_mask and config.run.devices > 1:
+        raise ConfigError(
+            f"invalid config: unlearn.method={config.unlearn.method!r} (AdamW on SIMU's scope) with run.devices="
+            f"{config.run.devices}: column-masked AdamW trains one process's whole tensors only; use the Sophia "
+            f"optimizer (simu_{resolved.loss}) or run.devices=1"
+        )
     if config.unlearn.stop_at is not None and config.data.benchmark == "lume":
         # Here, not when the config loads: `simu eval` of a LUME model with the default config unlearns nothing.
         raise ConfigError(

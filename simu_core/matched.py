@@ -38,6 +38,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from simu_core.method_names import is_masked
+
 LR_COLUMN = "config.unlearn.lr"
 SEED_COLUMN = "config.run.seed"
 # Seeds the training of the target and of its retain reference: another value, another target.
@@ -121,7 +123,6 @@ def curve_columns(runs: pd.DataFrame, setting_columns: Sequence[str]) -> list[st
     return columns or ["config.unlearn.method"]
 
 
-MASKED_METHODS = ("simu", "simu_npo")
 # Settings that only masked methods read: a baseline's curve is not named by them.
 _MASK_ONLY = ("config.mask.", "config.attribution.", "config.knockout.", "config.unlearn.train_attention")
 
@@ -133,7 +134,7 @@ def curve_label(row: pd.Series, columns: Sequence[str]) -> str:
     method = str(row["config.unlearn.method"]) if "config.unlearn.method" in row.index else ""
     parts = [method] if method else []
     for column in columns:
-        if column == "config.unlearn.method" or (method not in MASKED_METHODS and column.startswith(_MASK_ONLY)):
+        if column == "config.unlearn.method" or (not is_masked(method) and column.startswith(_MASK_ONLY)):
             continue
         if column == "config.mask.rule" and row[column] == "random":
             parts.append("(random neurons)")

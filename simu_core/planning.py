@@ -364,7 +364,7 @@ def _simulate_step(
     from simu_core.models.checkpointing import enable_gradient_checkpointing
     from simu_core.optim import MaskedSophia, MasterAdamW
     from simu_core.scoring import answer_loss
-    from simu_core.unlearning import build_objective, get_method, select_trainables
+    from simu_core.unlearning import ForgetInputs, RetainInputs, build_objective, get_method, select_trainables
 
     if stage == "unlearn":
         settings = config.unlearn
@@ -379,8 +379,8 @@ def _simulate_step(
     # The trainable set and the optimizer are built outside the fake mode: the optimizer checks the
     # mask's indices by value, so they must stay real. Everything that allocates runs inside it.
     mask = mask_for_plan(_neurons_per_layer(model), mask_fraction) if spec.needs_mask else None
-    trainables = [t for t in select_trainables(model, spec, mask, getattr(settings, "train_attention", True))
-                  if t.numel() > 0]
+    trainables = [t for t in select_trainables(model, spec, mask, getattr(settings, "train_attention", True),
+                                               getattr(settings, "rmu_layer", 7)) if t.numel() > 0]
     trainable_ids = {id(t.param) for t in trainables}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
@@ -416,18 +416,46 @@ def _simulate_step(
         saved[0] = max(saved[0], tracker.live - persistent - gradients_now)
         loss.backward()
 
-    def forward_backward(term: str) -> None:
+    layer = objective.hidden_layer if objective is not None else None
+
+    def run(which: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and (rmu) the hidden state after ``layer``, as the trainer's forward captures it."""
+        captured: list[torch.Tensor] = []
+        handle = None
+        if layer is not None:
+            from simu_core.models.adapter import ArchitectureAdapter
+
+            handle = ArchitectureAdapter(which).layer_module(layer).register_forward_hook(
+                lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
         with autocast:
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            logits = which(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        if handle is not None:
+            handle.remove()
+        return logits, (captured[0] if captured else None)
+
+    def reference_run() -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            return run(reference)
+
+    def forward_backward(term: str) -> None:
+        logits, hidden = run(model)
         if objective is None:  # fine-tuning
             backward(answer_loss(logits, inputs["labels"]))
             return
-        reference_logits = None
-        if reference is not None:
-            with torch.no_grad(), autocast:
-                reference_logits = reference(input_ids=inputs["input_ids"],
-                                             attention_mask=inputs["attention_mask"]).logits
-        backward(getattr(objective, term)(logits, inputs["labels"], reference_logits))
+        if term == "forget_term":
+            values = ForgetInputs(logits, inputs["labels"], inputs["attention_mask"],
+                                  reference_run()[0] if objective.forget_needs_reference else None, hidden)
+            if hidden is not None:
+                values.control_vector = torch.ones(1, 1, hidden.shape[-1])
+            if objective.needs_preferred:  # the preferred answers' graph is alive with the forget one's
+                values.preferred_logits, values.preferred_labels = run(model)[0], inputs["labels"]
+                values.reference_preferred_logits = reference_run()[0]
+            backward(objective.forget_term(values))
+        else:
+            values = RetainInputs(logits, inputs["labels"], hidden=hidden)
+            if objective.retain_needs_reference:
+                values.reference_logits, values.reference_hidden = reference_run()
+            backward(objective.retain_term(values))
         with torch.no_grad():
             answer_loss(logits.detach(), inputs["labels"])  # the trainer's logged loss
 

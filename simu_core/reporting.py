@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from simu_core.method_names import is_masked  # noqa: E402
 from simu_core.matched import TARGET_SEED_COLUMN, has_no_effect, reference_group_columns, spread_text  # noqa: E402
 
 HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio",
@@ -258,7 +259,7 @@ def plot_metric_vs_threshold(runs: pd.DataFrame, path: str | Path,
                              metrics: Sequence[str] = ("forget_quality", "model_utility", "forget_rouge")) -> Path | None:
     """Each metric against the mask threshold t, one line per method (masked methods only)."""
     column = "config.mask.threshold"
-    masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
+    masked = runs[runs["config.unlearn.method"].map(is_masked).astype(bool)]
     if masked.empty or masked[column].nunique() < 2:
         return None
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
@@ -451,7 +452,7 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
                                      and not has_no_effect(column))
     group_columns = mask_columns + target_columns
     frames = []
-    masked = runs[runs["config.unlearn.method"].isin(["simu", "simu_npo"])]
+    masked = runs[runs["config.unlearn.method"].map(is_masked).astype(bool)]
     keys = [masked[column].map(str) for column in group_columns]
     for _, rows in masked.groupby(keys, sort=False, dropna=False) if group_columns else []:
         # The latest run of this mask that ran the check (knockout.enabled may have been off since).

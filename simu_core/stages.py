@@ -20,7 +20,8 @@ from simu_core.data import LumeBenchmark, QABenchmark, load_benchmark
 from simu_core.finetune import FinetuneResult, encode_frame, finetune
 from simu_core.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from simu_core.models.tiny import build_tiny_llama, save_model, train_tokenizer
-from simu_core.prompting import EncodedExample, encode_completion
+from simu_core.preferred import PREFERENCE_LOSSES, preferred_pairs
+from simu_core.prompting import EncodedExample, encode_completion, encode_qa
 
 BENCHMARK_DIR = "benchmark"
 TOKENIZER_DIR = "tokenizer"
@@ -227,6 +228,7 @@ def unlearn(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     reference_items_path: Path | None = None,
+    alternates_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Unlearn the target with ``config.unlearn.method``; write ``<out_dir>/model/`` (HF folder with
     the tokenizer, safetensors) and ``<out_dir>/train_log.parquet``; return summary figures.
@@ -236,7 +238,8 @@ def unlearn(
     the first check that reaches the level: the model saved is that check's; every check goes to
     ``<out_dir>/trajectory.parquet`` and the outcome (``stop_*``) into the summary.
     ``reference_items_path``: the retain reference's ``items.parquet``, needed by a ``reference``
-    level and by forget quality.
+    level and by forget quality. The preference losses (``simu_core.preferred``) pair each forget item
+    with a preferred answer; ``alternates_dir``: the :func:`generate_alternates` stage's output (altpo).
 
     ``mask_dir``: folder holding ``mask.parquet`` (read only by SIMU-scope methods). Forget set =
     the benchmark's ``forget`` split, retain set = its ``retain`` split (LUME: input/output rows).
@@ -288,12 +291,20 @@ def unlearn(
     benchmark = read_benchmark(data_dir)
     model, tokenizer = load_trained(target_dir, config)
     max_length = config.model.max_length
+    preferred = None
     if isinstance(benchmark, LumeBenchmark):
         forget_rows, retain_rows = benchmark.split("forget"), benchmark.split("retain")
         forget = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(forget_rows["input"], forget_rows["output"])]
         retain = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(retain_rows["input"], retain_rows["output"])]
     else:
-        forget = encode_frame(tokenizer, benchmark["forget"], max_length)
+        forget_rows = benchmark["forget"]
+        if spec.loss in PREFERENCE_LOSSES:
+            alternates = pd.read_parquet(Path(alternates_dir) / ALTERNATES_FILE) if alternates_dir else None
+            forget_rows, answers = preferred_pairs(
+                spec.loss, forget_rows, seed=config.run.seed, configured_idk=settings.idk_source,
+                preferred_source=settings.preferred_source, data_source=config.data.source, alternates=alternates)
+            preferred = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(forget_rows["question"], answers)]
+        forget = encode_frame(tokenizer, forget_rows, max_length)
         retain = encode_frame(tokenizer, benchmark["retain"], max_length)
     reference = None
     if reference_dir is not None and build_objective(settings, spec).needs_reference:
@@ -314,6 +325,7 @@ def unlearn(
         fail_at_step=config.run.fail_at_unlearn_step,
         distributed=distributed,
         monitor=monitor,
+        preferred_examples=preferred,
     )
     # One subfolder per run: a checkpoint root shared by many runs (a sweep, a rerun with another lr)
     # resumes only the run that wrote it. The run is its settings plus its input folders (content-
@@ -372,6 +384,37 @@ def unlearn(
 
 
 TRAJECTORY_FILE = "trajectory.parquet"
+ALTERNATES_FILE = "alternates.parquet"
+
+
+def generate_alternates(config: SimuConfig, data_dir: Path, target_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """AltPO's alternates (``simu_core.alternates``): ``unlearn.altpo_alternates`` sampled answers per
+    forget item from the model in ``target_dir``, written to ``<out_dir>/alternates.parquet``."""
+    import time
+
+    from simu_core.alternates import generate_alternates as sample_alternates
+
+    benchmark = read_benchmark(data_dir)
+    if isinstance(benchmark, LumeBenchmark):
+        raise ValueError("AltPO's alternates are answers to forget questions; LUME's forget items are not QA pairs")
+    model, tokenizer = load_trained(target_dir, config)
+    settings = config.unlearn
+    started = time.perf_counter()
+    alternates = sample_alternates(
+        model, tokenizer, benchmark["forget"], samples=settings.altpo_alternates,
+        max_new_tokens=settings.altpo_max_new_tokens, temperature=settings.altpo_temperature, seed=config.run.seed,
+        max_length=config.model.max_length, batch_size=config.eval.batch_size)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    alternates.to_parquet(Path(out_dir) / ALTERNATES_FILE, index=False)
+    text = alternates["alternate"].str.strip()
+    return {
+        "alternates": len(alternates),
+        "forget_items": int(alternates["item_id"].nunique()),
+        "empty": int((text == "").sum()),
+        "equal_to_answer": int((text == alternates["answer"].str.strip()).sum()),
+        "mean_words": float(text.str.split().str.len().mean()),
+        "wall_seconds": time.perf_counter() - started,
+    }
 
 
 def _forget_monitor(config: SimuConfig, benchmark: QABenchmark, model: PreTrainedModel,

@@ -100,8 +100,17 @@ def unlearn(config: dict, store_url: str, code_version: str, params: dict, input
             cfg, dirs["data"], dirs["target"], dirs.get("mask"), out,
             progress_callback=report_progress, checkpoint_dir=checkpoint_dir,
             reference_items_path=dirs["reference_eval"] / "items.parquet" if dirs.get("reference_eval") else None,
+            alternates_dir=dirs.get("alternates"),
         ),
     )
+
+
+@task(name="generate_alternates", cache_policy=stage_cache_policy("generate_alternates"), **_TASK_OPTIONS)
+def generate_alternates(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+    """AltPO's alternate answers, sampled from the model the run unlearns."""
+    cfg = config_from_dict(config)
+    return run_stage("generate_alternates", store_url, code_version, params, inputs,
+                     lambda out, dirs: stages.generate_alternates(cfg, dirs["data"], dirs["model"], out))
 
 
 @task(name="relearn", cache_policy=stage_cache_policy("relearn"), **_TASK_OPTIONS)

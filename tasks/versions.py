@@ -32,6 +32,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "knockout": (),
     "relearn": (),
     "unlearn": (),
+    "generate_alternates": (),
     "evaluate": (),
     "evaluate_reference": (),
 }

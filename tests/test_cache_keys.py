@@ -18,8 +18,10 @@ from pydantic import BaseModel
 
 from flows.params import stage_params
 from simu_core.config import SimuConfig, config_from_dict, flatten, load_config
+from simu_core.method_names import LEGACY_METHODS, LOSS_SETTINGS
 
-ALL_MODEL_USERS = {"attribute", "unlearn", "evaluate", "evaluate_reference", "knockout", "relearn"}
+ALL_MODEL_USERS = {"attribute", "unlearn", "evaluate", "evaluate_reference", "knockout", "relearn",
+                   "generate_alternates"}
 TRAININGS = {"train_target", "train_retain_reference"}
 
 # (field pattern, stages whose output the field changes); the first matching row wins.
@@ -36,6 +38,10 @@ COMMON_ROWS = [
     ("knockout.*", {"knockout"}),
     ("unlearn.checkpoint_every", set()),  # resuming is bit-identical: only how often progress is saved
     ("unlearn.gradient_checkpointing", set()),  # recomputes activations: same results (test_checkpointing.py)
+    # AltPO's alternates are sampled by their own stage (the unlearn stage reads its output, an input).
+    ("unlearn.altpo_*", {"generate_alternates"}),
+    # Settings of losses the default method (simu: GradDiff) does not read (each loss's own: the test below).
+    *[(f"unlearn.{field}", set()) for fields in LOSS_SETTINGS.values() for field in fields],
     # The default stops at a level (unlearn.stop_at), so its settings key unlearning (without one: the test below).
     ("unlearn.*", {"unlearn"}),
     ("eval.mmlu_source", set()),  # LUME only
@@ -45,11 +51,11 @@ COMMON_ROWS = [
     # The relearning attack measures with the evaluation's prompt template, batches and generation length.
     # Unlearning's stop checks measure with the evaluation's items, template and batches (the default stops).
     ("eval.template", {"evaluate", "evaluate_reference", "relearn", "unlearn"}),
-    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn", "unlearn"}),
+    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates"}),
     ("eval.max_items", {"evaluate", "evaluate_reference", "unlearn"}),
     ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn"}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
-    ("run.seed", {"attribute", "unlearn", "relearn"}),  # the knockout has knockout.seed: a seed sweep shares it
+    ("run.seed", {"attribute", "unlearn", "relearn", "generate_alternates"}),  # the knockout has knockout.seed: a seed sweep shares it
     ("run.dtype", {"unlearn"}),  # autocast: only the unlearning trainer uses it
     ("run.*", set()),  # device, devices (FSDP: same result within rounding), store, results, name, tags, fault injection
 ]
@@ -116,6 +122,10 @@ def _candidates(field: str, value, folders) -> list:
         return [str(folders["c"])] if value != str(folders["c"]) else [str(folders["d"])]
     if field == "unlearn.stop_at":
         return ["forget_prob<=0.2"] if value is None else [None]
+    if field == "unlearn.method":
+        return [name for name in LEGACY_METHODS if name != value]
+    if field in ("unlearn.loss", "unlearn.optimizer", "unlearn.scope"):  # folded into unlearn.method
+        return {"unlearn.loss": ["npo"], "unlearn.optimizer": ["adamw"], "unlearn.scope": ["all"]}[field]
     annotation = _annotation(field)
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
@@ -306,10 +316,13 @@ def core_copy(tmp_path, monkeypatch):
 CODE_EDITS = {
     "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout"},  # encode_frame
     "data/lume.py": {"prepare_data", "select_request", "train_target", "train_retain_reference", "attribute",
-                     "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn"},
+                     "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn", "generate_alternates"},
     "attribution.py": {"attribute", "threshold_mask", "knockout"},  # knockout reads scores_from_table
     "unlearning/losses.py": {"unlearn"},
-    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn", "unlearn"},  # unlearn: stop_at's checks
+    # unlearn: stop_at's checks; generate_alternates: through the evaluation package (its sampling).
+    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates"},
+    "alternates.py": {"generate_alternates"},
+    "preferred.py": {"unlearn"},
     "../data/synthetic/templates.yaml": {"prepare_data"},
 }
 
@@ -326,6 +339,60 @@ def test_code_version_follows_the_code_a_stage_runs(core_copy, edited):
     versions._import_closure.cache_clear()
     changed = {stage for stage in stages if versions.stage_code_version(stage) != before[stage]}
     assert changed == CODE_EDITS[edited] & set(stages)
+
+
+def test_loss_settings_key_the_unlearn_stage_only_for_their_loss(tmp_path):
+    # Each loss's own settings change the unlearn key of a method with that loss and no other method's.
+    idk = tmp_path / "idk.txt"
+    idk.write_text("I don't know.\n")
+    preferred = tmp_path / "preferred.jsonl"
+    preferred.write_text('{"question": "q", "answer": "a"}\n')
+    files = [f"unlearn.idk_source={idk}", f"unlearn.preferred_source={preferred}"]
+    for loss, fields in LOSS_SETTINGS.items():
+        for field in fields:
+            if field in ("idk_source", "preferred_source"):
+                continue  # keyed by content: the test below
+            base = load_config(overrides=[f"unlearn.loss={loss}", "unlearn.rmu_layer=2", *files])
+            value = getattr(base.unlearn, field)
+            other = value + 1 if isinstance(value, int) else (value * 0.5 if value else 0.5)
+            key = stage_params(base)["unlearn"]
+            varied = stage_params(load_config(overrides=[f"unlearn.loss={loss}", "unlearn.rmu_layer=2", *files,
+                                                         f"unlearn.{field}={other}"]))["unlearn"]
+            assert (varied != key) == (field not in ("altpo_alternates", "altpo_max_new_tokens", "altpo_temperature")), \
+                (loss, field)
+            simu = [stage_params(load_config(overrides=[*files, *extra]))["unlearn"]
+                    for extra in ([], [f"unlearn.{field}={other}"])]
+            assert simu[0] == simu[1], (loss, field)
+
+
+def test_preferred_answer_files_are_keyed_by_content(tmp_path):
+    first, moved = tmp_path / "idk.txt", tmp_path / "elsewhere.txt"
+    first.write_text("I don't know.\n")
+    moved.write_text("I don't know.\n")
+    keys = [stage_params(load_config(overrides=["unlearn.loss=idk_dpo", f"unlearn.idk_source={path}"]))["unlearn"]
+            for path in (first, moved)]
+    assert keys[0] == keys[1]  # the same answers under another name
+    first.write_text("I have no idea.\n")
+    assert stage_params(load_config(overrides=["unlearn.loss=idk_dpo", f"unlearn.idk_source={first}"]))[
+        "unlearn"] != keys[0]
+    preferred = tmp_path / "preferred.jsonl"
+    preferred.write_text('{"question": "q", "answer": "a"}\n')
+    before = stage_params(load_config(overrides=["unlearn.loss=dpo", f"unlearn.preferred_source={preferred}"]))
+    preferred.write_text('{"question": "q", "answer": "b"}\n')
+    after = stage_params(load_config(overrides=["unlearn.loss=dpo", f"unlearn.preferred_source={preferred}"]))
+    assert before["unlearn"] != after["unlearn"]
+
+
+def test_version_1_methods_keep_their_unlearn_keys():
+    # Recorded with the code before losses x optimizers x scopes (commit 5d099bb): the key parameters of the
+    # eight version-1 methods, with and without a stop level, are unchanged, so their cache entries still serve.
+    import json
+
+    recorded = json.loads((Path(__file__).parent / "data" / "unlearn_keys_v1.json").read_text())
+    for name, params in recorded.items():
+        method, stop = name.split("/")
+        config = load_config(overrides=[f"unlearn.method={method}", f"unlearn.stop_at={stop}"])
+        assert json.loads(json.dumps(stage_params(config)["unlearn"], sort_keys=True)) == params, name
 
 
 def test_the_knockout_key_ignores_what_cannot_change_its_critical_set():

@@ -158,3 +158,46 @@ def test_bf16_finetuning_keeps_small_updates():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     # 60 steps at 1e-5 move a weight by ~6e-4 in total, most single steps far below bf16's spacing.
     assert sum(int(m.sum()) for m in moved) / sum(m.numel() for m in moved) > 0.7
+
+
+def test_master_adamw_column_mask_trains_exactly_those_columns_as_torch_adamw_would():
+    # SIMU's scope with AdamW (fo_simu_<loss>): the trained columns get torch's AdamW update of a tensor
+    # holding only them; every other entry stays bit-identical, and the state is compact.
+    from simu_core.optim import ColumnMask
+
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(4)
+        full = torch.nn.Parameter(torch.randn(5, 8).to(dtype))
+        columns = torch.tensor([1, 6, 3])
+        alone = torch.nn.Parameter(full.detach().float()[:, columns.sort().values].clone())
+        before = full.detach().clone()
+        masked = MasterAdamW([full], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1,
+                             masks={full: ColumnMask(1, columns)})
+        plain = torch.optim.AdamW([alone], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        for step in range(4):
+            full.grad = torch.cos(full.detach().float() * (step + 1)).to(dtype)
+            alone.grad = full.grad.float()[:, columns.sort().values]
+            masked.step()
+            plain.step()
+        frozen = torch.ones(8, dtype=torch.bool)
+        frozen[columns] = False
+        assert torch.equal(full[:, frozen], before[:, frozen])
+        assert torch.equal(full.detach()[:, columns.sort().values], alone.detach().to(dtype))
+        assert masked.state[full]["exp_avg"].shape == (5, 3) and masked.state[full]["master"].dtype == torch.float32
+
+
+def test_fo_simu_freezes_every_entry_outside_the_scope():
+    model, before, trainer = unlearn(torch.float32, "fo_simu_graddiff", mask=True)
+    adapter = ArchitectureAdapter(model)
+    attention = {name for name, _ in adapter.attention_parameters()}
+    downs = {f"{d.name}.weight": d for d in adapter.down_projections()}
+    critical = {0: [1, 5, 9], 1: [0, 30]}
+    for name, p in model.named_parameters():
+        if name in downs:
+            frozen = torch.ones(FFN, dtype=torch.bool)
+            frozen[critical[downs[name].layer]] = False
+            assert torch.equal(p[:, frozen], before[name][:, frozen]) and not torch.equal(p, before[name]), name
+        elif name in attention:
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), f"{name}: outside the scope but moved"

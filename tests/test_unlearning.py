@@ -29,6 +29,8 @@ from simu_core.unlearning import (
     METHODS,
     NonFiniteLossError,
     Trainable,
+    ForgetInputs,
+    RetainInputs,
     UnlearningObjective,
     build_objective,
     build_trainer,
@@ -106,12 +108,12 @@ def test_losses_use_answer_tokens_only_and_match_their_formulas():
     logits, labels = _logits_labels()
     objective = UnlearningObjective(forget="ga", retain="nll")
     ce = F.cross_entropy(logits[:, 3:6].reshape(-1, 11), labels[:, 4:].reshape(-1))
-    assert torch.allclose(objective.forget_term(logits, labels), -ce)
-    assert torch.allclose(objective.retain_term(logits, labels), ce)
+    assert torch.allclose(objective.forget_term(ForgetInputs(logits, labels)), -ce)
+    assert torch.allclose(objective.retain_term(RetainInputs(logits, labels)), ce)
     # Prompt positions do not count: changing their logits changes no loss.
     other = logits.clone()
     other[:, :3] += 5.0
-    assert torch.equal(objective.forget_term(other, labels), objective.forget_term(logits, labels))
+    assert torch.equal(objective.forget_term(ForgetInputs(other, labels)), objective.forget_term(ForgetInputs(logits, labels)))
     # NPO equals (2/beta) log 2 where the model equals its reference, and grows as p(y) falls below it.
     beta = 0.5
     assert math.isclose(float(npo_loss(logits, labels, logits, beta)), 2 / beta * math.log(2), rel_tol=1e-6)
@@ -134,11 +136,11 @@ def test_simnpo_has_its_own_beta_and_margin():
     config = UnlearnConfig(method="simnpo")
     assert (config.simnpo_beta, config.simnpo_gamma, config.npo_beta) == (4.5, 0.0, 0.1)
     objective = build_objective(config)
-    assert torch.equal(objective.forget_term(logits, labels), simnpo_loss(logits, labels, 4.5, 0.0))
+    assert torch.equal(objective.forget_term(ForgetInputs(logits, labels)), simnpo_loss(logits, labels, 4.5, 0.0))
     changed = build_objective(config.model_copy(update={"simnpo_beta": 2.5, "simnpo_gamma": 0.3, "npo_beta": 7.0}))
-    assert torch.equal(changed.forget_term(logits, labels), simnpo_loss(logits, labels, 2.5, 0.3))
+    assert torch.equal(changed.forget_term(ForgetInputs(logits, labels)), simnpo_loss(logits, labels, 2.5, 0.3))
     npo = build_objective(UnlearnConfig(method="npo", npo_beta=0.2, simnpo_beta=9.0))
-    assert torch.equal(npo.forget_term(logits, labels, logits - 1), npo_loss(logits, labels, logits - 1, 0.2))
+    assert torch.equal(npo.forget_term(ForgetInputs(logits, labels, reference_logits=logits - 1)), npo_loss(logits, labels, logits - 1, 0.2))
     for override, field in (("unlearn.simnpo_beta=0", "unlearn.simnpo_beta"),
                             ("unlearn.simnpo_gamma=-1", "unlearn.simnpo_gamma")):
         with pytest.raises(ConfigError, match=field):

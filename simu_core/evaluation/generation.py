@@ -1,4 +1,5 @@
-"""Batched greedy generation with left padding, cut at EOS (the TOFU / LUME generation settings)."""
+"""Batched generation with left padding, cut at EOS: greedy (the TOFU / LUME evaluation settings) or
+sampled (AltPO's alternate answers)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,42 @@ def generate_greedy(
     Prompts are sorted by length and left-padded so that every row's last prompt token sits in the
     last column, where generation starts; decoding drops special tokens.
     """
+    return [texts[0] for texts in _generate(model, tokenizer, prompts, max_new_tokens, batch_size, None, 1)]
+
+
+@torch.no_grad()
+def generate_sampled(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    samples: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """``samples`` sampled continuations of each prompt (plain sampling at ``temperature``, no top-k
+    or top-p), cut at the first EOS; reproducible from ``seed``, and the global RNG is left as it was."""
+    if samples < 1 or not temperature > 0:
+        raise ValueError(f"samples must be >= 1 and temperature > 0, got {samples} and {temperature}")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, samples)
+
+
+def _generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float | None,
+    samples: int,
+) -> list[list[str]]:
+    """Greedy (``temperature`` None) or sampled continuations, ``samples`` per prompt, in input order."""
     if not prompts:
-        raise ValueError("generate_greedy needs at least one prompt")
+        raise ValueError("generation needs at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for index, prompt in enumerate(prompts):
@@ -60,18 +95,21 @@ def generate_greedy(
             raise ValueError(f"prompt {index} is empty")
     pad_id = resolve_pad_token_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
-    # A fresh config: greedy, no sampling parameters inherited from the checkpoint's defaults.
+    # A fresh config: no sampling parameters inherited from the checkpoint's defaults.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature is not None else \
+        dict(do_sample=False)
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         num_beams=1,
+        num_return_sequences=samples,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
         bos_token_id=tokenizer.bos_token_id,
+        **sampling,
     )
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
-    texts: list[str] = [""] * len(prompts)
+    texts: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
@@ -89,10 +127,11 @@ def generate_greedy(
                 attention_mask=attention_mask.to(device),
                 generation_config=generation_config,
             )
-            new_tokens = output[:, width:].cpu().tolist()
+            new_tokens = output[:, width:].cpu().tolist()  # row r * samples + k: sample k of chunk row r
             for row, index in enumerate(chunk):
-                kept = cut_at_eos(new_tokens[row], eos_ids)
-                texts[index] = tokenizer.decode(kept, skip_special_tokens=True)
+                for sample in range(samples):
+                    kept = cut_at_eos(new_tokens[row * samples + sample], eos_ids)
+                    texts[index].append(tokenizer.decode(kept, skip_special_tokens=True))
     finally:
         model.train(was_training)
     return texts

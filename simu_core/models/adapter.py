@@ -66,6 +66,7 @@ class ArchitectureAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         container_path, layers = self._find_layers(model)
+        self._layer_modules = list(layers)
         self.layers: list[DecoderLayer] = [
             self._describe_layer(index, f"{container_path}.{index}", layer) for index, layer in enumerate(layers)
         ]
@@ -110,6 +111,13 @@ class ArchitectureAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def layer_module(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` itself (its output is the hidden state RMU reads)."""
+        if not 0 <= index < len(self._layer_modules):
+            raise ValueError(f"layer {index} does not exist: the model has {len(self._layer_modules)} decoder layers "
+                             f"(0..{len(self._layer_modules) - 1})")
+        return self._layer_modules[index]
 
     def down_projections(self) -> list[DownProjection]:
         """The down projection of every layer, in layer order."""

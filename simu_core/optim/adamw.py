@@ -9,6 +9,12 @@ torch's own AdamW arithmetic on the masters with fp32 moments, and copies the re
 parameter. The model keeps its dtype; fp32 parameters are updated in place exactly as
 ``torch.optim.AdamW`` would (same kernel, same arguments: bit-identical results).
 
+Column masks (SIMU's scope with AdamW): a parameter given a :class:`~simu_core.optim.ColumnMask`
+keeps state, and an fp32 master, for its trainable columns only; each step gathers those columns of
+the gradient, runs the same AdamW arithmetic on the compact master and writes the columns back, so
+every other entry stays bit-identical (no weight decay either) and the state is as small as
+:class:`~simu_core.optim.MaskedSophia`'s.
+
 Memory: the multi-tensor kernel's temporaries (and the fp32 copies of bf16 gradients) are made for
 at most ``foreach_chunk_numel`` coordinates at a time; the update is per coordinate, so chunking does
 not change it. Sharded parameters (FSDP2's DTensors) are updated through their local shards.
@@ -19,13 +25,14 @@ are compared on equal terms whatever ``model.dtype`` is.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
 from simu_core.optim.sharded import local_tensor
+from simu_core.optim.sophia import ColumnMask
 
 __all__ = ["MasterAdamW"]
 
@@ -46,6 +53,8 @@ class MasterAdamW(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (``torch.optim.AdamW``'s default 0.01).
         foreach: use the multi-tensor kernel (None: torch's default choice).
         foreach_chunk_numel: at most this many coordinates' temporaries exist at once in a step.
+        masks: ``{parameter: ColumnMask}`` (by identity): only those columns are trained (not for
+            sharded parameters).
     """
 
     def __init__(
@@ -58,8 +67,21 @@ class MasterAdamW(torch.optim.Optimizer):
         *,
         foreach: bool | None = None,
         foreach_chunk_numel: int = FOREACH_CHUNK_NUMEL,
+        masks: Mapping[Tensor, ColumnMask] | None = None,
     ) -> None:
         _validate(lr, betas, eps, weight_decay)
+        self._columns: dict[int, tuple[int, Tensor]] = {}
+        for p, mask in (masks or {}).items():
+            if not isinstance(mask, ColumnMask):
+                raise ValueError(f"MasterAdamW takes ColumnMask masks only, got {type(mask).__name__}")
+            if local_tensor(p) is not p:
+                raise ValueError("MasterAdamW does not train column masks of sharded parameters (run.devices > 1); "
+                                 "use the Sophia optimizer for SIMU's scope on several devices")
+            dim = mask.dim % p.dim()
+            indices = torch.as_tensor(mask.indices, dtype=torch.long, device=p.device).unique(sorted=True)
+            if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < p.shape[dim]:
+                raise ValueError(f"ColumnMask indices out of range for a parameter of shape {tuple(p.shape)}")
+            self._columns[id(p)] = (dim, indices)
         if foreach_chunk_numel < 1:
             raise ValueError(f"foreach_chunk_numel must be >= 1, got {foreach_chunk_numel}")
         self.foreach_chunk_numel = foreach_chunk_numel
@@ -80,13 +102,21 @@ class MasterAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             local = local_tensor(p)
+            columns = self._columns.get(id(p))
+            if columns is not None:  # state and master for the trainable columns only
+                local = local.detach().index_select(columns[0], columns[1])
             # A CPU fp32 step counter, as torch.optim.AdamW keeps it (non-capturable, non-fused).
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
             state["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
-            if p.dtype != torch.float32:
+            if p.dtype != torch.float32 or columns is not None:
                 state["master"] = local.detach().to(torch.float32, copy=True)
         return state
+
+    def trainable_part(self, p: Tensor, values: Tensor) -> Tensor | None:
+        """The entries of ``values`` (shaped as ``p``) at ``p``'s trainable coordinates."""
+        columns = self._columns.get(id(p))
+        return values if columns is None else values.index_select(columns[0], columns[1])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -103,13 +133,16 @@ class MasterAdamW(torch.optim.Optimizer):
                     state = self._state(p)
                     master = state.get("master")
                     local, grad = local_tensor(p), local_tensor(p.grad)
+                    columns = self._columns.get(id(p))
+                    if columns is not None:
+                        grad = grad.index_select(columns[0], columns[1])
                     params.append(local if master is None else master)
                     grads.append(grad if master is None else grad.float())
                     exp_avgs.append(state["exp_avg"])
                     exp_avg_sqs.append(state["exp_avg_sq"])
                     steps.append(state["step"])
                     if master is not None:
-                        writeback.append((local, master))
+                        writeback.append((local, master, columns))
                 adam(
                     params, grads, exp_avgs, exp_avg_sqs, [], steps,
                     foreach=group["foreach"], decoupled_weight_decay=True, amsgrad=False,
@@ -117,8 +150,11 @@ class MasterAdamW(torch.optim.Optimizer):
                     eps=group["eps"], maximize=False,
                 )
                 del grads
-                for local, master in writeback:
-                    local.copy_(master)  # rounds the fp32 result once; the master keeps what rounding drops
+                for local, master, columns in writeback:
+                    if columns is None:
+                        local.copy_(master)  # rounds the fp32 result once; the master keeps what rounding drops
+                    else:
+                        local.index_copy_(columns[0], columns[1], master.to(local.dtype))
         return loss
 
     def _chunks(self, group: dict[str, Any]) -> list[list[Tensor]]:
@@ -131,7 +167,9 @@ class MasterAdamW(torch.optim.Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise ValueError("MasterAdamW does not support sparse gradients")
-            numel = local_tensor(p).numel()
+            columns = self._columns.get(id(p))
+            numel = local_tensor(p).numel() if columns is None else \
+                local_tensor(p).numel() // p.shape[columns[0]] * columns[1].numel()
             if not chunks or size + numel > self.foreach_chunk_numel:
                 chunks.append([])
                 size = 0

@@ -1,15 +1,19 @@
-"""SIMU step 2 and its baselines: unlearning losses, the trainer and the method registry."""
+"""SIMU step 2 and its baselines: unlearning losses, the objective, the trainer and the method registry."""
 
 from simu_core.unlearning.losses import (
-    FORGET_LOSSES,
-    RETAIN_LOSSES,
-    UnlearningObjective,
     answer_nll,
     gradient_ascent_loss,
     kl_to_reference,
     npo_loss,
     sequence_logprobs,
     simnpo_loss,
+)
+from simu_core.unlearning.objective import (
+    FORGET_LOSSES,
+    RETAIN_LOSSES,
+    ForgetInputs,
+    RetainInputs,
+    UnlearningObjective,
 )
 from simu_core.unlearning.methods import (
     METHODS,
@@ -18,6 +22,7 @@ from simu_core.unlearning.methods import (
     build_trainer,
     frozen_reference,
     get_method,
+    rmu_layers,
     run_unlearning,
     select_trainables,
     validate_unlearning,
@@ -44,6 +49,8 @@ __all__ = [
     "METHODS",
     "RETAIN_LOSSES",
     "AdamWUnlearningTrainer",
+    "ForgetInputs",
+    "RetainInputs",
     "MethodSpec",
     "MicroBatch",
     "NonFiniteLossError",
@@ -58,6 +65,7 @@ __all__ = [
     "build_trainer",
     "frozen_reference",
     "get_method",
+    "rmu_layers",
     "gradient_ascent_loss",
     "kl_to_reference",
     "latest_checkpoint",

@@ -14,7 +14,8 @@
   answer-token cross-entropies of the step's forget / retain batches (whatever the objective), so
   they read the same for every method: forgetting raises ``forget_loss``. ``objective`` is the
   minimised value, ``lr`` the rate the step used, ``win_rate`` Sophia's fraction of unclipped
-  coordinates (NaN for AdamW), ``grad_norm`` the norm before clipping.
+  coordinates (NaN for AdamW), ``grad_norm`` the norm before clipping, ``retain_weight`` the retain
+  term's weight the step used (PDU's dual variable, which moves after every step; constant otherwise).
 - **Checkpoints.** Every ``checkpoint_every`` steps: the trainable tensors (safetensors) and the
   optimizer / scheduler / RNG state (``torch.save`` of tensors and plain values only, read back with
   ``weights_only=True``), written to a temporary folder renamed into place last, so a folder named
@@ -55,7 +56,7 @@ from simu_core.optim import ColumnMask, MaskedSophia, MasterAdamW, MaskSpec, sam
 from simu_core.optim.sharded import local_tensor
 from simu_core.prompting import IGNORE_INDEX, EncodedExample, collate
 from simu_core.scoring import answer_loss
-from simu_core.unlearning.losses import UnlearningObjective
+from simu_core.unlearning.objective import ForgetInputs, RetainInputs, UnlearningObjective
 
 if TYPE_CHECKING:
     from simu_core.distributed import DistributedContext
@@ -79,13 +80,13 @@ __all__ = [
 HESSIAN_VARIANTS = ("gnb", "soul")
 LOG_COLUMNS = (
     "step", "epoch", "forget_loss", "retain_loss", "objective", "forget_term", "retain_term",
-    "lr", "win_rate", "grad_norm", "tokens",
+    "lr", "win_rate", "grad_norm", "tokens", "retain_weight",
 )
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d{{8}})$")
 _TENSORS_FILE = "trainable.safetensors"
 _STATE_FILE = "trainer_state.pt"
-_FORMAT = 1
+_FORMAT = 2  # 2: the retain weight (PDU's dual variable) and its log column
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -239,6 +240,7 @@ class UnlearningTrainer:
         description: str = "unlearn",
         distributed: DistributedContext | None = None,
         monitor: ForgetMonitor | None = None,
+        preferred_examples: Sequence[EncodedExample] | None = None,
     ) -> None:
         if not config.lr > 0:
             raise ValueError(f"unlearn.lr must be > 0, got {config.lr}")
@@ -250,6 +252,12 @@ class UnlearningTrainer:
             raise ValueError(
                 f"the objective (forget={objective.forget!r}, retain={objective.retain!r}) needs a frozen "
                 "reference model"
+            )
+        if objective.needs_preferred and (preferred_examples is None or
+                                          len(preferred_examples) != len(forget_examples)):
+            raise ValueError(
+                f"the {objective.forget} loss needs one preferred answer per forget item "
+                f"({len(forget_examples)}), got {0 if preferred_examples is None else len(preferred_examples)}"
             )
         # Entries with no trainable coordinate (an empty column set) are frozen, not trained.
         trainables = [t for t in trainables if t.numel() > 0]
@@ -267,6 +275,10 @@ class UnlearningTrainer:
         self.trainables = list(trainables)
         self.objective = objective
         self.forget_examples = list(forget_examples)
+        self.preferred_examples = list(preferred_examples) if objective.needs_preferred else []
+        self.retain_weight = objective.retain_weight  # PDU: the dual variable, moved after every step
+        self._control_vector: torch.Tensor | None = None
+        self._layer_modules: dict[int, nn.Module] = {}
         self.retain_examples = list(retain_examples) if objective.uses_retain else []
         self.config = config
         self.pad_token_id = pad_token_id
@@ -344,6 +356,65 @@ class UnlearningTrainer:
         with self._autocast():
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and the output of decoder layer ``layer`` (None: not captured)."""
+        if layer is None:
+            return self._logits(model, batch), None
+        if id(model) not in self._layer_modules:
+            from simu_core.models.adapter import ArchitectureAdapter
+
+            self._layer_modules[id(model)] = ArchitectureAdapter(model).layer_module(layer)
+        captured: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._layer_modules[id(model)].register_forward_hook(keep)
+        try:
+            logits = self._logits(model, batch)
+        finally:
+            handle.remove()
+        return logits, captured[0]
+
+    def control_vector(self, hidden_size: int) -> torch.Tensor:
+        """RMU's fixed random direction, drawn once from the run's seed (not from the global RNG)."""
+        if self._control_vector is None:
+            from simu_core.unlearning.losses import rmu_control_vector
+
+            generator = torch.Generator().manual_seed(self.seed)
+            self._control_vector = rmu_control_vector(hidden_size, self.objective.rmu_steering_coeff, generator)
+        return self._control_vector.to(self.device)
+
+    def _forget_inputs(self, indices: Sequence[int]) -> ForgetInputs:
+        """The forget batch of ``indices`` through the model (and what else the forget term reads)."""
+        objective = self.objective
+        batch = self._batch(self.forget_examples, indices)
+        logits, hidden = self._forward(self.model, batch, objective.hidden_layer)
+        inputs = ForgetInputs(logits, batch["labels"], batch["attention_mask"],
+                              self._reference_logits(batch, objective.forget_needs_reference), hidden)
+        if hidden is not None:
+            inputs.control_vector = self.control_vector(hidden.shape[-1])
+        if objective.needs_preferred:
+            preferred = self._batch(self.preferred_examples, indices)
+            inputs.preferred_logits = self._logits(self.model, preferred)
+            inputs.preferred_labels = preferred["labels"]
+            inputs.reference_preferred_logits = self._reference_logits(preferred, True)
+        return inputs
+
+    def _retain_inputs(self, indices: Sequence[int]) -> RetainInputs:
+        """The retain batch of ``indices`` through the model (and the reference where the term reads it)."""
+        objective = self.objective
+        batch = self._batch(self.retain_examples, indices)
+        layer = objective.hidden_layer
+        logits, hidden = self._forward(self.model, batch, layer)
+        inputs = RetainInputs(logits, batch["labels"], hidden=hidden)
+        if objective.retain_needs_reference:
+            with torch.no_grad():
+                reference_logits, reference_hidden = self._forward(self.reference, batch, layer)
+            inputs.reference_logits, inputs.reference_hidden = reference_logits, reference_hidden
+        return inputs
+
     def _reference_logits(self, batch: dict[str, torch.Tensor], needed: bool) -> torch.Tensor | None:
         if not needed:
             return None
@@ -398,6 +469,7 @@ class UnlearningTrainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "extra": self.extra_state(),
+            "retain_weight": self.retain_weight,
             "log": {column: [row[column] for row in rows] for column in LOG_COLUMNS},
             "monitor": self.monitor.state() if self.monitor is not None else None,
         }
@@ -432,6 +504,7 @@ class UnlearningTrainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.load_extra_state(state["extra"])
+        self.retain_weight = float(state["retain_weight"])
         if self.monitor is not None and state.get("monitor") is not None:
             self.monitor.load_state(state["monitor"])
         log = state["log"]
@@ -459,34 +532,29 @@ class UnlearningTrainer:
         sums = dict(forget_loss=0.0, retain_loss=0.0, forget_term=0.0, retain_term=0.0)
         tokens = 0
         for index, micro in enumerate(micro_batches):
-            batch = self._batch(self.forget_examples, micro.forget)
-            logits = self._logits(self.model, batch)
-            term = objective.forget_term(logits, batch["labels"],
-                                         self._reference_logits(batch, objective.forget_needs_reference))
+            inputs = self._forget_inputs(micro.forget)
+            term = objective.forget_term(inputs)
             self._check_finite(term, "forget loss", step, index)
             # Each term is backpropagated on its own so only one batch's graph is alive at a time.
             (objective.forget_weight * term / n).backward()
             with torch.no_grad():
-                sums["forget_loss"] += float(answer_loss(logits.detach(), batch["labels"])) / n
+                sums["forget_loss"] += float(answer_loss(inputs.logits.detach(), inputs.labels)) / n
             sums["forget_term"] += float(term.detach()) / n
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
-            del logits, term
+            tokens += int((inputs.labels[:, 1:] != -100).sum())
+            del inputs, term
             if objective.uses_retain:
-                batch = self._batch(self.retain_examples, micro.retain)
-                logits = self._logits(self.model, batch)
-                term = objective.retain_term(logits, batch["labels"],
-                                             self._reference_logits(batch, objective.retain_needs_reference))
+                inputs = self._retain_inputs(micro.retain)
+                term = objective.retain_term(inputs)
                 self._check_finite(term, "retain loss", step, index)
-                (objective.retain_weight * term / n).backward()
+                (self.retain_weight * term / n).backward()
                 with torch.no_grad():
-                    sums["retain_loss"] += float(answer_loss(logits.detach(), batch["labels"])) / n
+                    sums["retain_loss"] += float(answer_loss(inputs.logits.detach(), inputs.labels)) / n
                 sums["retain_term"] += float(term.detach()) / n
-                tokens += int((batch["labels"][:, 1:] != -100).sum())
-                del logits, term
+                tokens += int((inputs.labels[:, 1:] != -100).sum())
+                del inputs, term
         if not objective.uses_retain:
             sums["retain_loss"] = sums["retain_term"] = float("nan")
-        retain_part = objective.retain_weight * sums["retain_term"] if objective.uses_retain else 0.0
-        sums["objective"] = objective.forget_weight * sums["forget_term"] + retain_part
+        sums["objective"] = objective.total(sums["forget_term"], sums["retain_term"], self.retain_weight)
         sums["tokens"] = tokens
         return sums
 
@@ -509,28 +577,27 @@ class UnlearningTrainer:
     def _accumulate_sharded(self, step: int, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """:meth:`_accumulate` over this process's items; the figures are summed over processes."""
         objective, n = self.objective, len(micro_batches)
-        forget_units = "sequences" if objective.forget in ("npo", "simnpo") else "tokens"
         local = torch.zeros(4, dtype=torch.float64)  # forget_loss, forget_term, retain_loss, retain_term
         tokens = 0
         for micro in micro_batches:
-            # (items, units of the loss's mean, term, needs the reference, weight, slot in `local`)
-            parts = [(self.forget_examples, micro.forget, forget_units, objective.forget_term,
-                      objective.forget_needs_reference, objective.forget_weight, 0)]
+            # (items, indices, units of the loss's mean, inputs of the term, term, weight, slot in `local`)
+            parts = [(self.forget_examples, micro.forget, objective.forget_units, self._forget_inputs,
+                      objective.forget_term, objective.forget_weight, 0)]
             if objective.uses_retain:
-                parts.append((self.retain_examples, micro.retain, "tokens", objective.retain_term,
-                               objective.retain_needs_reference, objective.retain_weight, 2))
-            for examples, indices, units, term_of, needs_reference, weight, slot in parts:
+                retain_units = "sequences" if objective.forget == "rmu" else "tokens"
+                parts.append((self.retain_examples, micro.retain, retain_units, self._retain_inputs,
+                              objective.retain_term, self.retain_weight, 2))
+            for examples, indices, units, inputs_of, term_of, weight, slot in parts:
                 mine, share = self._share(examples, indices, units)
                 _, token_share = self._share(examples, indices, "tokens")
-                batch = self._batch(examples, mine)
-                logits = self._logits(self.model, batch)
-                term = term_of(logits, batch["labels"], self._reference_logits(batch, needs_reference)) * share
+                inputs = inputs_of(mine)
+                term = term_of(inputs) * share
                 (weight * term / n).backward()
                 with torch.no_grad():
-                    local[slot] += float(answer_loss(logits.detach(), batch["labels"])) * token_share / n
+                    local[slot] += float(answer_loss(inputs.logits.detach(), inputs.labels)) * token_share / n
                 local[slot + 1] += float(term.detach()) / n
                 tokens += sum(sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) for i in indices)
-                del logits, term
+                del inputs, term
         total = self.distributed.all_reduce_sum(local).cpu()
         sums = dict(forget_loss=float(total[0]), forget_term=float(total[1]), retain_loss=float(total[2]),
                     retain_term=float(total[3]))
@@ -540,8 +607,7 @@ class UnlearningTrainer:
             self._check_finite(total[3], "retain loss", step)
         else:
             sums["retain_loss"] = sums["retain_term"] = float("nan")
-        retain_part = objective.retain_weight * sums["retain_term"] if objective.uses_retain else 0.0
-        sums["objective"] = objective.forget_weight * sums["forget_term"] + retain_part
+        sums["objective"] = objective.total(sums["forget_term"], sums["retain_term"], self.retain_weight)
         sums["tokens"] = tokens
         return sums
 
@@ -628,8 +694,14 @@ class UnlearningTrainer:
                     "win_rate": self.win_rate(),
                     "grad_norm": float(grad_norm),
                     "tokens": figures["tokens"],
+                    "retain_weight": self.retain_weight if self.objective.uses_retain else float("nan"),
                 }
                 rows.append(row)
+                if self.objective.has_dual:  # PDU: projected dual ascent on the retain constraint
+                    from simu_core.unlearning.losses import pdu_dual_update
+
+                    self.retain_weight = pdu_dual_update(self.retain_weight, figures["retain_term"],
+                                                         self.objective.pdu_retain_eps, self.objective.pdu_dual_step)
                 # Checked before the checkpoint, so a resumed run never repeats or skips a check.
                 stop = self.monitor is not None and self.monitor.due(step, self.total_steps) and \
                     self._stop_check(step, float(lr))
@@ -668,7 +740,8 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class AdamWUnlearningTrainer(UnlearningTrainer):
-    """First-order baselines (GA, FO-GradDiff, NPO, SimNPO): AdamW, no masks.
+    """First-order methods (GA, FO-GradDiff, NPO, SimNPO, ..., and ``fo_simu_<loss>`` on SIMU's scope
+    through column masks).
 
     :class:`MasterAdamW` rather than ``torch.optim.AdamW``: the same update, but with fp32 masters
     for bf16/fp16 weights (as masked Sophia keeps), so small steps are not rounded away in bf16.
@@ -677,9 +750,15 @@ class AdamWUnlearningTrainer(UnlearningTrainer):
     optimizer_family = "adamw"
 
     def create_optimizer(self) -> torch.optim.Optimizer:
-        if any(t.mask is not None for t in self.trainables):
-            raise ValueError("the AdamW trainer does not support masks; use the Sophia trainer (SIMU)")
-        return MasterAdamW(self.param_groups(), lr=self.config.lr, betas=tuple(self.config.betas))
+        masks = {t.param: t.mask for t in self.trainables if t.mask is not None}
+        if any(not isinstance(mask, ColumnMask) for mask in masks.values()):
+            raise ValueError("the AdamW trainer takes column masks (SIMU's scope) only")
+        return MasterAdamW(self.param_groups(), lr=self.config.lr, betas=tuple(self.config.betas), masks=masks)
+
+    def local_trainable_grads(self) -> list[torch.Tensor]:
+        parts = [self.optimizer.trainable_part(t.param, local_tensor(t.param.grad))
+                 for t in self.trainables if t.param.grad is not None]
+        return [part for part in parts if part is not None]
 
 
 class SophiaUnlearningTrainer(UnlearningTrainer):
