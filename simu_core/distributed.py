@@ -209,12 +209,13 @@ def launch_stage(
     mask_dir: Path | None = None,
     reference_dir: Path | None = None,
     reference_items: Path | None = None,
+    alternates_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run a stage over ``run.devices`` processes on this machine; returns its stats.
 
     ``stage``: ``"unlearn"`` (:func:`simu_core.stages.unlearn`: ``target_dir``, optional
     ``mask_dir``, ``reference_dir`` and ``reference_items``: the retain reference's items table for
-    ``unlearn.stop_at``) or ``"train"`` (:func:`simu_core.stages.train_model`:
+    ``unlearn.stop_at``; ``alternates_dir``: AltPO's alternates) or ``"train"`` (:func:`simu_core.stages.train_model`:
     ``which`` is ``"target"`` or ``"reference"``). Runs ``torchrun --standalone --nproc-per-node
     run.devices -m simu_core.distributed_worker --stage STAGE ...``; the output of the processes goes
     to this process's stdout/stderr (process 0 shows the progress bar). CPU processes get ``torch
@@ -240,7 +241,7 @@ def launch_stage(
             "--data", str(data_dir), "--out", str(out_dir), "--error-file", str(error_path),
         ]
         options = {"--which": which, "--target": target_dir, "--mask": mask_dir, "--reference": reference_dir,
-                   "--reference-items": reference_items}
+                   "--reference-items": reference_items, "--alternates": alternates_dir}
         for flag, value in options.items():
             if value is not None:
                 command += [flag, str(value)]

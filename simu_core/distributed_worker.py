@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="frozen reference model (NPO, KL); default: the target")
     parser.add_argument("--reference-items", default=None,
                         help="the retain reference's items.parquet (unlearn.stop_at with a reference level)")
+    parser.add_argument("--alternates", default=None, help="generate_alternates' output folder (altpo)")
     parser.add_argument("--out", required=True, help="output folder (written by process 0)")
     parser.add_argument("--error-file", default=None, help="where a failing process writes its error")
     args = parser.parse_args(argv)
@@ -69,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stages.unlearn(config, Path(args.data), Path(args.target), Path(args.mask) if args.mask else None,
                            Path(args.out), reference_dir=Path(args.reference) if args.reference else None,
                            progress=dist.get_rank() == 0,
-                           reference_items_path=Path(args.reference_items) if args.reference_items else None)
+                           reference_items_path=Path(args.reference_items) if args.reference_items else None,
+                           alternates_dir=Path(args.alternates) if args.alternates else None)
         # Every process leaves together: a gloo process group torn down while a peer still
         # writes can abort in its worker threads ("terminate called without an active exception").
         dist.barrier()

@@ -42,6 +42,7 @@ from torch import nn
 from simu_core.config import SimuConfig
 from simu_core.masking import NeuronMask
 from simu_core.memtrack import TensorMemoryTracker
+from simu_core.method_names import parse_method
 from simu_core.prompting import IGNORE_INDEX, EncodedExample
 
 __all__ = [
@@ -263,17 +264,18 @@ def _quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def _at_depth(simulate: Callable[[Any], StepMemory], model_config: Any) -> StepMemory:
-    """``simulate(model_config)``, or for a deep model its affine extrapolation from 2 and 3 layers."""
+def _at_depth(simulate: Callable[[Any], StepMemory], model_config: Any, depths: tuple[int, int] = (2, 3)) -> StepMemory:
+    """``simulate(model_config)``, or for a deep model its affine extrapolation from ``depths`` layers
+    (2 and 3; RMU's fixed three trainable layers: 3 and 4, so that the slope is one frozen layer)."""
     layers = _num_layers(model_config)
     with _quiet_transformers():
         if layers <= EXACT_LAYERS:
             return simulate(model_config)
-        two, three = simulate(_with_layers(model_config, 2)), simulate(_with_layers(model_config, 3))
+        low, high = (simulate(_with_layers(model_config, depth)) for depth in depths)
     values = {}
     for item in fields(StepMemory):
-        a, b = getattr(two, item.name), getattr(three, item.name)
-        values[item.name] = b if item.name in _PER_MODEL else a + (layers - 2) * (b - a)
+        a, b = getattr(low, item.name), getattr(high, item.name)
+        values[item.name] = b if item.name in _PER_MODEL else a + (layers - depths[0]) * (b - a)
     return StepMemory(**values)
 
 
@@ -342,11 +344,22 @@ def simulate_step(
     batch = batch or settings.batch_size
     seq_len = seq_len or config.model.max_length
     checkpointing = settings.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    return _at_depth(
-        lambda shape: _simulate_step(shape, config, stage, batch, seq_len, mask_fraction, checkpointing,
-                                     optimizer_step),
-        model_config,
-    )
+    depths = (2, 3)
+    method = parse_method(config.unlearn.method) if stage == "unlearn" else None
+    full_depth = _num_layers(model_config)
+
+    def simulate(shape: Any) -> StepMemory:
+        run_config = config
+        depth = _num_layers(shape)
+        if method is not None and method.loss == "rmu" and depth < full_depth:
+            # A shallower stand-in: RMU reads its last layer (its layer set: layers 0-2, all trainable).
+            layer = 2 if method.scope == "layers" else min(config.unlearn.rmu_layer, depth - 1)
+            run_config = config.model_copy(update={"unlearn": config.unlearn.model_copy(update={"rmu_layer": layer})})
+        return _simulate_step(shape, run_config, stage, batch, seq_len, mask_fraction, checkpointing, optimizer_step)
+
+    if method is not None and method.loss == "rmu" and method.scope == "layers":
+        depths = (3, 4)
+    return _at_depth(simulate, model_config, depths)
 
 
 def _relearn_settings(config: SimuConfig) -> Any:
@@ -478,8 +491,10 @@ def _simulate_step(
         gradients = _bytes([t.param.grad for t in trainables if t.param.grad is not None])
         tracker.reset_peak()
         if optimizer_step:
-            norm = torch.nn.utils.get_total_norm([t.masked_grad() for t in trainables], norm_type=2.0)
-            torch.nn.utils.clip_grads_with_norm_([t.param for t in trainables], settings.max_grad_norm, norm)
+            # As the trainer: only tensors with a gradient (RMU's loss reaches no layer above rmu_layer).
+            with_grad = [t for t in trainables if t.param.grad is not None]
+            norm = torch.nn.utils.get_total_norm([t.masked_grad() for t in with_grad], norm_type=2.0)
+            torch.nn.utils.clip_grads_with_norm_([t.param for t in with_grad], settings.max_grad_norm, norm)
             if isinstance(optimizer, MaskedSophia):
                 optimizer.update_hessian()
             optimizer.step()
@@ -791,7 +806,8 @@ def check_fits(config: SimuConfig) -> None:
     memory, source = run_device_memory(config)
     # A sweep checks every point: plan each memory-relevant setting once.
     unlearn = config.unlearn.model_dump(include={"method", "batch_size", "gradient_checkpointing", "train_attention",
-                                                 "retain_loss", "retain_weight", "forget_weight"})
+                                                 "retain_loss", "retain_weight", "forget_weight", "rmu_layer",
+                                                 "rmu_alpha"})
     relearn = (config.relearn.model_dump_json(), config.eval.batch_size, config.eval.max_new_tokens) \
         if config.relearn.enabled else None
     key = (config.model.model_dump_json(), json.dumps(unlearn, sort_keys=True), config.data.benchmark,

@@ -282,7 +282,8 @@ def unlearn(
         summary = launch_stage(config, "unlearn", Path(data_dir), Path(out_dir), target_dir=Path(target_dir),
                                mask_dir=Path(mask_dir) if mask_dir else None,
                                reference_dir=Path(reference_dir) if reference_dir else None,
-                               reference_items=Path(reference_items_path) if reference_items_path else None)
+                               reference_items=Path(reference_items_path) if reference_items_path else None,
+                               alternates_dir=Path(alternates_dir) if alternates_dir else None)
         if progress_callback is not None:
             progress_callback(summary["steps"], summary["steps"], {})
         return summary

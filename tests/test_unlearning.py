@@ -6,6 +6,7 @@ the stage tests use the session's small trained target (``trained_small``).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from simu_core.config import ConfigError, UnlearnConfig, load_config
+from simu_core.config import ConfigError, UnlearnConfig, check_pipeline_models, load_config
+from simu_core.data.jsonl import DataFileError
+from simu_core.preferred import preferred_pairs
 from simu_core.masking import NeuronMask
 from simu_core.models.adapter import ArchitectureAdapter
 from simu_core.optim import ColumnMask
@@ -478,3 +481,81 @@ def test_unlearn_stage_nan_writes_no_finished_model(small, small_mask, tmp_path)
         unlearn(config, small["data"], corrupted, None, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / MODEL_DIR).exists() and not (tmp_path / "out" / "train_log.parquet").exists()
     assert not list((tmp_path / "out").rglob("checkpoint-*"))
+
+
+# ------------------------------------------------------------- preference losses' stages (small target)
+# The preferred answers of IdkDPO (an "I don't know" file), DPO (the user's file) and AltPO (the
+# generate_alternates stage).
+
+
+def _preference_config(small, **unlearn_settings):
+    config = small["config"].model_copy(deep=True)
+    config.unlearn = config.unlearn.model_copy(update={"epochs": 1, "stop_at": None, **unlearn_settings})
+    return config
+
+
+def test_alternates_stage_samples_each_forget_item_reproducibly(small, tmp_path):
+    from simu_core.stages import ALTERNATES_FILE, generate_alternates, read_benchmark, unlearn
+
+    config = _preference_config(small, altpo_alternates=2, altpo_max_new_tokens=8)
+    summary = generate_alternates(config, small["data"], small["target"], tmp_path / "a")
+    alternates = pd.read_parquet(tmp_path / "a" / ALTERNATES_FILE)
+    forget = read_benchmark(small["data"])["forget"]
+    assert summary["alternates"] == len(alternates) == 2 * len(forget)
+    assert list(alternates["item_id"][::2]) == list(forget["item_id"]) and set(alternates["sample"]) == {0, 1}
+    assert summary["empty"] + summary["equal_to_answer"] <= len(alternates)
+    generate_alternates(config, small["data"], small["target"], tmp_path / "b")
+    pd.testing.assert_frame_equal(alternates, pd.read_parquet(tmp_path / "b" / ALTERNATES_FILE))  # same seed
+    config.run.seed = 1
+    generate_alternates(config, small["data"], small["target"], tmp_path / "c")
+    assert not alternates["alternate"].equals(pd.read_parquet(tmp_path / "c" / ALTERNATES_FILE)["alternate"])
+    # AltPO trains on every (forget answer, alternate) pair.
+    rows, preferred = preferred_pairs("altpo", forget, seed=0, alternates=alternates)
+    assert len(rows) == len(preferred) == len(alternates) and list(rows["item_id"][:2]) == [forget["item_id"][0]] * 2
+
+
+def test_altpo_and_idk_dpo_unlearn_from_their_preferred_answers(small, small_mask, tmp_path):
+    from simu_core.stages import ALTERNATES_FILE, generate_alternates, read_benchmark, unlearn
+
+    config = _preference_config(small, method="altpo", altpo_alternates=2, altpo_max_new_tokens=8, lr=1e-3)
+    generate_alternates(config, small["data"], small["target"], tmp_path / "alternates")
+    summary = unlearn(config, small["data"], small["target"], None, tmp_path / "altpo", progress=False,
+                      alternates_dir=tmp_path / "alternates")
+    forget = len(read_benchmark(small["data"])["forget"])
+    assert summary["method"] == "altpo" and summary["forget_items"] == 2 * forget
+    log = pd.read_parquet(tmp_path / "altpo" / "train_log.parquet")
+    assert log["forget_term"].iloc[-1] < log["forget_term"].iloc[0]  # DPO's loss falls from (2/beta) log 2
+
+    idk = tmp_path / "idk.jsonl"
+    idk.write_text("I don't know.\nNo idea.\n")
+    config = _preference_config(small, method="simu_idk_dpo", idk_source=str(idk), lr=1e-3)
+    summary = unlearn(config, small["data"], small["target"], small_mask[0], tmp_path / "idk", progress=False)
+    assert summary["method"] == "simu_idk_dpo" and summary["forget_items"] == forget
+
+
+def test_dpo_reads_the_users_preferred_answers_and_names_what_is_missing(small, tmp_path):
+    from simu_core.stages import ALTERNATES_FILE, generate_alternates, read_benchmark, unlearn
+
+    forget = read_benchmark(small["data"])["forget"]
+    path = tmp_path / "preferred.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "Somebody else."}) + "\n"
+                            for q in forget["question"][1:]))
+    with pytest.raises(DataFileError, match="no answer for 1 of the"):
+        preferred_pairs("dpo", forget, seed=0, preferred_source=str(path))
+    with path.open("a") as handle:
+        handle.write(json.dumps({"question": forget["question"][0], "answer": "Nobody."}) + "\n")
+    rows, preferred = preferred_pairs("dpo", forget, seed=0, preferred_source=str(path))
+    assert preferred[0] == "Nobody." and preferred[1:] == ["Somebody else."] * (len(forget) - 1)
+
+
+def test_preference_losses_are_refused_where_they_cannot_run():
+    with pytest.raises(ConfigError, match="needs unlearn.preferred_source"):
+        check_pipeline_models(load_config(overrides=["unlearn.loss=dpo"]))
+    with pytest.raises(ConfigError, match="LUME's forget items are\\s+document continuations"):
+        check_pipeline_models(load_config(overrides=["data.benchmark=lume", "unlearn.stop_at=null",
+                                                     "model.base=some-org/some-model", "unlearn.loss=idk_dpo"]))
+    with pytest.raises(ConfigError, match="column-masked AdamW"):
+        check_pipeline_models(load_config(overrides=["unlearn.method=fo_simu_npo", "run.devices=2"]))
+    with pytest.raises(DataFileError, match="unlearn.idk_source"):
+        preferred_pairs("idk_dpo", pd.DataFrame({"question": ["q"], "answer": ["a"]}), seed=0,
+                        configured_idk="/nonexistent/idk.jsonl")

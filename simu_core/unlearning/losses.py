@@ -143,12 +143,11 @@ def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: 
 def kl_to_reference(logits: torch.Tensor, labels: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
     """``KL(p_ref || p)`` at each answer position (the positions that predict answer tokens), averaged."""
     mask = labels[:, 1:] != IGNORE_INDEX
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     with torch.no_grad():
-        ref_logp = torch.log_softmax(reference_logits[:, :-1].detach().float(), dim=-1)[mask]
-    if logp.shape[0] == 0:
-        return logits.sum() * 0.0  # keeps the graph (and a zero gradient) for an answer-less batch
-    return F.kl_div(logp, ref_logp, reduction="batchmean", log_target=True)
+        ref_logp = torch.log_softmax(reference_logits[:, :-1].detach().float(), dim=-1)
+    # Masked, not indexed (fake tensors in `simu plan` cannot index by a mask); 0 for an answer-less batch.
+    return _masked_mean(F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(-1), mask)
 
 #: open-unlearning's default hyper-parameters. ``gamma`` weighs the forget term and ``alpha`` the
 #: retain term (``gamma * forget + alpha * retain``): ``UnlearningObjective``'s ``forget_weight`` and
@@ -178,9 +177,11 @@ _TOKEN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _zero(logits: torch.Tensor) -> torch.Tensor:
-    """A float32 zero that keeps the graph (a zero gradient) for a batch without answer positions."""
-    return logits.float().sum() * 0.0
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 (a zero gradient) without any. No boolean indexing, so that
+    fake tensors (``simu plan``) and every batch take the same path."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def _answer_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,29 +225,22 @@ def undial_loss(
     """
     shifted_logits, shifted_labels, mask = _answer_positions(logits, labels)
     teacher = reference_logits[:, :-1].detach().float()
-    if not all_positions:
-        if not bool(mask.any()):
-            return _zero(logits)
-        shifted_logits, teacher, shifted_labels = shifted_logits[mask], teacher[mask], shifted_labels[mask]
-        adjust = torch.full_like(teacher[..., :1], -float(beta))
-    else:
-        adjust = (-float(beta) * mask.to(teacher.dtype)).unsqueeze(-1)
+    adjust = (-float(beta) * mask.to(teacher.dtype)).unsqueeze(-1)  # lowered at answer positions only
     with torch.no_grad():
         safe_labels = shifted_labels.masked_fill(shifted_labels == IGNORE_INDEX, 0).unsqueeze(-1)
         target = torch.softmax(teacher.scatter_add(-1, safe_labels, adjust), dim=-1)
     per_position = -(target * torch.log_softmax(shifted_logits, dim=-1)).sum(-1)
-    return per_position.mean()
+    if all_positions:
+        return per_position.mean()
+    return _masked_mean(per_position, mask)
 
 
 def _weighted_ascent(logits: torch.Tensor, labels: torch.Tensor, exponents: tuple[float, float]) -> torch.Tensor:
     """``-mean_t w_t * CE_t`` over answer positions with ``w_t = p_t^a (1 - p_t)^b`` detached."""
     logprobs, mask = token_logprobs(logits, labels)
-    if not bool(mask.any()):
-        return _zero(logits)
-    logp = logprobs[mask]
-    prob = logp.detach().exp()
+    prob = logprobs.detach().exp()
     weight = prob ** exponents[0] * (1.0 - prob) ** exponents[1]
-    return (weight * logp).mean()  # = -(weight * CE).mean(), CE = -log p
+    return _masked_mean(weight * logprobs, mask)  # = -(weight * CE).mean(), CE = -log p
 
 
 def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
@@ -315,14 +309,12 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_t
     labelled = labels != IGNORE_INDEX
     leading = labelled & (labelled.cumsum(dim=-1) <= ignore_first_n_answer_tokens)
     shifted_logits, shifted_labels, mask = _answer_positions(logits, labels.masked_fill(leading, IGNORE_INDEX))
-    if not bool(mask.any()):
-        return _zero(logits)
-    scored = shifted_logits[mask]
     with torch.no_grad():
-        target_logits = scored.detach().scatter(-1, shifted_labels[mask].unsqueeze(-1), float("-inf"))
+        safe_labels = shifted_labels.masked_fill(~mask, 0).unsqueeze(-1)
+        target_logits = shifted_logits.detach().scatter(-1, safe_labels, float("-inf"))
         target = torch.softmax(target_logits, dim=-1)
     # target is 0 at y, so the (finite) log p_t(y) does not enter the sum.
-    return -(target * torch.log_softmax(scored, dim=-1)).sum(-1).mean()
+    return _masked_mean(-(target * torch.log_softmax(shifted_logits, dim=-1)).sum(-1), mask)
 
 
 def pdu_forget_loss(logits: torch.Tensor, labels: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
