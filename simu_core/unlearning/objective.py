@@ -162,7 +162,9 @@ class UnlearningObjective:
                 raise ValueError(f"the {self.forget} loss needs the preferred answers' logits and the reference's")
             pair = (inputs.preferred_logits, inputs.preferred_labels, logits, labels,
                     inputs.reference_preferred_logits, inputs.reference_logits)
-            return losses.dpo_loss(*pair, beta=self.dpo_beta)  # AltPO is DPO toward the model's own alternates
+            if self.forget == "altpo":  # DPO toward the model's own alternates
+                return losses.altpo_loss(*pair, beta=self.dpo_beta)
+            return losses.dpo_loss(*pair, beta=self.dpo_beta)
         if self.forget == "rmu":
             if inputs.hidden is None or inputs.control_vector is None:
                 raise ValueError("the rmu loss needs the hidden state of unlearn.rmu_layer and its control vector")
