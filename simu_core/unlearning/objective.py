@@ -140,6 +140,11 @@ class UnlearningObjective:
         return _UNITS.get(self.forget, "tokens")
 
     @property
+    def forget_skipped_tokens(self) -> int:
+        """Leading answer tokens of each item the forget term leaves out (CE-U's first n)."""
+        return self.ceu_ignore_first if self.forget == "ceu" else 0
+
+    @property
     def has_dual(self) -> bool:
         """Whether the retain weight is a dual variable moved after every step (pdu)."""
         return self.forget == "pdu" and self.uses_retain

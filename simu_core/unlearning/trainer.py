@@ -558,16 +558,19 @@ class UnlearningTrainer:
         sums["tokens"] = tokens
         return sums
 
-    def _share(self, examples: Sequence[EncodedExample], indices: Sequence[int], units: str) -> tuple[list[int], float]:
+    def _share(self, examples: Sequence[EncodedExample], indices: Sequence[int], units: str,
+               skipped: int = 0) -> tuple[list[int], float]:
         """This process's items of a micro-batch and its share of the loss: its answer tokens (or
-        sequences, for sequence-level losses) over the micro-batch's. An empty chunk runs the first
-        item with share 0 (FSDP's collectives need every process)."""
+        sequences, for sequence-level losses) over the micro-batch's; ``skipped``: leading answer
+        tokens of each item the loss leaves out (CE-U). An empty chunk runs the first item with
+        share 0 (FSDP's collectives need every process)."""
         mine = self.distributed.split(indices)
 
         def count(items: Sequence[int]) -> int:
             if units == "sequences":
                 return len(items)
-            return sum(sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) for i in items)
+            return sum(max(0, sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) - skipped)
+                       for i in items)
 
         if not mine:
             return [indices[0]], 0.0
@@ -588,7 +591,8 @@ class UnlearningTrainer:
                 parts.append((self.retain_examples, micro.retain, retain_units, self._retain_inputs,
                               objective.retain_term, self.retain_weight, 2))
             for examples, indices, units, inputs_of, term_of, weight, slot in parts:
-                mine, share = self._share(examples, indices, units)
+                mine, share = self._share(examples, indices, units,
+                                          objective.forget_skipped_tokens if slot == 0 else 0)
                 _, token_share = self._share(examples, indices, "tokens")
                 inputs = inputs_of(mine)
                 term = term_of(inputs) * share
