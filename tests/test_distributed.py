@@ -32,18 +32,21 @@ OVERRIDES = [
 CRITICAL = ((3, 17, 40), (0, 63))
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """Prepared data, an (untrained) tiny target and a SIMU mask, as the stages write them."""
-    root = tmp_path_factory.mktemp("fsdp")
-    config = load_config(overrides=OVERRIDES)
+def write_inputs(root, overrides=OVERRIDES, critical=CRITICAL):
+    """Prepared data, an (untrained) tiny target and a SIMU mask under ``root``, as the stages write them."""
+    config = load_config(overrides=overrides)
     stages.prepare_data(config, root / "data")
     tokenizer = stages.load_tokenizer(root / "data" / stages.TOKENIZER_DIR)
     model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, seed=0)
     save_model(model, tokenizer, root / "target" / stages.MODEL_DIR)
     (root / "mask").mkdir()
-    NeuronMask(neurons=CRITICAL, num_neurons=(64, 64)).save(root / "mask" / "mask.parquet")
+    NeuronMask(neurons=critical, num_neurons=(64, 64)).save(root / "mask" / "mask.parquet")
     return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("fsdp"))
 
 
 def unlearn(inputs, devices: int, out_name: str, *overrides: str):

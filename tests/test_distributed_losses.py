@@ -34,8 +34,7 @@ from safetensors.torch import load_file
 
 from simu_core import stages
 from simu_core.config import load_config
-from simu_core.masking import NeuronMask
-from simu_core.models.tiny import build_tiny_llama, save_model
+from test_distributed import write_inputs
 
 LR = 1e-3
 # tests/test_distributed.py's model, data and budget.
@@ -54,14 +53,7 @@ LOG_COLUMNS = ("forget_loss", "retain_loss", "forget_term", "retain_term", "obje
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Prepared data, an (untrained) tiny target, a SIMU mask and DPO's preferred answers, as the stages read them."""
-    root = tmp_path_factory.mktemp("fsdp-losses")
-    config = load_config(overrides=OVERRIDES)
-    stages.prepare_data(config, root / "data")
-    tokenizer = stages.load_tokenizer(root / "data" / stages.TOKENIZER_DIR)
-    model = build_tiny_llama(config.model.tiny, tokenizer, config.model.max_length, seed=0)
-    save_model(model, tokenizer, root / "target" / stages.MODEL_DIR)
-    (root / "mask").mkdir()
-    NeuronMask(neurons=CRITICAL, num_neurons=(64, 64)).save(root / "mask" / "mask.parquet")
+    root = write_inputs(tmp_path_factory.mktemp("fsdp-losses"), OVERRIDES, CRITICAL)
     # DPO's preferred answer of each forget question: another forget item's answer (words the tiny
     # tokenizer knows, lengths that differ from the rejected answer's).
     forget = stages.read_benchmark(root / "data")["forget"]
