@@ -44,6 +44,7 @@ def scope_pairs(best: pd.DataFrame, pairs: pd.DataFrame, utilities: tuple[str, .
         if len(pair):
             sign = 1.0 if pair["curve_a"].iloc[0] == scoped else -1.0
             row["pairs"] = int(pair["pairs"].iloc[0])
+            row["spread"] = str(pair["spread"].iloc[0]) if "spread" in pair else ""
             for utility in utilities:
                 if f"{utility}_diff_mean" in pair:
                     row[f"diff_{utility}"] = sign * float(pair[f"{utility}_diff_mean"].iloc[0])
@@ -59,7 +60,7 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 
 def markdown(table: pd.DataFrame, utilities: tuple[str, ...]) -> str:
-    header = ["loss", "all: best lr", "simu: best lr"]
+    header = ["loss", "all: best lr", "simu: best lr", "pairs over"]
     for utility in utilities:
         header += [f"{utility} all", f"{utility} simu", f"simu - all ({utility}, mean ± std, pairs)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -68,6 +69,8 @@ def markdown(table: pd.DataFrame, utilities: tuple[str, ...]) -> str:
         for name in ("all", "simu"):
             lr = row[f"{name}_best_lr"]
             cells.append(f"{lr:g}" if lr is not None and pd.notna(lr) else "none (" + str(row[f"{name}_note"]).split(":")[0] + ")")
+        spread = row.get("spread")
+        cells.append(str(spread) if isinstance(spread, str) and spread else "-")
         for utility in utilities:
             cells += [_fmt(row.get(f"all_{utility}")), _fmt(row.get(f"simu_{utility}"))]
             if pd.notna(row.get(f"diff_{utility}")):

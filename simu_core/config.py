@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from simu_core.method_names import LOSSES, OPTIMIZERS, SCOPE_SPELLINGS, parse_method, resolve_method
+from simu_core.method_names import LOSSES, OPTIMIZERS, PREFERENCE_LOSSES, SCOPE_SPELLINGS, parse_method, resolve_method
 from simu_core.paths import DEFAULT_CONFIG_PATH
 
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -595,8 +595,9 @@ def check_pipeline_models(config: SimuConfig) -> None:
     forgetting level (``unlearn.stop_at``) nor take a preference loss; dpo needs its preferred answers. Raises
     :class:`ConfigError`; ``simu eval`` evaluates a model without one."""
     model = config.model
-    loss = resolve_method(config.unlearn.method).loss
-    if loss in ("dpo", "idk_dpo", "altpo") and config.data.benchmark == "lume":
+    method = parse_method(config.unlearn.method)
+    loss = method.loss
+    if loss in PREFERENCE_LOSSES and config.data.benchmark == "lume":
         raise ConfigError(
             f"invalid config: unlearn.method={config.unlearn.method!r} (the {loss} loss) with data.benchmark='lume': "
             "a preference loss pairs each forget question's answer with a preferred answer; LUME's forget items are "
@@ -608,12 +609,11 @@ def check_pipeline_models(config: SimuConfig) -> None:
             "{'question', 'answer'} per forget question (idk_dpo prefers 'I don't know', altpo the target's own "
             "alternates)"
         )
-    resolved = resolve_method(config.unlearn.method)
-    if resolved.optimizer == "adamw" and resolved.needs_mask and config.run.devices > 1:
+    if method.optimizer == "adamw" and method.needs_mask and config.run.devices > 1:
         raise ConfigError(
             f"invalid config: unlearn.method={config.unlearn.method!r} (AdamW on SIMU's scope) with run.devices="
             f"{config.run.devices}: column-masked AdamW trains one process's whole tensors only; use the Sophia "
-            f"optimizer (simu_{resolved.loss}) or run.devices=1"
+            f"optimizer (simu_{loss}) or run.devices=1"
         )
     if config.unlearn.stop_at is not None and config.data.benchmark == "lume":
         # Here, not when the config loads: `simu eval` of a LUME model with the default config unlearns nothing.

@@ -52,6 +52,8 @@ LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
     "pdu": ("pdu_retain_eps", "pdu_dual_step"),
     "rmu": ("rmu_layer", "rmu_steering_coeff", "rmu_alpha"),
 }
+# Losses that pair each forget answer with a preferred answer (simu_core/preferred.py).
+PREFERENCE_LOSSES = ("dpo", "idk_dpo", "altpo")
 # Losses without a retain term, as published and as open-unlearning runs them (UNDIAL.yaml: alpha 0; ceu.py:
 # forget term only); every other loss adds unlearn.retain_weight x a retain term.
 FORGET_ONLY_LOSSES = ("ga", "undial", "ceu")

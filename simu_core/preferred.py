@@ -22,8 +22,8 @@ import pandas as pd
 
 from simu_core.data.idk import IDK_FILE_NAME, IDK_HUB_REPO, IDK_HUB_SOURCES, assign_idk_answers, load_idk_answers
 from simu_core.data.jsonl import DataFileError, read_jsonl
+from simu_core.method_names import PREFERENCE_LOSSES
 
-PREFERENCE_LOSSES = ("dpo", "idk_dpo", "altpo")
 PREFERRED_SOURCE_FIELD = "unlearn.preferred_source"
 
 __all__ = ["PREFERENCE_LOSSES", "idk_source", "preferred_identity", "preferred_pairs"]

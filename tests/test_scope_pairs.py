@@ -30,6 +30,7 @@ def test_each_loss_pairs_its_two_scopes_with_the_right_sign(scope_pairs):
     pairs = pd.DataFrame({
         # The report lists so_graddiff first: simu - all is minus its difference.
         "curve_a": ["so_graddiff", "simu_wga"], "curve_b": ["simu", "so_wga"], "pairs": [9, 4],
+        "spread": ["3 targets x 3 seeds = 9 readings", "4 readings (2 targets, 3 seeds)"],
         "model_utility_diff_mean": [0.021, 0.05], "model_utility_diff_std": [0.031, 0.01],
         "model_utility_beyond_std": [False, True], "model_utility_beyond_2se": [True, True],
         "retain_prob_diff_mean": [0.029, -0.02], "retain_prob_diff_std": [0.074, 0.03],
@@ -43,3 +44,4 @@ def test_each_loss_pairs_its_two_scopes_with_the_right_sign(scope_pairs):
     assert pd.isna(table.loc["wga", "simu_best_lr"])
     text = scope_pairs.markdown(table.reset_index(), ("model_utility", "retain_prob"))
     assert "**-0.021** ± 0.031 (9)" in text and "none (no lr has every reading matched)" in text
+    assert "| 3 targets x 3 seeds = 9 readings |" in text  # every spread says what it runs over

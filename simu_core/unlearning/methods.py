@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from simu_core.config import UnlearnConfig
-from simu_core.method_names import ALL_METHODS, LEGACY_METHODS, MethodName, parse_method
+from simu_core.method_names import ALL_METHODS, LEGACY_METHODS, PREFERENCE_LOSSES, MethodName, parse_method
 from simu_core.masking import NeuronMask
 from simu_core.models.adapter import ArchitectureAdapter
 from simu_core.optim import ColumnMask
@@ -99,7 +99,7 @@ def validate_unlearning(
                 f"unlearn.rmu_layer={config.rmu_layer}: the model has {layers} decoder layers (0..{layers - 1}); "
                 f"RMU's published layer 7 is for 32-layer 7B models (set unlearn.rmu_layer, e.g. {layers // 4 or 0})"
             )
-    if spec.loss in ("dpo", "idk_dpo", "altpo") and forget_count is not None:
+    if spec.loss in PREFERENCE_LOSSES and forget_count is not None:
         if preferred_examples is None or len(preferred_examples) != forget_count:
             raise ValueError(f"method {spec.name!r} needs one preferred answer per forget item ({forget_count})")
     if spec.needs_mask:

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from simu_core.method_names import PREFERENCE_LOSSES
 from simu_core.unlearning import losses
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "dpo", "idk_dpo", "altpo", "rmu", "undial", "wga", "satimp", "ceu", "pdu")
 RETAIN_LOSSES = ("nll", "kl")
-PREFERENCE_LOSSES = ("dpo", "idk_dpo", "altpo")
 # How each forget term averages over a batch: split over processes, each process's share is its part of
 # these units ("tokens": answer tokens; "sequences": items).
 _UNITS = {"npo": "sequences", "simnpo": "sequences", "dpo": "sequences", "idk_dpo": "sequences",
