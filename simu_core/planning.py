@@ -433,17 +433,10 @@ def _simulate_step(
 
     def run(which: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and (rmu) the hidden state after ``layer``, as the trainer's forward captures it."""
-        captured: list[torch.Tensor] = []
-        handle = None
-        if layer is not None:
-            from simu_core.models.adapter import ArchitectureAdapter
+        from simu_core.models.adapter import ArchitectureAdapter
 
-            handle = ArchitectureAdapter(which).layer_module(layer).register_forward_hook(
-                lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
-        with autocast:
+        with ArchitectureAdapter(which).layer_output(layer) as captured, autocast:
             logits = which(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        if handle is not None:
-            handle.remove()
         return logits, (captured[0] if captured else None)
 
     def reference_run() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -456,7 +449,7 @@ def _simulate_step(
             backward(answer_loss(logits, inputs["labels"]))
             return
         if term == "forget_term":
-            values = ForgetInputs(logits, inputs["labels"], inputs["attention_mask"],
+            values = ForgetInputs(logits, inputs["labels"],
                                   reference_run()[0] if objective.forget_needs_reference else None, hidden)
             if hidden is not None:
                 values.control_vector = torch.ones(1, 1, hidden.shape[-1])

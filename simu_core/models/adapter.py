@@ -8,8 +8,11 @@ weight, which is stored transposed (``[d_ff, d_model]``). ``neuron_dim`` records
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 # Where the decoder layers live, by attribute path from the top-level model.
@@ -118,6 +121,24 @@ class ArchitectureAdapter:
             raise ValueError(f"layer {index} does not exist: the model has {len(self._layer_modules)} decoder layers "
                              f"(0..{len(self._layer_modules) - 1})")
         return self._layer_modules[index]
+
+    @contextlib.contextmanager
+    def layer_output(self, index: int | None) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every forward pass appends decoder layer ``index``'s output (its hidden
+        state) to the list it yields; ``None`` captures nothing."""
+        captured: list[torch.Tensor] = []
+        if index is None:
+            yield captured
+            return
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.layer_module(index).register_forward_hook(keep)
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def down_projections(self) -> list[DownProjection]:
         """The down projection of every layer, in layer order."""

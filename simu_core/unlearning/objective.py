@@ -44,7 +44,6 @@ class ForgetInputs:
 
     logits: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor | None = None
     reference_logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # after decoder layer ``rmu_layer`` (rmu)
     control_vector: torch.Tensor | None = None  # rmu's fixed random direction

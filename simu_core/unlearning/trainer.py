@@ -278,7 +278,7 @@ class UnlearningTrainer:
         self.preferred_examples = list(preferred_examples) if objective.needs_preferred else []
         self.retain_weight = objective.retain_weight  # PDU: the dual variable, moved after every step
         self._control_vector: torch.Tensor | None = None
-        self._layer_modules: dict[int, nn.Module] = {}
+        self._adapters: dict[int, Any] = {}  # per model (and reference): its ArchitectureAdapter
         self.retain_examples = list(retain_examples) if objective.uses_retain else []
         self.config = config
         self.pad_token_id = pad_token_id
@@ -361,20 +361,12 @@ class UnlearningTrainer:
         """Logits, and the output of decoder layer ``layer`` (None: not captured)."""
         if layer is None:
             return self._logits(model, batch), None
-        if id(model) not in self._layer_modules:
+        if id(model) not in self._adapters:
             from simu_core.models.adapter import ArchitectureAdapter
 
-            self._layer_modules[id(model)] = ArchitectureAdapter(model).layer_module(layer)
-        captured: list[torch.Tensor] = []
-
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        handle = self._layer_modules[id(model)].register_forward_hook(keep)
-        try:
+            self._adapters[id(model)] = ArchitectureAdapter(model)
+        with self._adapters[id(model)].layer_output(layer) as captured:
             logits = self._logits(model, batch)
-        finally:
-            handle.remove()
         return logits, captured[0]
 
     def control_vector(self, hidden_size: int) -> torch.Tensor:
@@ -391,8 +383,8 @@ class UnlearningTrainer:
         objective = self.objective
         batch = self._batch(self.forget_examples, indices)
         logits, hidden = self._forward(self.model, batch, objective.hidden_layer)
-        inputs = ForgetInputs(logits, batch["labels"], batch["attention_mask"],
-                              self._reference_logits(batch, objective.forget_needs_reference), hidden)
+        inputs = ForgetInputs(logits, batch["labels"], self._reference_logits(batch, objective.forget_needs_reference),
+                              hidden)
         if hidden is not None:
             inputs.control_vector = self.control_vector(hidden.shape[-1])
         if objective.needs_preferred:
