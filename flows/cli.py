@@ -93,9 +93,17 @@ def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_CO
 
         print("\n".join(format_summary(pd.DataFrame(summary["knockout"]))))
     if summary.get("relearn"):
-        from simu_core.relearning import format_recovery
+        from simu_core.attacks.relearn import format_recovery
 
         print("\n".join(format_recovery(summary["relearn"])))
+    if summary.get("robustness"):
+        import pandas as pd
+
+        from simu_core.attacks.robustness import format_robustness
+
+        print("attacks (the unlearned model, the target and the retain reference; robustness.parquet has every "
+              "measure and setting):")
+        print("\n".join(format_robustness(pd.DataFrame(summary["robustness"]))))
     stages = summary.get("states") or {}
     print("stages: " + ", ".join(f"{label}={state}" for label, state in stages.items()))
     print(f"results: {summary.get('run_dir')}  (runs table: {os.path.join(summary.get('results', ''), 'runs.parquet')})")

@@ -97,12 +97,38 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         "generate_alternates": {"alternates": {key: tree["unlearn"][key] for key in ALTERNATE_FIELDS},
                                 "model": model_identity, "seed": run["seed"], "batch_size": tree["eval"]["batch_size"]},
         # The attack measures with the evaluation's template, batch size and generation length.
-        "relearn": {"relearn": {key: value for key, value in tree["relearn"].items() if key != "enabled"},
+        "relearn": {"relearn": _relearn_settings(tree["relearn"]),
                     "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
                     "model": model_identity, "seed": run["seed"]},
+        # The other attacks measure the evaluation's first eval.max_items forget items (and retain items).
+        **_attack_params(tree, model_identity),
         "evaluate": {"eval": evaluation, "model": model_identity},
         # The retain reference: by default only what forget quality and privleak compare.
         "evaluate_reference": {"eval": evaluation, "model": model_identity, "full": full_reference},
+    }
+
+
+def _relearn_settings(relearn: dict[str, Any]) -> dict[str, Any]:
+    """``relearn.*`` but ``enabled``; one epoch over the forget set (``forget_epoch``) reads neither
+    ``steps`` nor ``fraction``."""
+    unread = ("enabled", "steps", "fraction") if relearn["data"] == "forget_epoch" else ("enabled",)
+    return {key: value for key, value in relearn.items() if key not in unread}
+
+
+def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The keys of the attack stages other than relearning: the settings each reads."""
+    evaluation = {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens", "max_items")}
+    teacher_forced = {key: value for key, value in evaluation.items() if key != "max_new_tokens"}
+    attack = tree["attack"]
+    return {
+        "attack_quantize": {"quantize": attack["quantize"], "retain_items": attack["retain_items"], "eval": evaluation,
+                            "model": model_identity},
+        "attack_paraphrase": {"eval": evaluation, "model": model_identity},
+        # run.seed splits the forget items into shown and measured and draws the shown ones.
+        "attack_in_context": {"in_context": attack["in_context"], "eval": evaluation, "model": model_identity,
+                              "seed": tree["run"]["seed"]},
+        # No generation: the lens reads teacher-forced probabilities.
+        "attack_logit_lens": {"retain_items": attack["retain_items"], "eval": teacher_forced, "model": model_identity},
     }
 
 

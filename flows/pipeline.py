@@ -4,7 +4,8 @@
                  -> knockout (check of attribution + threshold on the target, on held-out items)
                  -> unlearn -> evaluate(unlearned, vs the retain reference) -> report
                  -> train_retain_reference -> evaluate(reference)
-    relearn.enabled: relearn(unlearned), relearn(target), relearn(reference) -> recovery in the report
+    attacks (quantize, paraphrase, in_context, logit_lens, relearn): each attack on the unlearned model,
+                 the target and the reference (the last two cached for every method) -> robustness in the report
 
 With ``data.requests`` (sequential deletion requests), per request i after the trainings:
     select(request i), select_seen(requests 1..i) -> attribute, threshold_mask, knockout (on model i-1)
@@ -135,13 +136,28 @@ def has_retain_reference(config: SimuConfig) -> bool:
     return True
 
 
-def check_relearn_sizes(config: SimuConfig, data: dict) -> None:
-    """Before any training: the relearning attack's two parts of the forget set are not empty."""
-    if config.relearn.enabled:
-        from simu_core.relearning import check_attack_sizes
+def check_attack_sizes(config: SimuConfig, data: dict) -> None:
+    """Before any training: the parts of the forget set the attacks split it into are not empty, the
+    in-context attack has ``k`` items to show and the paraphrase attack has paraphrased questions."""
+    if not config.attacks:
+        return
+    sizes = stage_summary(config, data)
+    try:
+        if config.relearn.enabled:
+            from simu_core.attacks.relearn import check_attack_sizes as check_relearn
 
-        sizes = stage_summary(config, data)
-        check_attack_sizes(config.relearn, sizes["forget"], sizes["retain"])
+            check_relearn(config.relearn, sizes["forget"], sizes["retain"])
+        if "in_context" in config.attacks:
+            from simu_core.attacks.in_context import check_sizes
+
+            check_sizes(config.attack.in_context.k, config.attack.in_context.fraction, sizes["forget"])
+        if "paraphrase" in config.attacks:
+            from simu_core.attacks.paraphrase import check_paraphrases
+            from simu_core.stages import read_benchmark
+
+            check_paraphrases(read_benchmark(open_store(config.run.store).local_dir(data)))
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
 
 
 def stage_summary(config: SimuConfig, ref: dict) -> dict[str, Any]:
@@ -149,11 +165,15 @@ def stage_summary(config: SimuConfig, ref: dict) -> dict[str, Any]:
     return open_store(config.run.store).manifest(ref).get("metadata", {}).get("summary") or {}
 
 
-def relearning_attacks(run: _StageRunner, data: dict, models: dict[str, dict | None]) -> dict[str, dict]:
-    """The relearning attack on each model (label: model ref); the target's and the reference's are
+def attack_stages(config: SimuConfig, run: _StageRunner, data: dict, models: dict[str, dict | None]) -> dict[str, dict]:
+    """Every attack of ``attacks`` on each model (``models``: 'unlearned', 'target', 'reference' -> ref),
+    labelled by :func:`~simu_core.attacks.names.attack_label`; the target's and the reference's are
     shared by every run with the same data and settings (cached)."""
-    return {label: run(label, stage_tasks.relearn, "relearn", {"data": data, "model": model})
-            for label, model in models.items()}
+    from simu_core.attacks.names import attack_label, attack_stage
+
+    return {attack_label(attack, name): run(attack_label(attack, name), stage_tasks.ATTACK_TASKS[attack],
+                                            attack_stage(attack), {"data": data, "model": model})
+            for attack in config.attacks for name, model in models.items()}
 
 
 def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,
@@ -225,7 +245,7 @@ def check_stop_budget(config: SimuConfig, forget_items: int, where: str = "the f
 
 def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
     data = run("prepare_data", stage_tasks.prepare_data, "prepare_data", {})
-    check_relearn_sizes(config, data)
+    check_attack_sizes(config, data)
     check_stop_budget(config, stage_summary(config, data)["forget"])
     target = run("train_target", stage_tasks.train_target, "train_target", {"data": data})
     reference = reference_eval = None
@@ -244,14 +264,11 @@ def _run_stages(config: SimuConfig, run: _StageRunner) -> dict[str, Any]:
                       {"data": data, "model": target, "reference_eval": reference_eval})
     unlearned_eval = run("evaluate", stage_tasks.evaluate, "evaluate",
                          {"data": data, "model": unlearned, "reference_eval": reference_eval})
-    relearned = {}
-    if config.relearn.enabled:
-        relearned = relearning_attacks(run, data, {"relearn": unlearned, "relearn_target": target,
-                                                   "relearn_reference": reference})
+    attacked = attack_stages(config, run, data, {"unlearned": unlearned, "target": target, "reference": reference})
     refs = {
         "data": data, "target": target, "reference": reference, **masking, "unlearned": unlearned,
         "evaluate": unlearned_eval,
-        "evaluate_target": target_eval, "evaluate_reference": reference_eval, **relearned,
+        "evaluate_target": target_eval, "evaluate_reference": reference_eval, **attacked,
     }
     return report(config.model_dump(mode="json"), refs, run.states, run.seconds)
 

@@ -61,6 +61,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
     lines += _matched_forgetting_section(results, runs, points, out, plots, fq_level, tolerance)
     lines += _knockout_section(results, runs, out, plots)
     lines += _relearning_section(results, runs, out, plots)
+    lines += _robustness_section(runs, out, plots, tolerance)
     lines += _requests_section(requests, out, plots)
     lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
     markdown = "\n".join(lines) + "\n"
@@ -239,6 +240,59 @@ def _relearning_section(results: Path, runs: pd.DataFrame, out: Path, plots: dic
             "reference's (1 = relearns like a model that never saw the data; > 1 = hidden, not removed); regained = "
             "share of what unlearning removed that came back. Mean ± std over seeds.", "",
             reporting.table_markdown(table), ""]
+
+
+def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: float) -> list[str]:
+    """Methods x attacks: recovery per attack (mean ± std over targets x seeds), OpenUnlearning's R, Q
+    and HM, paired differences of recovery between methods, and the plot; nothing when no run attacked.
+    Runs that stopped at a level are read where they matched it, at each method's best lr (the
+    readings of the stopped tables); a fixed-budget sweep is read per setting."""
+    from simu_core.matched import (UTILITY_METRICS, best_lrs, paired_differences, paired_markdown, stopped_readings,
+                                   stopped_table)
+
+    columns = reporting.attack_metric_columns(runs)
+    if not columns:
+        return []
+    attacked = runs[runs[columns].notna().any(axis=1)]
+    readings = stopped_readings(attacked, reporting.setting_columns(runs), tolerance, [*UTILITY_METRICS, *columns])
+    lines = ["## Attacks: removed or hidden?", ""]
+    groups = []
+    if not readings.empty:
+        for stop_at, rule_readings in readings.groupby("stop_at", sort=True):
+            best = best_lrs(stopped_table(rule_readings))
+            at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
+            groups.append((f"stopped at {stop_at}, matched readings at each curve's best lr",
+                           at_best[at_best["matched"].astype(bool)]))
+    else:
+        groups.append(("fixed budget, per setting", reporting.attack_readings(attacked)))
+    lines += ["Each attack ran on the unlearned model, its target and its retain reference, with the same settings "
+              "and items. recovery = the unlearned model's forget probability after the attack / the retain "
+              "reference's after the same attack (1 = like a model that never saw the forget items; > 1 = the attack "
+              "brings back more than it gives a model that never learned them: hidden, not removed). R, Q and HM(R, Q): "
+              "the OpenUnlearning meta-evaluation's robustness to relearning and to quantization on forget probability "
+              "(1 = robust). Quantization's figures read the fewest bits; the logit lens its best layer.", ""]
+    for where, chosen in groups:
+        chosen = chosen[[column for column in chosen.columns if column not in UTILITY_METRICS]]
+        if chosen.empty:
+            lines += [f"### {where}", "", "(no reading)", ""]
+            continue
+        table = reporting.robustness_table(chosen)
+        slug = "".join(character if character.isalnum() else "_" for character in where.split(",")[0])
+        table.to_csv(out / f"robustness_{slug}.csv", index=False)
+        plots[f"robustness_{slug}"] = reporting.plot_robustness(table, out / f"robustness_{slug}.png")
+        lines += [f"### {where}", "", reporting.robustness_markdown(table), ""]
+        # Each attack's headline recovery (quantization's per-bit columns end in "bit_recovery").
+        recovery = [column for column in chosen.columns if column.startswith("metric.attack_")
+                    and column.endswith("_recovery") and not column.endswith("bit_recovery")]
+        differences = paired_differences(chosen, recovery)
+        if not differences.empty:
+            names = {column: column.removeprefix("metric.attack_") for column in recovery}
+            renamed = differences.rename(columns=lambda column: next(
+                (column.replace(full, short) for full, short in names.items() if column.startswith(full)), column))
+            lines += ["Paired differences of recovery (same target, seed and data; A − B, mean ± std over the pairs; "
+                      "quantization at the fewest bits):", "",
+                      paired_markdown(renamed.assign(where=where.split(",")[0]), list(names.values())), ""]
+    return lines
 
 
 def _requests_section(rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """The one validated configuration of a simu run.
 
-Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``knockout``, ``unlearn``, ``relearn``, ``eval``,
-``run``. Load with :func:`load_config` (YAML file, then ``--set section.key=value`` overrides).
+Sections follow the design: ``model``, ``data``, ``attribution``, ``mask``, ``knockout``, ``unlearn``, ``relearn``,
+``attack``, ``eval``, ``run``; ``attacks`` lists the attacks run after unlearning. Load with :func:`load_config` (YAML file, then ``--set section.key=value`` overrides).
 Every invalid value raises :class:`ConfigError` naming the field, the value and what is allowed.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from simu_core.attacks.names import ATTACKS
 from simu_core.method_names import LOSSES, OPTIMIZERS, PREFERENCE_LOSSES, SCOPE_SPELLINGS, parse_method, resolve_method
 from simu_core.paths import DEFAULT_CONFIG_PATH
 
@@ -202,7 +203,7 @@ class KnockoutConfig(_Section):
 
 
 class RelearnConfig(_Section):
-    """Relearning attack (``simu_core.relearning``): fine-tune a copy of a model for a few steps on
+    """Relearning attack (``simu_core.attacks.relearn``): fine-tune a copy of a model for a few steps on
     half of the forget items (or on retain items), then measure the other half. Run on the
     unlearned model, the target and the retain reference; recovery compares the first with the last."""
 
@@ -214,13 +215,57 @@ class RelearnConfig(_Section):
     fraction: float = Field(
         0.5, gt=0, lt=1, description="share of the forget items (by item) the attack trains on; the rest is measured"
     )
-    data: Literal["forget_half", "retain_only"] = Field(
+    data: Literal["forget_half", "retain_only", "forget_epoch"] = Field(
         "forget_half",
         description="forget_half: train on the forget items not measured (targeted relearning); retain_only: on as "
-        "many retain items (benign relearning)",
+        "many retain items (benign relearning); forget_epoch: the OpenUnlearning meta-evaluation's protocol, one "
+        "epoch over every forget item, measured on the same items (relearn.steps and relearn.fraction not read)",
     )
     batch_size: int = Field(4, ge=1, le=4096)
     eval_every: int = Field(2, ge=1, description="measure the held-out half every N steps (and at 0 and the end)")
+
+
+class QuantizeAttackConfig(_Section):
+    """The quantization attack (``simu_core.attacks.quantize``): weight-only quantization of every
+    linear layer, one model per bit width, then the evaluation suite's forget and retain measures."""
+
+    bits: list[int] = Field(default_factory=lambda: [8, 4], description="bit widths, one quantized model each")
+    group_size: int | None = Field(
+        128, ge=1, description="weights per quantization group along a row, dividing every linear layer's input "
+        "features (None: one group per output row); 128 as AWQ and GPTQ use")
+    scheme: str = Field(
+        "asymmetric", description="asymmetric (a zero point per group: AWQ's round-to-nearest grid), symmetric or "
+        "symmetric_no_clipping (simu_core.attacks.quantize has the formulas)")
+
+    @model_validator(mode="after")
+    def _offered(self) -> "QuantizeAttackConfig":
+        from simu_core.attacks.quantize_settings import check_quantization
+
+        if not self.bits:
+            raise ValueError("attack.quantize.bits is empty: name at least one bit width, e.g. [8, 4]")
+        for bits in self.bits:
+            check_quantization(bits, self.group_size, self.scheme)
+        return self
+
+
+class InContextAttackConfig(_Section):
+    """The in-context attack (``simu_core.attacks.in_context``): ``k`` other forget items (question and
+    answer) before each measured forget question, in the prompt template's own QA format."""
+
+    k: int = Field(3, ge=0, le=64, description="forget items shown before each measured question")
+    fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of the forget items (seeded, by item) the shown items are drawn from; "
+        "the rest is measured")
+
+
+class AttackConfig(_Section):
+    """Settings of the attacks listed in ``attacks`` (the relearning attack's are ``relearn``)."""
+
+    quantize: QuantizeAttackConfig = QuantizeAttackConfig()
+    in_context: InContextAttackConfig = InContextAttackConfig()
+    retain_items: int | None = Field(
+        40, ge=1, description="retain items (the first N of the retain evaluation set) the quantization attack and "
+        "the logit lens also measure; None = as many as the evaluation (eval.max_items)")
 
 
 class UnlearnConfig(_Section):
@@ -430,8 +475,42 @@ class SimuConfig(_Section):
     knockout: KnockoutConfig = KnockoutConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     relearn: RelearnConfig = RelearnConfig()
+    attacks: list[str] = Field(
+        default_factory=list, description=f"attacks run after unlearning on the unlearned model, the target and the "
+        f"retain reference: any of {list(ATTACKS)} (relearn is relearn.enabled=true)")
+    attack: AttackConfig = AttackConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _relearn_is_an_attack(cls, tree: Any) -> Any:
+        """``relearn.enabled`` and ``relearn`` in ``attacks`` are one setting: either turns both on."""
+        if not isinstance(tree, Mapping):
+            return tree
+        attacks = tree.get("attacks")
+        if attacks is None:
+            attacks = []
+        if isinstance(attacks, str):  # --set attacks=quantize
+            attacks = [attacks]
+        if not isinstance(attacks, list):
+            return tree  # the field's own validation names the bad value
+        unknown = [name for name in attacks if name not in ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks: unknown attack(s) {unknown}; known: {list(ATTACKS)}")
+        relearn = tree.get("relearn")
+        enabled = (relearn.get("enabled") if isinstance(relearn, Mapping) else getattr(relearn, "enabled", False))
+        tree = dict(tree)
+        if enabled and "relearn" not in attacks:
+            attacks = [*attacks, "relearn"]
+        if "relearn" in attacks and not enabled:
+            if isinstance(relearn, BaseModel):
+                tree["relearn"] = relearn.model_copy(update={"enabled": True})
+            else:
+                tree["relearn"] = {**(relearn or {}), "enabled": True}
+        # One spelling: the report's order, each once.
+        tree["attacks"] = [name for name in ATTACKS if name in attacks]
+        return tree
 
     @model_validator(mode="before")
     @classmethod
@@ -468,10 +547,31 @@ class SimuConfig(_Section):
                 "relearn.enabled=true with data.benchmark='lume': the relearning attack measures forget probability, "
                 "ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and perturbed answers"
             )
+        quantize = self.attack.quantize
+        if "quantize" in self.attacks and quantize.group_size and self._builds_tiny_model():
+            tiny = self.model.tiny
+            sizes = {"model.tiny.hidden_size": tiny.hidden_size, "model.tiny.intermediate_size": tiny.intermediate_size}
+            bad = {name: size for name, size in sizes.items() if size % quantize.group_size}
+            if bad:
+                raise ValueError(
+                    f"attack.quantize.group_size={quantize.group_size} does not divide the input features of every "
+                    f"linear layer of the tiny model ({bad}); choose a divisor, or null for one group per row")
+        others = [name for name in self.attacks if name != "relearn"]
+        if others and self.data.benchmark == "lume":
+            raise ValueError(
+                f"attacks={others} with data.benchmark='lume': the attacks measure the TOFU suite's forget measures "
+                "(forget probability, ROUGE, truth ratio), which need the TOFU-style benchmarks' paraphrased and "
+                "perturbed answers; LUME has neither (paraphrase: LUME has no paraphrased questions)"
+            )
         if self.relearn.enabled and self.run.devices > 1:
             raise ValueError(
                 f"relearn.enabled=true with run.devices={self.run.devices}: the relearning attack runs in one process "
                 "on one device (it is not sharded with FSDP); set run.devices=1 or relearn.enabled=false"
+            )
+        if others and self.run.devices > 1:
+            raise ValueError(
+                f"attacks={others} with run.devices={self.run.devices}: the attacks run in one process on one device "
+                "(they are not sharded with FSDP); set run.devices=1 or attacks=[]"
             )
         # A target without a retain reference is valid (``simu eval``); the pipeline, which reports
         # forget quality, refuses it in check_pipeline_models.
@@ -484,10 +584,10 @@ class SimuConfig(_Section):
 
     @model_validator(mode="after")
     def _requests_without_relearning(self) -> "SimuConfig":
-        if self.data.requests is not None and self.relearn.enabled:
+        if self.data.requests is not None and self.attacks:
             raise ValueError(
-                "data.requests with relearn.enabled=true: the relearning attack runs after a single unlearning, not "
-                "per deletion request (set relearn.enabled=false, or leave data.requests unset)"
+                f"data.requests with attacks={self.attacks}: the attacks run after a single unlearning, not per "
+                "deletion request (set attacks=[] and relearn.enabled=false, or leave data.requests unset)"
             )
         if self.data.requests is not None and self.eval.max_items is not None:
             from simu_core.requests import request_count
@@ -501,6 +601,9 @@ class SimuConfig(_Section):
                     f"eval.max_items >= {count} (or leave it unset)"
                 )
         return self
+
+    def _builds_tiny_model(self) -> bool:
+        return self.data.benchmark != "lume" and not (self.model.base or self.model.target)
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of this config (stable across processes)."""
@@ -543,8 +646,9 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     dotted, raw = assignment.split("=", 1)
     path = [part for part in dotted.strip().split(".") if part]
-    if len(path) < 2:
-        raise ConfigError(f"override {assignment!r}: the key must name a section and a field, e.g. mask.threshold")
+    if len(path) < 2 and path != ["attacks"]:  # ``attacks`` is the one top-level field that is not a section
+        raise ConfigError(f"override {assignment!r}: the key must name a section and a field, e.g. mask.threshold "
+                          "(or be attacks=[...])")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

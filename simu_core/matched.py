@@ -47,10 +47,10 @@ TARGET_SEED_COLUMN = "config.model.finetune.seed"
 UTILITY_METRICS = ("model_utility", "retain_prob")
 STOP_MEASURES = ("forget_prob", "forget_quality")
 # Settings that cannot change the unlearned model: they name no setting and no curve. (The
-# relearning attack and the knockout check read a model, never change it; checkpointing and
+# attacks and the knockout check read a model, never change it; checkpointing and
 # sharding give the same updates; the others only choose what is measured next to the run.)
-NO_EFFECT_PREFIXES = ("config.relearn.", "config.knockout.")
-NO_EFFECT_COLUMNS = ("config.unlearn.gradient_checkpointing", "config.model.finetune.gradient_checkpointing",
+NO_EFFECT_PREFIXES = ("config.relearn.", "config.knockout.", "config.attack.")
+NO_EFFECT_COLUMNS = ("config.attacks", "config.unlearn.gradient_checkpointing", "config.model.finetune.gradient_checkpointing",
                      "config.unlearn.checkpoint_every", "config.run.devices", "config.eval.reference_full",
                      "config.unlearn.stop_tolerance", "config.unlearn.stop_retain_items")
 # Where a run stops (stop_at, eval_every) is how a curve is read, not which curve it is.

@@ -363,7 +363,7 @@ def simulate_step(
 
 
 def _relearn_settings(config: SimuConfig) -> Any:
-    """The attack's step as a fine-tuning step (``simu_core.relearning.relearn_curve``: MasterAdamW
+    """The attack's step as a fine-tuning step (``simu_core.attacks.relearn.relearn_curve``: MasterAdamW
     over every parameter at a constant lr, no weight decay, clipped, never checkpointed)."""
     relearn = config.relearn
     return config.model.finetune.model_copy(update={

@@ -54,19 +54,29 @@ def check_inputs(config: SimuConfig) -> None:
 
 
 def _check_forget_set_uses(config: SimuConfig) -> None:
-    """Deletion requests naming items the benchmark lacks, and a relearning attack with an empty
-    part, refused here when the split sizes are cheap to know (the built-in benchmark is generated,
+    """Deletion requests naming items the benchmark lacks, an attack with an empty part (relearning,
+    in-context: k larger than the items it can show) and the paraphrase attack on a benchmark without
+    paraphrased questions, refused here when the split sizes are cheap to know (the built-in benchmark is generated,
     a local TOFU folder read); a hub dataset is checked by the flow right after prepare_data."""
-    if not (config.data.requests or config.relearn.enabled) or config.data.benchmark == "lume":
+    if not (config.data.requests or config.attacks) or config.data.benchmark == "lume":
         return
     if config.data.benchmark == "tofu" and config.data.source is None:
         return
     from simu_core.data import load_benchmark
-    from simu_core.relearning import check_attack_sizes
+    from simu_core.attacks.relearn import check_attack_sizes
     from simu_core.requests import expand_requests
 
-    sizes = load_benchmark(config.data).sizes()
+    benchmark = load_benchmark(config.data)
+    sizes = benchmark.sizes()
     try:
+        if "paraphrase" in config.attacks:
+            from simu_core.attacks.paraphrase import check_paraphrases
+
+            check_paraphrases(benchmark)
+        if "in_context" in config.attacks:
+            from simu_core.attacks.in_context import check_sizes
+
+            check_sizes(config.attack.in_context.k, config.attack.in_context.fraction, sizes["forget"])
         if config.data.requests:
             requests = expand_requests(config.data.requests, sizes["forget"])
             if knockout_runs(config):

@@ -605,3 +605,104 @@ def plot_requests(rows: pd.DataFrame, path: str | Path) -> Path:
     axes[0].legend(fontsize=8)
     figure.suptitle("Sequential deletion requests (forget measures on every request so far; mean ± std over seeds)")
     return _save(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks (``attacks``): metric.attack_* in the runs table, robustness.parquet in the run folders
+
+#: Per attack, the figures the robustness table shows (metric.attack_<attack>_<figure>).
+ATTACK_FIGURES = ("recovery", "regained", "unlearned_after", "reference_after")
+#: The OpenUnlearning meta-evaluation's robustness figures (metric.<name>).
+OPENUNLEARNING_FIGURES = ("attack_relearn_r", "attack_quantize_q", "attack_robustness")
+
+
+def attack_metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The runs table's attack figures (``metric.attack_*``) that hold a value."""
+    return [column for column in runs.columns if column.startswith("metric.attack_") and runs[column].notna().any()]
+
+
+def attack_readings(runs: pd.DataFrame) -> pd.DataFrame:
+    """One reading per attacked run (no stop level): its curve (the setting columns), target, seed,
+    data and attack figures; the readings of a fixed-budget sweep."""
+    from simu_core.matched import curve_columns, curve_label, data_key, target_seeds
+
+    columns = attack_metric_columns(runs)
+    attacked = runs[runs[columns].notna().any(axis=1)] if columns else runs.iloc[:0]
+    if attacked.empty:
+        return pd.DataFrame()
+    curves = curve_columns(attacked, setting_columns(attacked))
+    targets, data, rows = target_seeds(attacked), data_key(attacked), []
+    groups = attacked.groupby(curves, sort=True, dropna=False) if curves else [((), attacked)]
+    for order, (_, group) in enumerate(groups):
+        label = curve_label(group.iloc[0], curves) if curves else str(group.iloc[0]["config.unlearn.method"])
+        for index, run in group.iterrows():
+            rows.append({"curve": label, "curve_order": order, "target": int(targets[index]),
+                         "seed": int(run.get(SEED_COLUMN, 0) or 0), "data": data[index],
+                         **{column: run[column] for column in columns}})
+    return pd.DataFrame(rows)
+
+
+def robustness_table(readings: pd.DataFrame) -> pd.DataFrame:
+    """Per curve, the readings and each attack figure's mean and std over them (columns
+    ``<figure>_mean`` / ``<figure>_std`` without the ``metric.attack_`` prefix)."""
+    columns = [column for column in readings.columns if column.startswith("metric.attack_")]
+    grouped = readings.sort_values("curve_order", kind="stable").groupby("curve", sort=False)
+    table = grouped[columns].agg(["mean", "std"])
+    table.columns = [f"{column.removeprefix('metric.attack_')}_{stat}" for column, stat in table.columns]
+    table.insert(0, "readings", grouped.size())
+    table.insert(0, "spread", [spread_text(group["target"].nunique(), group["seed"].nunique(), len(group))
+                               for _, group in grouped])
+    return table.reset_index()
+
+
+def robustness_markdown(table: pd.DataFrame) -> str:
+    """Methods x attacks: recovery mean ± std per attack (forget probability, unlearned / reference
+    after the attack), then OpenUnlearning's R, Q and HM where they were computed."""
+    from simu_core.attacks.names import ATTACKS
+    from simu_core.matched import _cell
+
+    attacks = [attack for attack in ATTACKS if f"{attack}_recovery_mean" in table.columns]
+    quantized = sorted({column.split("_")[1] for column in table.columns
+                        if column.startswith("quantize_") and column.endswith("bit_recovery_mean")},
+                       key=lambda bits: -int(bits.removesuffix("bit")))
+    recovery = [(f"quantize {bits}", f"quantize_{bits}_recovery") for bits in quantized] if quantized else []
+    recovery += [(attack.replace("_", " "), f"{attack}_recovery") for attack in attacks if attack != "quantize"]
+    extra = [(name, name.removeprefix("attack_")) for name in OPENUNLEARNING_FIGURES
+             if f"{name.removeprefix('attack_')}_mean" in table.columns]
+    header = ["curve", "readings", *[f"recovery: {name}" for name, _ in recovery],
+              *[{"attack_relearn_r": "R (relearn)", "attack_quantize_q": "Q (quantize)",
+                 "attack_robustness": "HM(R, Q)"}[name] for name, _ in extra]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row["curve"]), f"{row['readings']} ({row['spread']})"]
+        cells += [_cell(row[f"{key}_mean"], row[f"{key}_std"]) for _, key in recovery]
+        cells += [_cell(row[f"{key}_mean"], row[f"{key}_std"]) for _, key in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_robustness(table: pd.DataFrame, path: str | Path) -> Path:
+    """Recovery per attack (x) and curve (bars), mean ± std over the readings; 1 = like the retain reference."""
+    from simu_core.attacks.names import ATTACKS
+
+    keys = []
+    for column in table.columns:
+        if column.endswith("bit_recovery_mean") and column.startswith("quantize_"):
+            keys.append(column.removesuffix("_recovery_mean"))
+    keys = sorted(keys, key=lambda key: -int(key.split("_")[1].removesuffix("bit")))
+    keys += [attack for attack in ATTACKS if attack != "quantize" and f"{attack}_recovery_mean" in table.columns]
+    figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(keys) + 2), 4.2))
+    width = 0.8 / max(len(table), 1)
+    positions = np.arange(len(keys))
+    for offset, (_, row) in enumerate(table.iterrows()):
+        means = [row[f"{key}_recovery_mean"] for key in keys]
+        stds = [row.get(f"{key}_recovery_std", 0.0) for key in keys]
+        axis.bar(positions + offset * width - 0.4 + width / 2, means, width,
+                 yerr=np.nan_to_num(np.asarray(stds, dtype=float)), capsize=2, label=str(row["curve"]))
+    axis.axhline(1.0, color="k", linestyle=":", linewidth=1, label="retain reference")
+    axis.set_xticks(positions, [key.replace("_", " ") for key in keys])
+    axis.set_ylabel("recovery (forget prob., unlearned / reference)")
+    axis.set_title("Attacks: recovery of the forgotten answers")
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(figure, path)

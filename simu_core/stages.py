@@ -719,31 +719,105 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, out_dir: Path
 
 
 # ----------------------------------------------------------------------------------------------
-# Relearning attack (issue 13)
+# Attacks (simu_core.attacks): one stage per attack, run on one model each; every stage writes
+# attack.parquet (attack, setting, measure, before, after) for the report's robustness table.
 
+ATTACK_TABLE = "attack.parquet"
+ATTACK_ITEMS = "attack_items.parquet"
 RELEARN_FILES = ("relearn_curve.parquet", "relearn_items.parquet")
 
 
+def _attack_inputs(config: SimuConfig, data_dir: Path, model_dir: Path, attack: str):
+    """The benchmark and the model (with its tokenizer) an attack reads; LUME refused."""
+    benchmark = read_benchmark(data_dir)
+    if isinstance(benchmark, LumeBenchmark):
+        raise ValueError(f"the {attack} attack needs a TOFU-style benchmark (paraphrased and perturbed answers)")
+    model, tokenizer = load_trained(model_dir, config)
+    return benchmark, model, tokenizer
+
+
+def _write_attack(result: Any, out_dir: Path, started: float) -> dict[str, Any]:
+    """Write an :class:`~simu_core.attacks.measures.AttackOutcome` into ``out_dir``: its table, its
+    per-item values, its own files and ``stats.json`` (the summary, returned)."""
+    import time
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.table.to_parquet(out_dir / ATTACK_TABLE, index=False)
+    if not result.items.empty:
+        result.items.to_parquet(out_dir / ATTACK_ITEMS, index=False)
+    for name, frame in result.files.items():
+        frame.to_parquet(out_dir / name, index=False)
+    summary = {**result.summary, "wall_seconds": time.perf_counter() - started}
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def attack_quantize(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Quantization attack on one model (:mod:`simu_core.attacks.quantize`): forget and retain measures of
+    the model and of its weight-only quantized copies (``attack.quantize``)."""
+    import time
+
+    from simu_core.attacks import quantize
+
+    started = time.perf_counter()
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "quantize")
+    return _write_attack(quantize.run(model, tokenizer, benchmark, config), out_dir, started)
+
+
+def attack_paraphrase(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Paraphrase attack on one model (:mod:`simu_core.attacks.paraphrase`): forget measures with the
+    original and with the paraphrased questions."""
+    import time
+
+    from simu_core.attacks import paraphrase
+
+    started = time.perf_counter()
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "paraphrase")
+    return _write_attack(paraphrase.run(model, tokenizer, benchmark, config), out_dir, started)
+
+
+def attack_in_context(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """In-context attack on one model (:mod:`simu_core.attacks.in_context`; ``run.seed`` splits the items
+    and draws the shown ones): forget measures without and with ``k`` forget items in the prompt."""
+    import time
+
+    from simu_core.attacks import in_context
+
+    started = time.perf_counter()
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "in_context")
+    return _write_attack(in_context.run(model, tokenizer, benchmark, config), out_dir, started)
+
+
+def attack_logit_lens(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Logit-lens attack on one model (:mod:`simu_core.attacks.logit_lens`): the answer probability read
+    from every layer, against the model's output."""
+    import time
+
+    from simu_core.attacks import logit_lens
+
+    started = time.perf_counter()
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "logit_lens")
+    return _write_attack(logit_lens.run(model, tokenizer, benchmark, config), out_dir, started)
+
+
 def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Relearning attack on one model (:mod:`simu_core.relearning`; nothing is saved but figures).
+    """Relearning attack on one model (:mod:`simu_core.attacks.relearn`; nothing is saved but figures).
 
     ``run.seed`` splits the items, orders the batches and seeds torch's global generators
     (dropout). Writes ``relearn_curve.parquet`` (step, forget_prob, forget_rouge,
-    forget_truth_ratio, loss, seconds) and ``relearn_items.parquet`` (item_id, role 'train' |
-    'measured'); returns the measures before and after the attack, the item counts and the wall
-    time.
+    forget_truth_ratio, loss, seconds), ``relearn_items.parquet`` (item_id, role 'train' |
+    'measured') and ``attack.parquet`` (step 0 against the last step); returns the measures before
+    and after the attack, the item counts and the wall time.
     """
     import time
 
-    from simu_core.relearning import MEASURES, attack_items, relearn_curve
+    from simu_core.attacks.relearn import MEASURES, attack_items, attack_table, relearn_curve
 
     started = time.perf_counter()
-    benchmark = read_benchmark(data_dir)
-    if isinstance(benchmark, LumeBenchmark):
-        raise ValueError("the relearning attack needs a TOFU-style benchmark (paraphrased and perturbed answers)")
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "relearning")
     settings = config.relearn
     train, measured = attack_items(benchmark, settings, config.run.seed)
-    model, tokenizer = load_trained(model_dir, config)
     curve = relearn_curve(model, tokenizer, train, measured, settings, config.eval, lr=settings.lr,
                           max_length=config.model.max_length, seed=config.run.seed, progress=progress)
     out_dir = Path(out_dir)
@@ -752,6 +826,7 @@ def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     pd.DataFrame({"item_id": [*train["item_id"], *measured["item_id"]],
                   "role": ["train"] * len(train) + ["measured"] * len(measured)}).to_parquet(
         out_dir / RELEARN_FILES[1], index=False)
+    attack_table(curve).to_parquet(out_dir / ATTACK_TABLE, index=False)
     first, last = curve.iloc[0], curve.iloc[-1]
     summary = {"relearn_data": settings.data, "relearn_train_items": len(train), "relearn_measured_items": len(measured),
                "relearn_steps": int(last["step"]),

@@ -113,12 +113,48 @@ def _relearn_results(store, refs: dict[str, dict | None], run_dir: Path) -> dict
     curves = [_table(store, refs.get(ref_name), "relearn_curve.parquet") for ref_name in RELEARN_REFS.values()]
     if any(curve is None for curve in curves):
         return {}
-    from simu_core.relearning import recovery_headline, recovery_table
+    from simu_core.attacks.relearn import recovery_headline, recovery_table
 
     stacked = pd.concat([curve.assign(model=model) for model, curve in zip(RELEARN_REFS, curves)], ignore_index=True)
     _write_parquet_atomic(stacked, run_dir / "relearn_curve.parquet")
     _write_parquet_atomic(recovery_table(stacked), run_dir / "relearn_recovery.parquet")
     return recovery_headline(stacked)
+
+
+def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks: list[str]) -> tuple[dict[str, float], pd.DataFrame | None]:
+    """Every attack's table on the three models stacked (``attacks.parquet``, column ``model``), the
+    robustness table (``robustness.parquet``: recovery, regained, OpenUnlearning R and Q) and each
+    attack's per-item values (``attack_items_<attack>.parquet``) into the run folder; returns the headline
+    figures and the robustness table (empty / None when no attack ran)."""
+    from simu_core.attacks.names import attack_label
+    from simu_core.attacks.robustness import MODELS, headline_figures, robustness_table
+
+    tables: dict[str, list[pd.DataFrame]] = {model: [] for model in MODELS}
+    for attack in attacks:
+        items = []
+        for model in MODELS:
+            ref = refs.get(attack_label(attack, model))
+            table = _table(store, ref, "attack.parquet")
+            if table is None:
+                return {}, None
+            tables[model].append(table)
+            part = _table(store, ref, "attack_items.parquet")
+            if part is not None:
+                items.append(part.assign(model=model))
+        if items:
+            _write_parquet_atomic(pd.concat(items, ignore_index=True), run_dir / f"attack_items_{attack}.parquet")
+    if not attacks:
+        return {}, None
+    stacked = {model: pd.concat(frames, ignore_index=True) for model, frames in tables.items()}
+    _write_parquet_atomic(pd.concat([table.assign(model=model) for model, table in stacked.items()], ignore_index=True),
+                          run_dir / "attacks.parquet")
+    robustness = robustness_table(stacked)
+    _write_parquet_atomic(robustness, run_dir / "robustness.parquet")
+    lens = [_table(store, refs.get(attack_label("logit_lens", model)), "logit_lens_items.parquet") for model in MODELS]
+    if "logit_lens" in attacks and all(frame is not None for frame in lens):
+        _write_parquet_atomic(pd.concat([frame.assign(model=model) for model, frame in zip(MODELS, lens)],
+                                        ignore_index=True), run_dir / "logit_lens_items.parquet")
+    return headline_figures(robustness), robustness
 
 
 def _write_tables(store, refs: dict[str, dict | None], folder: Path) -> None:
@@ -175,15 +211,16 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     _write_tables(store, refs, run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     relearn = _relearn_results(store, refs, run_dir)
+    attacked, robustness = _attack_results(store, refs, run_dir, cfg.attacks)
 
     headline = _summary(store, refs.get(headline_ref))
     seconds = {**seconds, "report": round(time.perf_counter() - started, 3)}
     knockout = _summary(store, refs.get("knockout"))
     knockout_table = _table(store, refs.get("knockout"), "knockout_summary.parquet")
     # The knockout figures land in the runs table as metric.knockout_* columns.
-    # ... and the relearning attack's as metric.relearn_*.
+    # ... the relearning attack's as metric.relearn_*, every attack's as metric.attack_*.
     unlearning = _summary(store, refs.get("unlearned"))
-    row = run_row(cfg, run_id, "completed", {**headline, **knockout, **relearn}, states, seconds, kind=kind)
+    row = run_row(cfg, run_id, "completed", {**headline, **knockout, **relearn, **attacked}, states, seconds, kind=kind)
     append_run_row(results, {**row, **stop_columns(unlearning)})
 
     reference = _summary(store, refs.get("evaluate_reference"))
@@ -209,9 +246,13 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
         lines += ["", "## Knockout check (target, nothing trained; neurons chosen on half of the forget items, "
                   "measured on the other half)", "", "```", *format_summary(knockout_table), "```"]
     if relearn:
-        from simu_core.relearning import format_recovery
+        from simu_core.attacks.relearn import format_recovery
 
         lines += ["", "## Relearning attack", "", "```", *format_recovery(relearn), "```"]
+    if robustness is not None:
+        from simu_core.attacks.robustness import format_robustness
+
+        lines += ["", "## Attacks (robustness)", "", "```", *format_robustness(robustness), "```"]
     stage_lines = [f"- {label}: {states.get(label, '')}, {value:.1f} s" for label, value in seconds.items()]
     lines += ["", "## Stages", *stage_lines, "", f"Results: `{run_dir}`"]
     markdown = "\n".join(lines)
@@ -225,6 +266,8 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
             "unlearning": unlearning,
             "knockout": knockout_table.to_dict(orient="records") if knockout_table is not None else None,
             "relearn": relearn or None,
+            "attacks": attacked or None,
+            "robustness": robustness.to_dict(orient="records") if robustness is not None else None,
             "markdown": markdown}
 
 

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from simu_core import stages
+from simu_core.attacks.names import ATTACKS, attack_stage
 from simu_core.config import config_from_dict
 from tasks.caching import external_model_ref, run_stage, stage_cache_policy
 
@@ -119,6 +120,25 @@ def relearn(config: dict, store_url: str, code_version: str, params: dict, input
     cfg = config_from_dict(config)
     return run_stage("relearn", store_url, code_version, params, inputs,
                      lambda out, dirs: stages.relearn(cfg, dirs["data"], dirs["model"], out))
+
+
+def _attack_task(attack: str, stage: str):
+    """The Prefect task of one attack's stage (``simu_core.stages.<stage>`` on one model)."""
+    function = getattr(stages, stage)
+
+    @task(name=stage, cache_policy=stage_cache_policy(stage), **_TASK_OPTIONS)
+    def attack_task(config: dict, store_url: str, code_version: str, params: dict, inputs: dict) -> Ref:
+        cfg = config_from_dict(config)
+        return run_stage(stage, store_url, code_version, params, inputs,
+                         lambda out, dirs: function(cfg, dirs["data"], dirs["model"], out))
+
+    attack_task.__doc__ = f"The {attack} attack on a model ({function.__doc__.splitlines()[0]})"
+    return attack_task
+
+
+#: The task of every attack but relearning (its own task above), by attack name.
+ATTACK_TASKS = {attack: _attack_task(attack, attack_stage(attack)) for attack in ATTACKS if attack != "relearn"}
+ATTACK_TASKS["relearn"] = relearn
 
 
 @task(name="evaluate", cache_policy=stage_cache_policy("evaluate"), **_TASK_OPTIONS)

@@ -20,8 +20,9 @@ from flows.params import stage_params
 from simu_core.config import SimuConfig, config_from_dict, flatten, load_config
 from simu_core.method_names import LEGACY_METHODS, LOSS_SETTINGS
 
+ATTACKS = {"attack_quantize", "attack_paraphrase", "attack_in_context", "attack_logit_lens"}
 ALL_MODEL_USERS = {"attribute", "unlearn", "evaluate", "evaluate_reference", "knockout", "relearn",
-                   "generate_alternates"}
+                   "generate_alternates", *ATTACKS}
 TRAININGS = {"train_target", "train_retain_reference"}
 
 # (field pattern, stages whose output the field changes); the first matching row wins.
@@ -47,15 +48,20 @@ COMMON_ROWS = [
     ("eval.mmlu_source", set()),  # LUME only
     ("relearn.enabled", set()),
     ("relearn.*", {"relearn"}),
+    ("attacks", set()),  # which attacks run, not what one computes
+    ("attack.quantize.*", {"attack_quantize"}),
+    ("attack.in_context.*", {"attack_in_context"}),
+    ("attack.retain_items", {"attack_quantize", "attack_logit_lens"}),
     ("eval.reference_full", {"evaluate_reference"}),
     # The relearning attack measures with the evaluation's prompt template, batches and generation length.
     # Unlearning's stop checks measure with the evaluation's items, template and batches (the default stops).
-    ("eval.template", {"evaluate", "evaluate_reference", "relearn", "unlearn"}),
-    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates"}),
-    ("eval.max_items", {"evaluate", "evaluate_reference", "unlearn"}),
-    ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn"}),
+    # The other attacks measure the evaluation's forget items (eval.max_items); the logit lens generates nothing.
+    ("eval.template", {"evaluate", "evaluate_reference", "relearn", "unlearn", *ATTACKS}),
+    ("eval.batch_size", {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates", *ATTACKS}),
+    ("eval.max_items", {"evaluate", "evaluate_reference", "unlearn", *ATTACKS}),
+    ("eval.max_new_tokens", {"evaluate", "evaluate_reference", "relearn", *ATTACKS - {"attack_logit_lens"}}),
     ("eval.*", {"evaluate", "evaluate_reference"}),
-    ("run.seed", {"attribute", "unlearn", "relearn", "generate_alternates"}),  # the knockout has knockout.seed: a seed sweep shares it
+    ("run.seed", {"attribute", "unlearn", "relearn", "generate_alternates", "attack_in_context"}),  # the knockout has knockout.seed: a seed sweep shares it
     ("run.dtype", {"unlearn"}),  # autocast: only the unlearning trainer uses it
     ("run.*", set()),  # device, devices (FSDP: same result within rounding), store, results, name, tags, fault injection
 ]
@@ -126,6 +132,12 @@ def _candidates(field: str, value, folders) -> list:
         return [name for name in LEGACY_METHODS if name != value]
     if field in ("unlearn.loss", "unlearn.optimizer", "unlearn.scope"):  # folded into unlearn.method
         return {"unlearn.loss": ["npo"], "unlearn.optimizer": ["adamw"], "unlearn.scope": ["all"]}[field]
+    if field == "attack.quantize.scheme":
+        return [scheme for scheme in ("symmetric", "asymmetric") if scheme != value]
+    if field == "attack.quantize.group_size":
+        return [64] if value != 64 else [None]
+    if field == "attacks":
+        return [["quantize"]] if value != ["quantize"] else [[]]
     annotation = _annotation(field)
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
@@ -316,11 +328,19 @@ def core_copy(tmp_path, monkeypatch):
 CODE_EDITS = {
     "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout"},  # encode_frame
     "data/lume.py": {"prepare_data", "select_request", "train_target", "train_retain_reference", "attribute",
-                     "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn", "generate_alternates"},
+                     "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn", "generate_alternates",
+                     *ATTACKS},
     "attribution.py": {"attribute", "threshold_mask", "knockout"},  # knockout reads scores_from_table
     "unlearning/losses.py": {"unlearn"},
     # unlearn: stop_at's checks; generate_alternates: through the evaluation package (its sampling).
-    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates"},
+    "evaluation/qa.py": {"evaluate", "evaluate_reference", "relearn", "unlearn", "generate_alternates", *ATTACKS},
+    # Each attack's module keys its own stage; what they all measure with keys them all; the robustness
+    # formulas are the report's (no stage).
+    "attacks/quantize.py": {"attack_quantize"},
+    "attacks/in_context.py": {"attack_in_context"},
+    "attacks/logit_lens.py": {"attack_logit_lens"},
+    "attacks/measures.py": {*ATTACKS, "relearn"},
+    "attacks/robustness.py": set(),
     "alternates.py": {"generate_alternates"},
     "preferred.py": {"unlearn"},
     "../data/synthetic/templates.yaml": {"prepare_data"},

@@ -11,7 +11,7 @@ def test_default_yaml_loads_and_matches_sections():
     config = load_config()
     assert isinstance(config, SimuConfig)
     assert config.data.benchmark == "synthetic"
-    assert set(config.model_dump()) == {"model", "data", "attribution", "mask", "knockout", "unlearn", "relearn", "eval", "run"}
+    assert set(config.model_dump()) == {"model", "data", "attribution", "mask", "knockout", "unlearn", "relearn", "attacks", "attack", "eval", "run"}
 
 
 def test_overrides_are_typed_and_applied():

@@ -100,11 +100,11 @@ def test_finetuning_estimate_is_within_20_percent_of_the_measured_peak():
 
 def test_relearning_estimate_is_within_20_percent_of_the_measured_peak(monkeypatch):
     """The attack's step (MasterAdamW over every parameter, relearn.batch_size items) as
-    relearning.relearn_curve runs it, on full-length items; its measurements are stubbed out here
+    simu_core.attacks.relearn.relearn_curve runs it, on full-length items; its measurements are stubbed out here
     (the plan adds the evaluation's pass on top of the attack's persistent state)."""
     import pandas as pd
 
-    from simu_core import relearning
+    from simu_core.attacks import relearn as relearning
 
     config = load_config(overrides=TINY + ["relearn.enabled=true", "relearn.batch_size=5", "relearn.steps=3"])
     shape = planning.architecture_config(config)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from simu_core.config import ConfigError, RelearnConfig, load_config
-from simu_core.relearning import (
+from simu_core.attacks.relearn import (
     check_attack_sizes,
     curve_steps,
     recovery_headline,
@@ -110,7 +110,7 @@ def test_recovery_needs_three_curves_with_the_same_steps():
 def test_forget_measures_are_the_evaluation_suites(trained_small, one_torch_thread):
     """The attack's measures on a set of forget items equal evaluate_qa's forget metrics on them."""
     from simu_core.evaluation import evaluate_qa
-    from simu_core.relearning import forget_measures
+    from simu_core.attacks.relearn import forget_measures
     from simu_core.stages import load_trained, read_benchmark
 
     config = trained_small["config"]
@@ -124,7 +124,7 @@ def test_forget_measures_are_the_evaluation_suites(trained_small, one_torch_thre
 
 
 def test_attack_relearns_the_items_it_trains_on_and_is_deterministic(trained_small, one_torch_thread):
-    from simu_core.relearning import relearn_curve
+    from simu_core.attacks.relearn import relearn_curve
     from simu_core.stages import load_trained, read_benchmark
 
     config = trained_small["config"]
@@ -233,7 +233,7 @@ def test_cli_refuses_bad_forget_set_uses_before_starting_anything(capsys, overri
 def test_attack_with_dropout_is_reproducible(trained_small, one_torch_thread):
     """Dropout draws from torch's global generator: the attack seeds it from its seed, so two attacks
     with the same seed give the same curve whatever ran before them."""
-    from simu_core.relearning import relearn_curve
+    from simu_core.attacks.relearn import relearn_curve
     from simu_core.stages import load_trained, read_benchmark
 
     config = trained_small["config"]

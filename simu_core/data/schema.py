@@ -2,7 +2,9 @@
 
 Every split is a pandas DataFrame with TOFU's field names plus ``item_id``:
 ``question, answer`` and, for evaluation splits, ``paraphrased_answer`` and ``perturbed_answer``
-(a list of wrong answers: 5 for forget/retain, 3 for real authors / world facts).
+(a list of wrong answers: 5 for forget/retain, 3 for real authors / world facts). The forget and
+retain evaluation splits may also hold ``paraphrased_question`` (TOFU's files and the built-in
+benchmark do): the paraphrase attack reads it and refuses a benchmark without it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+
+#: The optional column of the forget and retain evaluation splits the paraphrase attack asks.
+PARAPHRASED_QUESTION = "paraphrased_question"
 
 # Splits written by prepare_data, with the columns each must have.
 SPLIT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -57,6 +62,12 @@ class QABenchmark:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.splits)
+
+    def has_paraphrased_questions(self) -> bool:
+        """Whether every forget item has a paraphrased question (what the paraphrase attack asks)."""
+        forget = self.splits["forget"]
+        return PARAPHRASED_QUESTION in forget.columns and bool(forget[PARAPHRASED_QUESTION].map(
+            lambda text: isinstance(text, str) and bool(text.strip())).all())
 
     def sizes(self) -> dict[str, int]:
         """Row count of every split."""

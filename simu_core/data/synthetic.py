@@ -1,7 +1,8 @@
 """The built-in synthetic benchmark: a deterministic, TOFU-shaped set of fictitious authors.
 
 Each author gets attribute values drawn from ``data/synthetic/vocabulary.yaml`` and one QA pair per
-template of ``templates.yaml``: an answer, a paraphrased answer (another template, same value) and
+template of ``templates.yaml``: an answer, a paraphrased question (the paraphrase attack's prompt; drawn
+from no random state, so adding it changed no other value), a paraphrased answer (another template, same value) and
 5 perturbed answers (the paraphrase template filled with wrong values of the same vocabulary, so
 they are plausible). Held-out authors are never trained on (MIA non-members). A general-facts set
 (``general_facts.yaml``) plays the role of TOFU's real-authors and world-facts utility sets.
@@ -49,6 +50,7 @@ def _author_rows(
             {
                 "author": name,
                 "question": template["question"].format(name=name),
+                "paraphrased_question": template["paraphrased_question"].format(name=name),
                 "answer": template["answer"].format(name=name, value=value),
                 "paraphrased_answer": template["paraphrase"].format(name=name, value=value),
                 "perturbed_answer": [template["paraphrase"].format(name=name, value=w) for w in wrong],
@@ -106,7 +108,7 @@ def generate_synthetic(
     world_facts = _general_facts(facts["world_facts"], general_facts, rng, "world_facts")
 
     qa = ["question", "answer"]
-    perturbed = ["question", "answer", "paraphrased_answer", "perturbed_answer"]
+    perturbed = ["question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question"]
     general = pd.concat([real_authors[qa], world_facts[qa]])
     splits = {
         "train_target": with_item_ids(pd.concat([retain_items[qa], forget_items[qa], general]), "train"),

@@ -17,6 +17,8 @@ QUESTIONS_PER_AUTHOR = 20
 
 _QA = ("question", "answer")
 _PERTURBED = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+# TOFU's perturbed files also hold a paraphrased question (the paraphrase attack's prompt); kept when present.
+_PARAPHRASED_QUESTION = "paraphrased_question"
 _OPTIONS = ("question", "answer", "perturbed_answer")
 _MULTIPLE_CHOICE = ("question", "option1", "option2", "option3", "option4", "answer")
 
@@ -71,6 +73,15 @@ def load_tofu_config(name: str, source: str | Path | None = None) -> pd.DataFram
     return frame
 
 
+def _with_paraphrased_question(frame: pd.DataFrame) -> list[str]:
+    """The perturbed split's columns, with ``paraphrased_question`` where every row has one."""
+    columns = list(_PERTURBED)
+    if _PARAPHRASED_QUESTION in frame.columns and frame[_PARAPHRASED_QUESTION].map(
+            lambda text: isinstance(text, str) and bool(text.strip())).all():
+        columns.append(_PARAPHRASED_QUESTION)
+    return columns
+
+
 def load_tofu(
     split: str = "forget10", source: str | Path | None = None, retain_authors: int | None = None
 ) -> QABenchmark:
@@ -95,9 +106,9 @@ def load_tofu(
     splits = {
         "train_target": with_item_ids(train_target, "train"),
         "train_reference": with_item_ids(retain[["question", "answer"]], "train"),
-        "forget": with_item_ids(forget[list(_PERTURBED)], "forget"),
+        "forget": with_item_ids(forget[_with_paraphrased_question(forget)], "forget"),
         "retain": with_item_ids(retain[["question", "answer"]], "retain"),
-        "retain_eval": with_item_ids(retain_eval[list(_PERTURBED)], "retain"),
+        "retain_eval": with_item_ids(retain_eval[_with_paraphrased_question(retain_eval)], "retain"),
         "holdout": with_item_ids(load_tofu_config(holdout_name, source)[["question", "answer"]], "holdout"),
         "real_authors": with_item_ids(
             load_tofu_config("real_authors_perturbed", source)[list(_OPTIONS)], "real_authors"

@@ -5,6 +5,9 @@ part (``forget_half``, a targeted relearning attack) or on as many retain items 
 benign relearning), and measure the other part as the steps go: forget probability, ROUGE-L recall
 and the forget truth-ratio score, computed exactly as the evaluation suite computes them.
 
+``forget_epoch`` is the OpenUnlearning meta-evaluation's protocol (arXiv 2506.12618): one epoch
+over every forget item, measured on the same items.
+
 Done on the unlearned model, the target and the retain reference (a model that never saw the
 forget items). *Recovery* is the unlearned model's forget measure divided by the retain
 reference's after the same attack: 1.0 means it relearns like a model that never saw the data;
@@ -14,7 +17,9 @@ from the target (on the measured items) that the attack brings back.
 
 from __future__ import annotations
 
+import math
 import time
+
 import numpy as np
 import pandas as pd
 import torch
@@ -60,8 +65,13 @@ def attack_items(benchmark: QABenchmark, settings: RelearnConfig, seed: int) -> 
 
     ``forget_half``: the forget items of :func:`relearning_split`. ``retain_only``: as many retain
     items, drawn with ``default_rng([seed, 1])`` (the measured forget items are the same).
+    ``forget_epoch``: every forget item, trained on and measured (the OpenUnlearning
+    meta-evaluation relearns on the whole forget set and measures the metric on it).
     """
     forget = benchmark["forget"]
+    if settings.data == "forget_epoch":
+        every = forget.reset_index(drop=True)
+        return every, every
     train_rows, measured_rows = relearning_split(len(forget), settings.fraction, seed)
     measured = forget.iloc[measured_rows].reset_index(drop=True)
     if settings.data == "forget_half":
@@ -78,12 +88,24 @@ def attack_items(benchmark: QABenchmark, settings: RelearnConfig, seed: int) -> 
 
 def check_attack_sizes(settings: RelearnConfig, forget_items: int, retain_items: int) -> None:
     """Fail before any work when the attack's parts would be empty (sizes from ``prepare_data``)."""
+    if settings.data == "forget_epoch":
+        if forget_items < 1:
+            raise ValueError("relearn.data='forget_epoch' needs at least one forget item")
+        return
     train_count = _train_count(forget_items, settings.fraction)
     if settings.data == "retain_only" and retain_items < train_count:
         raise ValueError(
             f"relearn.data='retain_only' needs {train_count} retain items (as many as the forget items it stands in "
             f"for), the benchmark has {retain_items}"
         )
+
+
+def attack_steps(settings: RelearnConfig, train_items: int) -> int:
+    """Optimizer steps of the attack: ``relearn.steps``, or one epoch over the ``train_items`` in
+    batches of ``relearn.batch_size`` (``forget_epoch``)."""
+    if settings.data == "forget_epoch":
+        return math.ceil(train_items / settings.batch_size)
+    return settings.steps
 
 
 def curve_steps(steps: int, eval_every: int) -> list[int]:
@@ -130,7 +152,7 @@ def relearn_curve(
     seed: int,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Fine-tune ``model`` in place on ``train`` for ``settings.steps`` steps (MasterAdamW: fp32
+    """Fine-tune ``model`` in place on ``train`` for :func:`attack_steps` steps (MasterAdamW: fp32
     master and moments, constant ``lr``, no weight decay, clip 1.0) and measure ``measured`` at
     :func:`curve_steps`. Returns one row per measured step: ``step``, :data:`MEASURES`, ``loss``
     (the last step's training loss; NaN at step 0) and ``seconds`` (training time so far).
@@ -147,12 +169,17 @@ def relearn_curve(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout's masks come from the global generators
     optimizer = MasterAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    checkpoints = set(curve_steps(settings.steps, settings.eval_every))
+    steps = attack_steps(settings, len(examples))
+    checkpoints = set(curve_steps(steps, settings.eval_every))
     rows, trained_seconds, loss_value = [], 0.0, float("nan")
     model.eval()
     rows.append({"step": 0, **forget_measures(model, tokenizer, measured, eval_config, max_length), "loss": loss_value,
                  "seconds": 0.0})
-    batches = _batches(len(examples), settings.batch_size, settings.steps, generator)
+    if settings.data == "forget_epoch":  # every item once, in one shuffled order; the last batch may be short
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+    else:
+        batches = _batches(len(examples), settings.batch_size, steps, generator)
     for step, indices in enumerate(tqdm(batches, desc="relearn", disable=not progress, leave=False), start=1):
         started = time.perf_counter()
         model.train()
@@ -172,6 +199,17 @@ def relearn_curve(
             rows.append({"step": step, **forget_measures(model, tokenizer, measured, eval_config, max_length),
                          "loss": loss_value, "seconds": trained_seconds})
     model.eval()
+    return pd.DataFrame(rows)
+
+
+def attack_table(curve: pd.DataFrame) -> pd.DataFrame:
+    """The attack's rows of the robustness table (one model): each measure at step 0 (before) and at
+    the last step (after), setting ``steps=<last step>``."""
+    from simu_core.attacks.measures import table_rows
+
+    first, last = curve.sort_values("step").iloc[0], curve.sort_values("step").iloc[-1]
+    rows = table_rows("relearn", f"steps={int(last['step'])}", {name: float(first[name]) for name in MEASURES},
+                      {name: float(last[name]) for name in MEASURES})
     return pd.DataFrame(rows)
 
 

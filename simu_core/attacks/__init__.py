@@ -1,0 +1,1 @@
+"""Attacks on an unlearned model (see simu_core.attacks.registry)."""

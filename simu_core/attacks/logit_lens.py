@@ -1,0 +1,211 @@
+"""Logit lens attack: is the forgotten answer still readable from an intermediate layer?
+
+Patil et al. (arXiv 2309.17410) and Łucki et al. (arXiv 2409.18025) show that an answer unlearning
+has suppressed at the output can often still be decoded from the hidden states of earlier layers.
+The lens reads every decoder layer's output hidden state ``h_l`` through the model's own final
+normalisation and output embedding (``logits = unembed(norm(h_l))``) and scores the answer
+teacher-forced, exactly as the evaluation scores the model's probability: exp(-mean NLL over the
+answer tokens), prompts encoded by :func:`simu_core.prompting.encode_qa` with ``eval.template``.
+
+The decoder layer's hook sees its raw output (Hugging Face's ``output_hidden_states`` has the final
+norm already applied to its last entry), so the final norm is applied once at every layer and the
+last layer's lens equals the model's own output probability. The attack's figure is the highest
+per-layer mean probability (:func:`lens_summary`): well above the output's, the answer was hidden
+rather than removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from simu_core.config import EvalConfig
+from simu_core.metrics import tofu
+from simu_core.models.adapter import ArchitectureAdapter
+from simu_core.prompting import IGNORE_INDEX, collate, encode_qa, pad_token_id
+
+#: Where the final normalisation lives, by attribute path from the top-level model: Llama, Mistral,
+#: Qwen2, OLMo (1, 2), Gemma, Phi-3 (``model.norm``); Phi (``model.final_layernorm``); GPT-2, GPT-J,
+#: Falcon, Bloom (``transformer.ln_f``); GPT-NeoX. OPT (``model.decoder``) is handled apart.
+_FINAL_NORMS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm")
+#: Columns of :func:`layer_answer_probabilities`' table.
+TABLE_COLUMNS = ("item_id", "layer", "probability", "nll")
+
+
+def _module_at(model: nn.Module, dotted: str) -> nn.Module | None:
+    module: nn.Module | None = model
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def final_norm_and_unembedding(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(norm, unembedding)``: the modules that turn the last decoder layer's output into logits.
+
+    OPT's norm is its ``final_layer_norm`` followed by ``project_out`` when the model has one (it
+    maps to the embedding width), and the identity for post-norm OPT (no final norm: its layer
+    outputs are already normalised). Raises ValueError naming the model class when not found."""
+    unembedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if unembedding is None:
+        raise ValueError(f"logit lens: {type(model).__name__} has no output embedding (get_output_embeddings())")
+    decoder = _module_at(model, "model.decoder")
+    if decoder is not None and hasattr(decoder, "final_layer_norm"):
+        # OPT: the final norm (None in post-norm OPT), then project_out where the model has one.
+        parts = [part for part in (decoder.final_layer_norm, getattr(decoder, "project_out", None)) if part is not None]
+        if not parts:
+            return nn.Identity(), unembedding
+        return (parts[0] if len(parts) == 1 else nn.Sequential(*parts)), unembedding
+    for path in _FINAL_NORMS:
+        norm = _module_at(model, path)
+        if isinstance(norm, nn.Module):
+            return norm, unembedding
+    raise ValueError(
+        f"logit lens: unsupported architecture {type(model).__name__}: no final normalisation at any of "
+        f"{[*_FINAL_NORMS, 'model.decoder.final_layer_norm']}"
+    )
+
+
+def _float32(module: nn.Module) -> nn.Module:
+    """``module`` itself when its parameters are float32, else a float32 copy (the lens reads in float32)."""
+    if all(parameter.dtype == torch.float32 for parameter in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def layer_answer_probabilities(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    eval_config: EvalConfig,
+    *,
+    max_length: int,
+) -> pd.DataFrame:
+    """Per item of ``frame`` (item_id, question, answer) and per decoder layer l = 0..L-1, the answer
+    probability exp(-mean answer-token NLL) read from layer l's output through the final norm and
+    the output embedding; one forward pass per batch of ``eval_config.batch_size`` (right padded).
+
+    Returns :data:`TABLE_COLUMNS`, L rows per item in ``frame``'s order, layers ascending."""
+    missing = [column for column in ("item_id", "question", "answer") if column not in frame.columns]
+    if missing:
+        raise ValueError(f"logit lens: the items lack columns {missing}")
+    if len(frame) == 0:
+        raise ValueError("logit lens: no items to score")
+    norm, unembedding = final_norm_and_unembedding(model)  # first: its error names the model class
+    adapter = ArchitectureAdapter(model)
+    norm, unembedding = _float32(norm), _float32(unembedding)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)  # Gemma 2/3's output cap
+    examples = [encode_qa(tokenizer, question, answer, max_length, template=eval_config.template)
+                for question, answer in zip(frame["question"], frame["answer"])]
+    for row, example in enumerate(examples):
+        # Position 0 is never predicted, so a label there alone would score nothing.
+        if not any(label != IGNORE_INDEX for label in example.labels[1:]):
+            raise ValueError(f"logit lens: item {row} has no answer token to score")
+    layers = adapter.num_layers
+    nll = np.empty((len(examples), layers), dtype=np.float64)
+    pad_id = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    # The lens recomputes the last layer's logits itself: the model's own need only one position.
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # Longest first: an out-of-memory error shows up on the first batch, not after minutes.
+    order = sorted(range(len(examples)), key=lambda index: -len(examples[index].input_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), eval_config.batch_size):
+            chunk = order[start : start + eval_config.batch_size]
+            batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_id).items()}
+            with contextlib.ExitStack() as stack:
+                captured = [stack.enter_context(adapter.layer_output(layer)) for layer in range(layers)]
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                      **keep_last)
+            # Position t predicts label t+1; only the answer positions are read out (the norm acts
+            # per position, so selecting them first changes nothing and saves the vocabulary matmul
+            # over the prompt).
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            owner = mask.nonzero()[:, 0]
+            targets = labels[mask]
+            counts = mask.sum(-1).double()
+            for layer, outputs in enumerate(captured):
+                hidden = outputs[0][:, :-1][mask].float()
+                # Autocast off: a caller's bfloat16 autocast would undo the float32 read-out.
+                with torch.autocast(device_type=device.type, enabled=False):
+                    logits = unembedding(norm(hidden)).float()
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                token_nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, owner,
+                                                                                               token_nll.double())
+                nll[chunk, layer] = (sums / counts).cpu().numpy()
+    finally:
+        model.train(was_training)
+    # A mean of -log_softmax is >= 0 mathematically; float rounding may leave -1e-8.
+    nll = np.maximum(nll, 0.0)
+    return pd.DataFrame({
+        "item_id": np.repeat(frame["item_id"].astype(str).to_numpy(), layers),
+        "layer": np.tile(np.arange(layers), len(examples)),
+        "probability": tofu.probability_from_nll(nll.reshape(-1)),
+        "nll": nll.reshape(-1),
+    })
+
+
+def lens_summary(table: pd.DataFrame) -> dict[str, float]:
+    """From :func:`layer_answer_probabilities`' table: the mean probability over items of every
+    layer (``lens_prob_layer_<l>``), the highest of them (``lens_prob_max``, the attack's figure)
+    and the layer where it is reached (``lens_max_layer``, the first on a tie)."""
+    if len(table) == 0:
+        raise ValueError("logit lens: the table is empty")
+    per_layer = table.groupby("layer")["probability"].mean().sort_index()
+    figures = {f"lens_prob_layer_{int(layer)}": float(value) for layer, value in per_layer.items()}
+    figures["lens_prob_max"] = float(per_layer.max())
+    figures["lens_max_layer"] = float(per_layer.idxmax())
+    return figures
+
+
+def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config) -> "AttackOutcome":
+    """The lens on the measured forget items and the first ``attack.retain_items`` retain items: per
+    layer (setting ``layer=<l>``) and at the best layer (setting ``max``: per split, the layer whose
+    mean probability is highest), the mean lens probability (after) against the model's own output
+    probability, the last layer's lens (before). Writes the per-item, per-layer table as a file."""
+    import time
+
+    from simu_core.attacks.measures import measured_splits, outcome
+
+    started = time.perf_counter()
+    splits = measured_splits(benchmark, config, retain=True)
+    rows, frames = [], []
+    for split, measure in (("forget", "forget_prob"), ("retain_eval", "retain_prob")):
+        table = layer_answer_probabilities(model, tokenizer, splits[split], config.eval,
+                                           max_length=config.model.max_length)
+        frames.append(table.assign(split=split))
+        means = table.groupby("layer")["probability"].mean()
+        output = float(means.iloc[-1])  # the last layer's lens is the model's own output probability
+        for layer, value in means.items():
+            rows.append({"attack": "logit_lens", "setting": f"layer={int(layer)}", "measure": measure,
+                         "before": output, "after": float(value)})
+        rows.append({"attack": "logit_lens", "setting": "max", "measure": measure, "before": output,
+                     "after": float(means.max())})
+        rows.append({"attack": "logit_lens", "setting": "max_layer", "measure": measure, "before": float(len(means) - 1),
+                     "after": float(means.idxmax())})
+    result = outcome("logit_lens", rows, [], layers=int(frames[0]["layer"].nunique()),
+                     measured_items=len(splits["forget"]), retain_items=len(splits["retain_eval"]),
+                     seconds=time.perf_counter() - started)
+    result.files["logit_lens_items.parquet"] = pd.concat(frames, ignore_index=True)
+    return result
