@@ -603,7 +603,7 @@ def plan_memory(
     mask: NeuronMask | None = None,
     mask_fraction: float = 0.05,
     seq_len: int | None = None,
-    stages: Sequence[str] = ("train", "attribute", "unlearn", "evaluate", "relearn"),
+    stages: Sequence[str] = ("train", "attribute", "unlearn", "evaluate", "relearn", "attack"),
     device_memory_source: str = "",
 ) -> MemoryPlan:
     """Plan the run's stages per device (see the module docstring).
@@ -614,7 +614,7 @@ def plan_memory(
     ``device_counts``: the FSDP sizes planned for fine-tuning and unlearning (plus ``run.devices``). ``train`` is
     planned only when the run fine-tunes (the tiny model or ``model.base``), ``attribute`` only
     for masked methods, ``relearn`` only with ``relearn.enabled`` (one device: the attack is not
-    sharded).
+    sharded), ``attack`` (the other attacks of ``attacks``, one device) only when one is listed.
     """
     from simu_core.unlearning import get_method
 
@@ -676,7 +676,40 @@ def plan_memory(
                                           "peak": max(row.peak, generation)}))
     if "relearn" in stages and config.relearn.enabled:
         plan.stages.append(_relearn_row(model_config, config, seq_len, evaluation, dtype))
+    if "attack" in stages and any(attack != "relearn" for attack in config.attacks):
+        plan.stages.append(_attack_row(model_config, config, seq_len, evaluation, dtype))
     return plan
+
+
+def _attack_row(model_config: Any, config: SimuConfig, seq_len: int, evaluation: StepMemory,
+                dtype: torch.dtype) -> StageMemory:
+    """The attacks but relearning, on one device; the largest of: the quantization attack (the model and
+    its quantized copy, then the evaluation's scoring pass or generation cache), the in-context attack (the
+    evaluation at ``k + 1`` times the sequence length: k shown items before each question, an upper
+    bound), and the logit lens (the scoring pass plus every layer's hidden states of a batch, float32)."""
+    batch = config.eval.batch_size
+    measuring = max(evaluation.activations,
+                    _kv_cache_bytes(model_config, batch, seq_len + config.eval.max_new_tokens, dtype))
+    candidates = {}
+    if "quantize" in config.attacks:
+        candidates["quantize"] = 2 * evaluation.weights + measuring
+    if "in_context" in config.attacks:
+        longer = (config.attack.in_context.k + 1) * seq_len
+        candidates["in_context"] = evaluation.weights + max(
+            evaluation.activations * (config.attack.in_context.k + 1),
+            _kv_cache_bytes(model_config, batch, longer + config.eval.max_new_tokens, dtype))
+    if "logit_lens" in config.attacks:
+        text = getattr(model_config, "get_text_config", lambda: model_config)()
+        hidden = _num_layers(text) * batch * seq_len * text.hidden_size * 4
+        candidates["logit_lens"] = evaluation.weights + evaluation.activations + hidden
+    if "paraphrase" in config.attacks:
+        candidates["paraphrase"] = evaluation.weights + measuring
+    largest = max(candidates, key=candidates.get)
+    row = _row("attack", 1, batch, seq_len, evaluation, None, False,
+               f"attacks {sorted(candidates)} one after another; the largest is {largest} (quantize: the model and "
+               "its quantized copy; in_context: k shown items lengthen the prompt; logit_lens: every layer's hidden "
+               "states); one device")
+    return StageMemory(**{**asdict(row), "peak": max(candidates.values())})
 
 
 def _relearn_row(model_config: Any, config: SimuConfig, seq_len: int, evaluation: StepMemory,

@@ -138,6 +138,20 @@ def test_the_plan_has_a_relearning_row_only_when_the_attack_runs():
     assert "relearn" in planning.format_plan(plan)
 
 
+def test_the_plan_has_an_attack_row_sized_by_its_largest_attack():
+    base = TINY + ["attack.quantize.group_size=32"]
+    assert not planning.plan_memory(load_config(overrides=base)).rows("attack")
+    plan = planning.plan_memory(load_config(overrides=base + ["attacks=[quantize]"]))
+    (row,) = plan.rows("attack")
+    evaluate = plan.rows("evaluate")[0]
+    # The model and its quantized copy, then the evaluation's larger of scoring pass and generation cache.
+    assert row.devices == 1 and row.peak == 2 * evaluate.weights + evaluate.activations
+    longer = planning.plan_memory(load_config(overrides=base + ["attacks=[quantize, in_context]",
+                                                                "attack.in_context.k=8"])).rows("attack")[0]
+    assert longer.peak > row.peak and "largest is in_context" in longer.note
+    assert "attack" in planning.format_plan(plan)
+
+
 def test_deep_models_are_extrapolated_from_two_and_three_layers(monkeypatch):
     config = load_config(overrides=TINY + ["model.tiny.num_layers=7", "unlearn.method=so_graddiff"])
     shape = planning.architecture_config(config)
