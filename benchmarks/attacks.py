@@ -37,25 +37,16 @@ from simu_core.config import load_config  # noqa: E402
 
 
 def models(config, workdir: Path) -> tuple[Path, dict[str, Path]]:
-    """The data folder and the unlearned model, target and retain reference under ``workdir``."""
-    folders = {name: workdir / name for name in ("data", "target", "reference", "reference_eval", "forget_scores",
-                                                 "retain_scores", "mask", "unlearned")}
-    if not (folders["data"] / "sizes.json").is_file():
-        stages.prepare_data(config, folders["data"])
-    for which in ("target", "reference"):
-        if not (folders[which] / "model").is_dir():
-            stages.train_model(config, folders["data"], folders[which], which, progress=False)
-    if not (folders["reference_eval"] / "items.parquet").is_file():
-        stages.evaluate(config, folders["data"], folders["reference"], folders["reference_eval"], light=True)
-    for which in ("forget", "retain"):
-        if not (folders[f"{which}_scores"] / stages.SCORES_FILE).is_file():
-            stages.attribute(config, folders["data"], folders["target"], folders[f"{which}_scores"], which)
-    if not (folders["mask"] / stages.MASK_FILE).is_file():
-        stages.threshold_mask(config, folders["forget_scores"], folders["retain_scores"], folders["mask"])
-    if not (folders["unlearned"] / "model").is_dir():
-        stages.unlearn(config, folders["data"], folders["target"], folders["mask"], folders["unlearned"], progress=False,
+    """The data folder and the unlearned model, target and retain reference under ``workdir``
+    (``benchmarks/stop_checks.py``'s preparation, then the default method's unlearning)."""
+    from stop_checks import prepared
+
+    folders = prepared(config, workdir)
+    unlearned = workdir / "unlearned"
+    if not (unlearned / "model").is_dir():
+        stages.unlearn(config, folders["data"], folders["target"], folders["mask"], unlearned, progress=False,
                        reference_items_path=folders["reference_eval"] / "items.parquet")
-    return folders["data"], {name: folders[name] for name in ("unlearned", "target", "reference")}
+    return folders["data"], {"unlearned": unlearned, "target": folders["target"], "reference": folders["reference"]}
 
 
 def main() -> None:

@@ -35,14 +35,8 @@ declare -A TESTBED_LRS=(
   [simu_mlp_random]=${LR_simu_mlp_random:-5e-3,6e-3,8e-3,1e-2}
 )
 
-curve_args() {  # curve name -> the --set arguments of that curve
-  case $1 in
-    simu_random) echo "--set unlearn.method=simu --set mask.rule=random" ;;
-    simu_mlp) echo "--set unlearn.method=simu --set unlearn.train_attention=false" ;;
-    simu_mlp_random) echo "--set unlearn.method=simu --set unlearn.train_attention=false --set mask.rule=random" ;;
-    *) echo "--set unlearn.method=$1" ;;
-  esac
-}
+# shellcheck source=scripts/curves.sh
+source scripts/curves.sh
 
 sweep() {  # part name, lr table name, extra arguments for every ablate call...
   local name=$1 table=$2; shift 2

@@ -95,7 +95,7 @@ def test_overlap_names_the_first_few_shared_items():
 def test_lume_and_the_relearning_attack_are_refused():
     with pytest.raises(ConfigError, match="sequential deletion requests are for the TOFU-style benchmarks"):
         load_config(overrides=["data.benchmark=lume", "model.target=org/model", "data.requests=2"])
-    with pytest.raises(ConfigError, match="data.requests with relearn.enabled=true"):
+    with pytest.raises(ConfigError, match=r"data.requests with attacks=\['relearn'\]: the attacks run after a single"):
         load_config(overrides=["data.requests=2", "relearn.enabled=true"])
 
 
