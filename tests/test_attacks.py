@@ -316,3 +316,33 @@ def test_an_in_context_k_too_large_is_refused_before_any_training(prefect_api, t
     runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
     states = {column: runs[column].iloc[-1] for column in runs if column.startswith("state.")}
     assert states == {"state.prepare_data": "Completed"}
+
+
+def test_report_reads_the_attacks_of_matched_readings_at_each_curves_best_lr(tmp_path):
+    """Stopped runs: the robustness table averages the matched readings at each curve's best lr only
+    (simu at 1e-4, so_graddiff at 1e-3: the stopped tables' choice), and pairs them on target and seed."""
+    from test_report_matched import _stopped_folder
+
+    from flows.report import write_report
+
+    results = tmp_path / "results"
+    runs = _stopped_folder(results)
+    stopped = runs["stop.status"].notna()
+    # Recovery 2.0 for simu at its best lr, 1.5 + seed / 10 for so_graddiff at its own; other lrs 9.0 (must not show).
+    best = {"simu": 1e-4, "so_graddiff": 1e-3}
+    recovery = [
+        (2.0 if method == "simu" else 1.5 + seed / 10) if lr == best.get(method) else 9.0
+        for method, lr, seed in zip(runs["config.unlearn.method"], runs["config.unlearn.lr"], runs["config.run.seed"])]
+    runs["metric.attack_relearn_recovery"] = np.where(stopped, recovery, np.nan)
+    runs["metric.attack_quantize_recovery"] = np.where(stopped, 1.0, np.nan)
+    runs["metric.attack_quantize_4bit_recovery"] = runs["metric.attack_quantize_recovery"]
+    runs.to_parquet(results / "runs.parquet")
+    markdown = write_report(results)["markdown"]
+    table = pd.read_csv(results / "report" / "robustness_stopped_at_forget_prob__reference.csv").set_index("curve")
+    assert table.loc["simu", "relearn_recovery_mean"] == pytest.approx(2.0) and table.loc["simu", "readings"] == 4
+    assert table.loc["so_graddiff", "relearn_recovery_mean"] == pytest.approx(1.55)
+    assert "| simu | 4 (2 targets x 2 seeds = 4 readings) |" in markdown
+    # Paired on (target, seed): simu − so_graddiff = 0.5 and 0.4 per seed.
+    assert "| stopped at forget_prob<=reference | simu | so_graddiff | 4 (2 targets x 2 seeds = 4 readings) |" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| stopped at forget_prob<=reference | simu |"))
+    assert "0.450 ± 0.058" in row
