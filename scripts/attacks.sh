@@ -54,8 +54,8 @@ if [[ $PART == all || $PART == losses ]]; then
 fi
 
 if [[ $PART == all || $PART == default ]]; then
-  # The same on the built-in default config (no MLP localisation: the knockout's critical neurons are no more
-  # selective than random ones there), four curves: the default method's 2e-4 (the default run
+  # The same on the built-in default config (not the MLP-localised testbed), four curves: the default method's
+  # 2e-4 (the default run
   # reaches the reference's level at step 85 of 200) and the testbed's best lrs scaled by the same 2e-4 / 1.2e-4;
   # SIMU (and its random control) matched 4 (5) of 9 readings at 2e-4, so 1.5e-4 was added for them.
   declare -A DEFAULT_LR=([fo_graddiff]=2e-4 [so_graddiff]=8e-5 [simu]=1.5e-4,2e-4 [simu_random]=1.5e-4,2e-4)
