@@ -284,14 +284,12 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
         # Each attack's headline recovery (quantization's per-bit columns end in "bit_recovery").
         recovery = [column for column in chosen.columns if column.startswith("metric.attack_")
                     and column.endswith("_recovery") and not column.endswith("bit_recovery")]
-        differences = paired_differences(chosen, recovery)
+        names = {column: column.removeprefix("metric.attack_") for column in recovery}
+        differences = paired_differences(chosen.rename(columns=names), list(names.values()))
         if not differences.empty:
-            names = {column: column.removeprefix("metric.attack_") for column in recovery}
-            renamed = differences.rename(columns=lambda column: next(
-                (column.replace(full, short) for full, short in names.items() if column.startswith(full)), column))
             lines += ["Paired differences of recovery (same target, seed and data; A − B, mean ± std over the pairs; "
                       "quantization at the fewest bits):", "",
-                      paired_markdown(renamed.assign(where=where.split(",")[0]), list(names.values())), ""]
+                      paired_markdown(differences.assign(where=where.split(",")[0]), list(names.values())), ""]
     return lines
 
 

@@ -753,52 +753,47 @@ def _write_attack(result: Any, out_dir: Path, started: float) -> dict[str, Any]:
     return summary
 
 
+def _attack_stage(attack: str, module: Any, config: SimuConfig, data_dir: Path, model_dir: Path,
+                  out_dir: Path) -> dict[str, Any]:
+    """``module.run`` on the model in ``model_dir``, its outcome written into ``out_dir``. Each attack's
+    stage function imports its own module, so that each stage's code version covers only its attack."""
+    import time
+
+    started = time.perf_counter()
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, attack)
+    return _write_attack(module.run(model, tokenizer, benchmark, config), out_dir, started)
+
+
 def attack_quantize(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Quantization attack on one model (:mod:`simu_core.attacks.quantize`): forget and retain measures of
     the model and of its weight-only quantized copies (``attack.quantize``)."""
-    import time
-
     from simu_core.attacks import quantize
 
-    started = time.perf_counter()
-    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "quantize")
-    return _write_attack(quantize.run(model, tokenizer, benchmark, config), out_dir, started)
+    return _attack_stage("quantize", quantize, config, data_dir, model_dir, out_dir)
 
 
 def attack_paraphrase(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Paraphrase attack on one model (:mod:`simu_core.attacks.paraphrase`): forget measures with the
     original and with the paraphrased questions."""
-    import time
-
     from simu_core.attacks import paraphrase
 
-    started = time.perf_counter()
-    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "paraphrase")
-    return _write_attack(paraphrase.run(model, tokenizer, benchmark, config), out_dir, started)
+    return _attack_stage("paraphrase", paraphrase, config, data_dir, model_dir, out_dir)
 
 
 def attack_in_context(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """In-context attack on one model (:mod:`simu_core.attacks.in_context`; ``run.seed`` splits the items
     and draws the shown ones): forget measures without and with ``k`` forget items in the prompt."""
-    import time
-
     from simu_core.attacks import in_context
 
-    started = time.perf_counter()
-    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "in_context")
-    return _write_attack(in_context.run(model, tokenizer, benchmark, config), out_dir, started)
+    return _attack_stage("in_context", in_context, config, data_dir, model_dir, out_dir)
 
 
 def attack_logit_lens(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Logit-lens attack on one model (:mod:`simu_core.attacks.logit_lens`): the answer probability read
     from every layer, against the model's output."""
-    import time
-
     from simu_core.attacks import logit_lens
 
-    started = time.perf_counter()
-    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "logit_lens")
-    return _write_attack(logit_lens.run(model, tokenizer, benchmark, config), out_dir, started)
+    return _attack_stage("logit_lens", logit_lens, config, data_dir, model_dir, out_dir)
 
 
 def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:

@@ -281,6 +281,9 @@ def test_every_attack_in_the_pipeline_writes_its_tables_and_shares_the_reference
     lens = robustness[(robustness["attack"] == "logit_lens") & (robustness["measure"] == "forget_prob")]
     last = lens[lens["setting"] == "layer=1"].iloc[0]  # 2 layers: the lens at the last is the model's own output
     assert last["unlearned_after"] == pytest.approx(last["unlearned_before"], rel=1e-5)
+    # The best layer is a measure of its own, with no recovery (a layer index is no probability).
+    best = robustness[(robustness["attack"] == "logit_lens") & (robustness["measure"] == "forget_best_layer")].iloc[0]
+    assert best["unlearned_before"] == 1.0 and best["unlearned_after"] in (0.0, 1.0) and np.isnan(best["recovery"])
     runs = pd.read_parquet(root / "results" / "runs.parquet")
     row = runs.iloc[-1]
     for attack in ATTACKS:

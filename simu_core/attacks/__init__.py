@@ -1,1 +1,1 @@
-"""Attacks on an unlearned model (see simu_core.attacks.registry)."""
+"""Attacks on an unlearned model: one module each; their names and stages in :mod:`simu_core.attacks.names`."""

@@ -181,9 +181,10 @@ def lens_summary(table: pd.DataFrame) -> dict[str, float]:
 
 def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config) -> "AttackOutcome":
     """The lens on the measured forget items and the first ``attack.retain_items`` retain items: per
-    layer (setting ``layer=<l>``) and at the best layer (setting ``max``: per split, the layer whose
-    mean probability is highest), the mean lens probability (after) against the model's own output
-    probability, the last layer's lens (before). Writes the per-item, per-layer table as a file."""
+    layer (setting ``layer=<l>``) and at the best layer (setting ``max``), the mean lens probability
+    (after) against the model's own output probability, the last layer's lens (before); the best
+    layer itself as measure ``<split>_best_layer`` (before: the last layer). Writes the per-item,
+    per-layer table as a file."""
     import time
 
     from simu_core.attacks.measures import measured_splits, outcome
@@ -191,19 +192,19 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config)
     started = time.perf_counter()
     splits = measured_splits(benchmark, config, retain=True)
     rows, frames = [], []
-    for split, measure in (("forget", "forget_prob"), ("retain_eval", "retain_prob")):
+    for split, prefix in (("forget", "forget"), ("retain_eval", "retain")):
         table = layer_answer_probabilities(model, tokenizer, splits[split], config.eval,
                                            max_length=config.model.max_length)
         frames.append(table.assign(split=split))
-        means = table.groupby("layer")["probability"].mean()
-        output = float(means.iloc[-1])  # the last layer's lens is the model's own output probability
-        for layer, value in means.items():
-            rows.append({"attack": "logit_lens", "setting": f"layer={int(layer)}", "measure": measure,
-                         "before": output, "after": float(value)})
-        rows.append({"attack": "logit_lens", "setting": "max", "measure": measure, "before": output,
-                     "after": float(means.max())})
-        rows.append({"attack": "logit_lens", "setting": "max_layer", "measure": measure, "before": float(len(means) - 1),
-                     "after": float(means.idxmax())})
+        figures = lens_summary(table)
+        layers = table["layer"].nunique()
+        output = figures[f"lens_prob_layer_{layers - 1}"]  # the last layer's lens is the model's own output
+        row = {"attack": "logit_lens", "measure": f"{prefix}_prob", "before": output}
+        rows += [{**row, "setting": f"layer={layer}", "after": figures[f"lens_prob_layer_{layer}"]}
+                 for layer in range(layers)]
+        rows.append({**row, "setting": "max", "after": figures["lens_prob_max"]})
+        rows.append({"attack": "logit_lens", "setting": "max", "measure": f"{prefix}_best_layer",
+                     "before": float(layers - 1), "after": figures["lens_max_layer"]})
     result = outcome("logit_lens", rows, [], layers=int(frames[0]["layer"].nunique()),
                      measured_items=len(splits["forget"]), retain_items=len(splits["retain_eval"]),
                      seconds=time.perf_counter() - started)

@@ -49,7 +49,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from simu_core.attacks.quantize_settings import (  # noqa: F401  (offered here too)
-    QUANTIZATION_BITS, QUANTIZATION_SCHEMES, _is_int, check_quantization)
+    QUANTIZATION_BITS, QUANTIZATION_SCHEMES, check_quantization)
 
 if TYPE_CHECKING:
     import torch

@@ -142,7 +142,7 @@ def format_robustness(table: pd.DataFrame) -> list[str]:
              "reference (before -> after)  recovery  regained  OpenUnlearning"]
     for _, row in rows.iterrows():
         if row["attack"] == "logit_lens" and row["setting"] != "max":
-            continue  # per-layer rows are in robustness.parquet
+            continue  # per-layer rows (and the best layer, forget_best_layer) are in robustness.parquet
         extra = ""
         if np.isfinite(row["ou_relearning_r"]):
             extra = f"R {row['ou_relearning_r']:.3g}"
