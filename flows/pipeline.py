@@ -316,7 +316,7 @@ def run_requests(config: SimuConfig, run: _StageRunner, data: dict, requests: li
     for index, items in enumerate(requests, 1):
         seen = union_order(requests[:index])
         refs = run_request(config, run, f"request{index}", data, items, seen, model, reference)
-        done.append({"index": index, "items": len(seen), "refs": refs})
+        done.append({"index": index, "items": len(seen), "own_items": list(items), "refs": refs})
         model = refs["unlearned"]
     return done
 

@@ -62,7 +62,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
     lines += _knockout_section(results, runs, out, plots)
     lines += _relearning_section(results, runs, out, plots)
     lines += _robustness_section(runs, out, plots, tolerance)
-    lines += _requests_section(requests, out, plots)
+    lines += _requests_section(results, requests, out, plots)
     lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
@@ -293,20 +293,30 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
     return lines
 
 
-def _requests_section(rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:
-    """Sequential deletion requests: per setting (method, ...) and request, mean ± std over seeds of
-    model utility, forget quality, forget probability and retain probability, and the plot against the number of
-    requests; nothing when no run had ``data.requests``."""
+def _requests_section(results: Path, rows: pd.DataFrame, out: Path, plots: dict) -> list[str]:
+    """Sequential deletion requests: per setting (method, ...) and request, mean ± std of model
+    utility, forget quality, forget probability and retain probability (with the stop outcome of
+    stopped runs), each request's own items' forget probability after every later request, and the
+    plot against the number of requests; nothing when no run had ``data.requests``."""
     if rows.empty:
         return []
     table = reporting.request_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "requests.csv", index=False)
     plots["requests"] = reporting.plot_requests(rows, out / "requests.png")
-    return ["## Sequential deletion requests", "",
-            "Request i unlearns its items from the model request i-1 produced; forget measures on every request so "
-            "far, against the retain reference; retain probability on the retain split. Mean ± std over seeds.", "",
-            reporting.table_markdown(table), ""]
+    spread = "targets x seeds (columns targets, seeds, readings)" if "readings" in table.columns else "seeds"
+    lines = ["## Sequential deletion requests", "",
+             "Request i unlearns its items from the model request i-1 produced; forget measures on every request so "
+             f"far, against the retain reference; retain probability on the retain split. Mean ± std over {spread}."
+             + (" `matched`: readings whose request stopped at the level within the tolerance (its own items, "
+                "`unlearn.stop_at`)." if "matched" in table.columns else ""), "",
+             reporting.table_markdown(table), ""]
+    items = reporting.request_item_table(results, rows)
+    if not items.empty:
+        items.to_csv(out / "request_items.csv", index=False)
+        lines += ["Forget probability of each request's own items after each request (mean over the readings):", "",
+                  reporting.request_item_markdown(items), ""]
+    return lines
 
 
 def _requests_only_report(results: Path, out: Path, rows: pd.DataFrame) -> dict[str, Any]:
@@ -314,7 +324,7 @@ def _requests_only_report(results: Path, out: Path, rows: pd.DataFrame) -> dict[
     plots: dict = {}
     count = rows["run_id"].nunique()
     lines = [f"# simu report ({count} sequential run{'s' if count != 1 else ''})", "", f"Results folder: `{results}`",
-             "", *_requests_section(rows, out, plots)]
+             "", *_requests_section(results, rows, out, plots)]
     lines += [f"![{name}]({Path(path).name})" for name, path in plots.items()]
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)

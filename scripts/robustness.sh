@@ -3,7 +3,7 @@
 # sequential deletion requests, on the testbed preset (data/configs/mlp_localised.yaml).
 #   scripts/robustness.sh                   # both parts
 #   PART=relearn scripts/robustness.sh      # relearning attack on models stopped at the reference's level
-#   PART=requests scripts/robustness.sh     # 4 sequential requests of one forget author each (fixed budget)
+#   PART=requests scripts/robustness.sh     # 4 sequential requests of one forget author each, each stopped at the level
 # Relearning: each method at its best lr of the matched-forgetting sweep (scripts/matched_forgetting.sh,
 # the highest utility among the lrs where every reading matched), stopped at the retain reference's
 # forget probability (unlearn.stop_at), 3 targets x 3 seeds: the attacked models forgot equally much.
@@ -42,20 +42,21 @@ if [[ $PART == all || $PART == relearn ]]; then
   $SIMU report --results $OUT/relearn
 fi
 
-# Unlearning epochs per request: 5 is the one-shot run's setting (15 steps on a request's 10 items,
-# 60 in all); 17 gives every request the one-shot run's 50-step budget (51 steps). A fixed budget
-# (unlearn.stop_at=null) at the lrs of the earlier, interpolated matched readings: the protocol of
-# the requests table in docs/results.md, which this session did not re-run.
-REQUEST_METHODS=${REQUEST_METHODS:-fo_graddiff:3e-4 so_graddiff:1.2e-4 simu:3e-4}
-REQUEST_EPOCHS=${REQUEST_EPOCHS:-5 17}
+# Sequential requests, stopped: 4 requests of one forget author (10 items) each; every request stops at
+# the retain reference's forget probability on its own items (unlearn.stop_at), so every request forgets
+# as much as the reference, at each method's best lr of the one-shot matched sweep (the relearn part's
+# METHODS); 3 targets x 3 seeds. A budget of 40 epochs per request (120 steps on 10 items at batch 4) so
+# that the level, not the budget, ends each request; a request that overshoots or never reaches the
+# level is counted as not matched in the report.
+REQUEST_METHODS=${REQUEST_METHODS:-fo_graddiff:1.2e-4 so_graddiff:5e-5 simu:1.2e-4 simu-random:1.2e-4}
+REQUEST_EPOCHS=${REQUEST_EPOCHS:-40}
 if [[ $PART == all || $PART == requests ]]; then
-  for epochs in $REQUEST_EPOCHS; do
-    for entry in $REQUEST_METHODS; do
-      name=${entry%%:*} lr=${entry##*:}
-      # shellcheck disable=SC2046
-      $SIMU ablate "${COMMON[@]}" $(method_args "$name") --grid unlearn.lr="$lr" --set data.requests=4 \
-        --set unlearn.stop_at=null --set unlearn.epochs="$epochs" --set run.results=$OUT/requests-e$epochs
-    done
-    $SIMU report --results $OUT/requests-e$epochs
+  for entry in $REQUEST_METHODS; do
+    name=${entry%%:*} lr=${entry##*:}
+    # shellcheck disable=SC2046
+    $SIMU ablate "${COMMON[@]}" $(method_args "$name") --grid unlearn.lr="$lr" --set data.requests=4 \
+      --targets "$TARGETS" --set unlearn.stop_at='forget_prob<=reference' --set unlearn.epochs="$REQUEST_EPOCHS" \
+      --set run.results=$OUT/requests
   done
+  $SIMU report --results $OUT/requests
 fi

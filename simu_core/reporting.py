@@ -570,17 +570,78 @@ def read_request_runs(results: str | Path) -> pd.DataFrame:
 
 
 def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) -> pd.DataFrame:
-    """Mean and std over seeds of each metric (model utility, forget quality, forget and retain
-    probability) per setting (method, ...) and request index, with the forget items seen so far
-    (columns ``request`` and ``items so far``)."""
+    """Mean and std of each metric (model utility, forget quality, forget and retain probability) per
+    setting (method, ...) and request index, with the forget items seen so far (columns ``request``
+    and ``items so far``). The spread runs over targets x seeds when the rows hold several targets
+    (columns ``targets``, ``seeds``, ``readings``), else over seeds. Stopped runs (``unlearn.stop_at``)
+    add how many of the readings stopped at the level within the tolerance (``matched``, "k/n") and
+    their mean stop step: a request whose run never reached the level, or overshot it, is not matched."""
     keys = (setting_columns(rows) or ["config.unlearn.method"]) + [REQUEST_INDEX, REQUEST_ITEMS]
     present = [metric for metric in metrics if metric in rows.columns]
     grouped = rows.groupby(keys, sort=True, dropna=False)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    table.insert(0, "seeds", grouped.size())
+    if "stop.matched" in rows.columns and rows["stop.matched"].notna().any():
+        matched = rows["stop.matched"].fillna(False).astype(bool)
+        counts = matched.groupby([rows[key] for key in keys], sort=True, dropna=False).agg(["sum", "size"])
+        table["matched"] = [f"{int(done)}/{int(size)}" for done, size in zip(counts["sum"], counts["size"])]
+        table["mean step"] = grouped["stop.step"].mean().round(0) if "stop.step" in rows.columns else None
+    if _targets_vary(rows):
+        table.insert(0, "readings", grouped.size())
+        table.insert(0, "seeds", grouped[SEED_COLUMN].nunique() if SEED_COLUMN in rows.columns else 1)
+        table.insert(0, "targets", rows.assign(_target=rows[TARGET_SEED_COLUMN].fillna(0))
+                     .groupby(keys, sort=True, dropna=False)["_target"].nunique())
+    else:
+        table.insert(0, "seeds", grouped.size())
     table.index.names = [key.removeprefix("config.") for key in keys]
     return table.reset_index().rename(columns={REQUEST_INDEX: "request", REQUEST_ITEMS: "items so far"})
+
+
+def request_item_table(results: str | Path, rows: pd.DataFrame, column: str = "probability") -> pd.DataFrame:
+    """Each request's own forget items followed through the later requests: per setting and request
+    i, the mean of the unlearned model's per-item ``column`` (``items.parquet``; ``probability``: the
+    forget probability, whose mean over the items is the headline ``forget_prob``) on request j's items (j <= i; columns ``request j``),
+    mean over the readings (targets x seeds; ``readings``). Reads ``request<i>/items.parquet`` and
+    ``request<j>/request_items.parquet`` of every run folder; runs written before the latter existed
+    are left out. Empty when no run has them."""
+    keys = setting_columns(rows) or ["config.unlearn.method"]
+    records = []
+    for run_id, run_rows in rows.groupby("run_id", sort=False):
+        folder = Path(results) / "runs" / str(run_id)
+        owners: dict[str, int] = {}
+        for index in sorted(run_rows[REQUEST_INDEX].astype(int)):
+            own = folder / f"request{index}" / "request_items.parquet"
+            if not own.is_file():
+                owners = {}
+                break
+            owners.update({item: index for item in pd.read_parquet(own)["item_id"]})
+        if not owners:
+            continue
+        for _, row in run_rows.iterrows():
+            index = int(row[REQUEST_INDEX])
+            items = pd.read_parquet(folder / f"request{index}" / "items.parquet")
+            forget = items[(items["split"] == "forget") & (items["model"] == "unlearned")]
+            owner = forget["item_id"].map(owners)
+            for request, values in forget.groupby(owner)[column]:
+                records.append({**{key: row[key] for key in keys}, "run_id": run_id, "after request": index,
+                                "request": int(request), "value": float(values.mean())})
+    if not records:
+        return pd.DataFrame()
+    frame = pd.DataFrame(records)
+    group = [*keys, "after request"]
+    table = frame.groupby([*group, "request"], sort=True, dropna=False)["value"].mean().unstack("request")
+    table.columns = [f"request {column} items" for column in table.columns]
+    table.insert(0, "readings", frame.groupby(group, dropna=False)["run_id"].nunique())
+    table.index.names = [key.removeprefix("config.") for key in group]
+    return table.reset_index()
+
+
+def request_item_markdown(table: pd.DataFrame) -> str:
+    """:func:`request_item_table` as Markdown (a request's items before it was made: blank)."""
+    value_columns = [column for column in table.columns if column.startswith("request ") and column.endswith(" items")]
+    shown = table.assign(**{column: table[column].map(lambda value: "" if pd.isna(value) else _fmt(value))
+                            for column in value_columns})
+    return table_markdown(shown)
 
 
 def plot_requests(rows: pd.DataFrame, path: str | Path) -> Path:

@@ -272,6 +272,7 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
 
 
 #: The curve the CLI and the run summary show per request (besides the request and the items so far).
+REQUEST_ITEMS_FILE = "request_items.parquet"  # per request folder: its own forget item ids
 REQUEST_CURVE = ("forget_quality", "model_utility", "forget_prob")
 
 
@@ -283,7 +284,8 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
     items seen so far) with its headline metrics; Prefect artifacts; the summary with the curve.
 
     ``refs``: the shared stages (data, target, reference); ``requests``: per request (in order) its
-    ``index``, ``items`` and ``refs`` (as :func:`report` takes them, plus ``start``: the model it
+    ``index``, ``items``, ``own_items`` (its own forget item ids, written to ``request_items.parquet``) and
+    ``refs`` (as :func:`report` takes them, plus ``start``: the model it
     unlearned from).
     """
     started = time.perf_counter()
@@ -293,7 +295,10 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
     curve, rows = [], []
     for request in requests:
         request_refs = request["refs"]
-        _write_tables(store, request_refs, run_dir / f"request{request['index']}")
+        folder = run_dir / f"request{request['index']}"
+        _write_tables(store, request_refs, folder)
+        # The request's own items, so a report can follow each request's items after later requests.
+        _write_parquet_atomic(pd.DataFrame({"item_id": request["own_items"]}), folder / REQUEST_ITEMS_FILE)
         headline = _summary(store, request_refs.get("evaluate"))
         row = run_row(cfg, run_id, "completed", {**headline, **_summary(store, request_refs.get("knockout"))}, states,
                       seconds, kind="request")

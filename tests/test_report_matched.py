@@ -343,3 +343,46 @@ def test_best_lr_falls_back_to_the_most_matched_lr_and_says_so():
     assert "the lr with the most matched readings (8/9)" in fallback["note"]
     none = best_lrs(table([(1e-4, 5, 0.70), (2e-4, 0, float("nan"))])).iloc[0]
     assert np.isnan(none["lr"]) and none["note"].startswith("no lr has every reading matched (lr 0.0001: 5/9")
+
+
+def test_request_table_spreads_over_targets_and_counts_the_matched_readings():
+    rows = pd.DataFrame([{"config.unlearn.method": "simu", "config.run.seed": seed, "config.model.finetune.seed": target,
+                          "request.index": 1, "request.items": 10, "model_utility": 0.7, "forget_quality": 0.9,
+                          "forget_prob": 0.1 + 0.01 * target, "retain_prob": 0.9, "stop.matched": matched,
+                          "stop.step": step}
+                         for (target, seed, matched, step) in ((0, 0, True, 10), (0, 1, False, 20), (1, 0, True, 30))])
+    table = reporting.request_table(rows)
+    row = table.iloc[0]
+    assert (row["targets"], row["seeds"], row["readings"]) == (2, 2, 3)
+    assert row["matched"] == "2/3" and row["mean step"] == 20
+    assert row["forget_prob_mean"] == pytest.approx((0.1 + 0.1 + 0.11) / 3)
+    header = reporting.table_markdown(table).splitlines()[0]
+    assert "matched" in header and "readings" in header
+
+
+def test_request_item_table_follows_each_requests_items(tmp_path):
+    # One run of 2 requests: request 1 = items a, b; request 2 = item c. After request 2 the union is evaluated.
+    folder = tmp_path / "runs" / "run-1"
+    evaluations = {1: {"a": 0.4, "b": 0.2}, 2: {"a": 0.1, "b": 0.3, "c": 0.05}}
+    for index, own in ((1, ["a", "b"]), (2, ["c"])):
+        (folder / f"request{index}").mkdir(parents=True)
+        pd.DataFrame({"item_id": own}).to_parquet(folder / f"request{index}" / "request_items.parquet")
+        probs = evaluations[index]
+        items = pd.DataFrame({"item_id": list(probs), "split": "forget", "model": "unlearned",
+                              "probability": list(probs.values())})
+        reference = items.assign(model="reference", probability=0.9)  # other models' rows are not read
+        pd.concat([items, reference]).to_parquet(folder / f"request{index}" / "items.parquet")
+    rows = pd.DataFrame([{"run_id": "run-1", "config.unlearn.method": "simu", "request.index": index}
+                         for index in (1, 2)])
+    table = reporting.request_item_table(tmp_path, rows)
+    assert table["after request"].tolist() == [1, 2]
+    assert table["request 1 items"].tolist() == pytest.approx([0.3, 0.2])
+    assert pd.isna(table.loc[0, "request 2 items"]) and table.loc[1, "request 2 items"] == pytest.approx(0.05)
+    markdown = reporting.request_item_markdown(table)
+    header = [cell.strip() for cell in markdown.splitlines()[0].split("|")]
+    first = [cell.strip() for cell in markdown.splitlines()[2].split("|")]
+    assert first[header.index("request 2 items")] == ""  # request 2's items before request 2: blank
+    assert first[header.index("request 1 items")] == "0.300"
+    # A run folder written before request_items.parquet existed is left out, not mislabelled.
+    (folder / "request2" / "request_items.parquet").unlink()
+    assert reporting.request_item_table(tmp_path, rows).empty

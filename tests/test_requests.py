@@ -237,3 +237,9 @@ def test_cli_summary_and_report_show_the_curve(prefect_api, requests_workspace):
     # The 3- and the 4-request runs are two settings (data.requests differs): 3 + 4 rows.
     assert sorted(table["items so far"]) == [2, 2, 4, 4, 6, 6, 8] and set(table["seeds"]) == {1}
     assert {"model_utility_mean", "forget_quality_mean", "forget_prob_mean"} <= set(table.columns)
+    # Each request's own items after every later request (request_items.parquet per request folder).
+    assert "Forget probability of each request's own items" in written["markdown"]
+    followed = pd.read_csv(root / "results" / "report" / "request_items.csv")
+    last = followed[followed["after request"] == 4]
+    assert {f"request {index} items" for index in range(1, 5)} <= set(followed.columns) and len(last) == 1
+    assert last[[f"request {index} items" for index in range(1, 5)]].notna().all(axis=None)
