@@ -66,8 +66,9 @@ def print_run_summary(summary: dict, columns: Sequence[tuple[str, str]] = RUN_CO
                   f"{stats.get('tokens_per_second', 0):.0f} tokens/s")
     rows = [("metric", *(title for title, _ in columns))]
     sources = [summary.get(key) or {} for _, key in columns]
-    for name in ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio",
-                 "forget_quality", "model_utility", "privleak"):
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    for name in BENCHMARK_INFO[summary.get("benchmark") or "synthetic"].summary:
         if any(name in source for source in sources):
             rows.append((name, *(_format(source.get(name)) for source in sources)))
     _print_rows(rows)

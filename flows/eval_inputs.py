@@ -37,11 +37,14 @@ def check_model_folders(config: SimuConfig) -> None:
 
 
 def eval_run_name(config: SimuConfig) -> str:
-    """``eval-<benchmark>-<split>-<model folder or hub name>``, or ``run.name``."""
+    """``eval-<data>-<model folder or hub name>`` (``<data>``: :func:`~simu_core.benchmarks.info.data_label`),
+    or ``run.name``."""
     if config.run.name:
         return config.run.name
     path = Path(str(config.model.target).rstrip("/"))
     model = path.name or str(config.model.target)
     if len(model) > 32 and all(char in "0123456789abcdef" for char in model):
         model = f"{path.parent.name}-{model[:8]}"  # a store entry, e.g. unlearn/<key>/
-    return "-".join(["eval", config.data.benchmark, config.data.split, model])
+    from simu_core.benchmarks.info import data_label
+
+    return "-".join(["eval", data_label(config.data), model])

@@ -11,34 +11,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from simu_core.benchmarks.info import BENCHMARK_INFO, data_label
 from simu_core.config import SimuConfig
 from simu_core.method_names import parse_method, settings_outside_key
 from simu_core.preferred import preferred_identity
 from simu_core.models.identity import model_fingerprint
 from simu_core.stages import knockout_mask_settings, uses_tiny_model
 
+
 def uses_mask(config: SimuConfig) -> bool:
     """True when the unlearning method trains only critical neurons (needs attribution)."""
     return parse_method(config.unlearn.method).needs_mask
 
 
-# Data fields that only the synthetic generator reads; LUME reads only its source.
-_SYNTHETIC_ONLY = ("num_authors", "holdout_authors", "qa_per_author", "general_facts", "seed")
-
-
 def _data_params(data: dict[str, Any]) -> dict[str, Any]:
-    """The data fields that change the prepared benchmark (depends on which benchmark).
+    """The data fields that change the prepared benchmark: those its registry row says the loader
+    reads (``simu_core.benchmarks.info``), in the config's order.
 
     ``requests`` is not one of them: prepare_data writes the whole benchmark, each request's
     select_request stage cuts its forget items from it (keyed by those items), so adding a request
     re-keys nothing that ran before it.
     """
-    data = {key: value for key, value in data.items() if key != "requests"}
-    if data["benchmark"] == "synthetic":
-        return {key: value for key, value in data.items() if key != "source"}
-    if data["benchmark"] == "lume":
-        return {key: data[key] for key in ("benchmark", "source")}
-    return {key: value for key, value in data.items() if key not in _SYNTHETIC_ONLY}
+    reads = BENCHMARK_INFO[data["benchmark"]].data_fields
+    return {key: value for key, value in data.items() if key in reads}
 
 
 def _fingerprint(reference: str | None, field: str) -> dict[str, Any] | None:
@@ -73,8 +68,8 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
                  if model["retain_reference"] else training)
     evaluation = dict(tree["eval"])
     full_reference = evaluation.pop("reference_full")
-    if config.data.benchmark != "lume":
-        evaluation.pop("mmlu_source")  # read only by LUME's final score
+    if "mmlu" not in BENCHMARK_INFO[config.data.benchmark].headline:
+        evaluation.pop("mmlu_source")  # read only where MMLU is the utility (LUME's final score, WMDP)
     return {
         "prepare_data": {"data": _data_params(tree["data"]), "tiny_tokenizer": tiny,
                          **({"tiny_vocab_size": model["tiny"]["vocab_size"]} if tiny else {})},
@@ -166,7 +161,7 @@ def run_name(config: SimuConfig) -> str:
     """Readable run name: method, threshold (masked methods), lr and seed, or ``run.name``."""
     if config.run.name:
         return config.run.name
-    parts = [config.data.benchmark, config.data.split, config.unlearn.method]
+    parts = [data_label(config.data), config.unlearn.method]
     if uses_mask(config):
         parts.append(f"t{config.mask.threshold:g}-{config.mask.variant}-m{config.attribution.steps}")
         if config.mask.score != "forget":

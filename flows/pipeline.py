@@ -126,12 +126,15 @@ def recorded_if_unfinished(config: SimuConfig, run: _StageRunner, kind: str = "r
 def has_retain_reference(config: SimuConfig) -> bool:
     """Whether the run builds (or takes) and evaluates a retain reference.
 
-    TOFU-style benchmarks: always (forget quality and privleak compare with it). LUME: its scores
-    compare with no retain model, so only when its full evaluation is asked for
-    (``eval.reference_full``) and a retain model can be had.
+    TOFU-style benchmarks and MUSE: always (forget quality, privleak and the stop level compare
+    with it). LUME and WMDP (the registry's ``retain_reference``): their scores compare with no
+    retain model, so only when its full evaluation is asked for (``eval.reference_full``) and a
+    retain model can be had.
     """
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
     model = config.model
-    if config.data.benchmark == "lume":
+    if not BENCHMARK_INFO[config.data.benchmark].retain_reference:
         return config.eval.reference_full and bool(model.retain_reference or model.base)
     return True
 

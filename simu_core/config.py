@@ -16,19 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from simu_core.attacks.names import ATTACKS
+from simu_core.benchmarks.info import BENCHMARK_INFO, BENCHMARK_NAMES
 from simu_core.method_names import LOSSES, OPTIMIZERS, PREFERENCE_LOSSES, SCOPE_SPELLINGS, parse_method, resolve_method
 from simu_core.paths import DEFAULT_CONFIG_PATH
 
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 #: Settings whose right value depends on the benchmark; a field left unset (None) takes its
-#: benchmark's value when the config is validated. TOFU and LUME: their reference evaluators'
-#: values; the built-in benchmark's items are short.
-BENCHMARK_DEFAULTS: dict[str, dict[str, int]] = {
-    "synthetic": {"model.max_length": 128, "eval.max_new_tokens": 48, "relearn.lr": 1e-3},
-    "tofu": {"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5},
-    "lume": {"model.max_length": 512, "eval.max_new_tokens": 256, "relearn.lr": 1e-5},
-}
+#: benchmark's value when the config is validated (the registry's ``defaults``: TOFU and LUME their
+#: reference evaluators' values; the built-in benchmark's items are short).
+BENCHMARK_DEFAULTS: dict[str, dict[str, float]] = {name: dict(info.defaults) for name, info in BENCHMARK_INFO.items()}
 
 
 class ConfigError(ValueError):
@@ -102,12 +99,13 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Benchmark selection. ``split`` pairs forget/retain/holdout by name (forget01/05/10)."""
 
-    benchmark: Literal["synthetic", "tofu", "lume"] = "synthetic"
+    benchmark: Literal[BENCHMARK_NAMES] = "synthetic"  # type: ignore[valid-type]  # the registry's names
     split: Literal["forget01", "forget05", "forget10"] = "forget10"
     source: str | None = Field(
         None,
-        description="local folder of the benchmark's files; None reads the Hugging Face hub "
-        "(locuslab/TOFU, or the LUME dataset) or generates the synthetic benchmark",
+        description="local folder (or WMDP: JSON Lines file) of the benchmark's files; None reads the Hugging Face "
+        "hub (locuslab/TOFU, the LUME dataset, muse-bench/MUSE-News|Books, cais/wmdp) or generates the synthetic "
+        "benchmark",
     )
     retain_authors: int | None = Field(
         None, ge=1, description="keep only the first N retain authors (TOFU/synthetic; small runs)"
@@ -124,6 +122,24 @@ class DataConfig(_Section):
         "('forget-0:10'); request i unlearns from the model request i-1 produced. None: one forget set",
     )
 
+    corpus: Literal["news", "books"] = Field("news", description="MUSE: which corpus (MUSE-News or MUSE-Books)")
+    retain_split: str | None = Field(
+        None, description="MUSE: the file of the retain corpus the retain reference trains on and unlearning keeps: "
+        "None = raw/retain1 (MUSE's), or raw/retain2, privleak/retain2 (texts of the retain corpus; the local "
+        "MUSE-News folder has no raw retain corpus)")
+    forget_text: Literal["raw", "excerpts"] = Field(
+        "raw", description="MUSE: what the target trains on and unlearning forgets: raw = the forget corpus (MUSE's); "
+        "excerpts = the forget-corpus passages the evaluation reads (VerbMem prompt + continuation, PrivLeak "
+        "members), so that a small model trained on a few texts is measured on what it saw (the CPU preset)")
+    subset: Literal["bio", "chem", "cyber"] = Field("bio", description="WMDP: which question set and corpora")
+    corpora_source: str | None = Field(
+        None, description="WMDP: the forget and retain corpora unlearning reads: a local folder of "
+        "<subset>-forget-corpus.jsonl and <subset>-retain-corpus.jsonl, or 'hub' (cais/wmdp-corpora; the bio forget "
+        "corpus is not there: WMDP's authors share it on request); None reads no corpus (evaluation only)")
+    max_texts: int | None = Field(
+        None, ge=1, description="MUSE / WMDP: keep the first N texts of each corpus and of each MUSE evaluation set "
+        "(small runs); None keeps all")
+
     @field_validator("requests", mode="before")
     @classmethod
     def _requests_well_formed(cls, value: Any) -> Any:
@@ -136,11 +152,23 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _requests_need_a_qa_benchmark(self) -> "DataConfig":
-        if self.requests is not None and self.benchmark == "lume":
+        if self.requests is not None and not BENCHMARK_INFO[self.benchmark].requests:
             raise ValueError(
-                "data.requests is set with data.benchmark='lume': sequential deletion requests are for the "
-                "TOFU-style benchmarks (synthetic, tofu), whose forget items are 'forget-<row>'"
+                f"data.requests is set with data.benchmark={self.benchmark!r}: sequential deletion requests are for "
+                "the TOFU-style benchmarks (synthetic, tofu), whose forget items are 'forget-<row>'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fields_the_benchmark_reads(self) -> "DataConfig":
+        # A MUSE or WMDP field set for a benchmark that does not read it would silently do nothing.
+        reads = BENCHMARK_INFO[self.benchmark].data_fields
+        for name in ("corpus", "retain_split", "forget_text", "subset", "corpora_source", "max_texts"):
+            value, default = getattr(self, name), type(self).model_fields[name].default
+            if name not in reads and value != default:
+                readers = [bench for bench, info in BENCHMARK_INFO.items() if name in info.data_fields]
+                raise ValueError(f"data.{name}={value!r} is set with data.benchmark={self.benchmark!r}, which does not "
+                                 f"read it (read by: {readers})")
         return self
 
 
@@ -536,16 +564,18 @@ class SimuConfig(_Section):
 
     @model_validator(mode="after")
     def _model_source_fits_benchmark(self) -> "SimuConfig":
-        model = self.model
-        if self.data.benchmark == "lume" and not (model.base or model.target):
+        model, info = self.model, BENCHMARK_INFO[self.data.benchmark]
+        if not info.tiny_model and not (model.base or model.target):
             raise ValueError(
-                "model.base or model.target is required for data.benchmark='lume' "
-                "(the QA benchmarks can build their own tiny model; LUME documents need a real one)"
+                f"model.base or model.target is required for data.benchmark={self.data.benchmark!r} (the tiny model "
+                f"is built only for {[name for name, row in BENCHMARK_INFO.items() if row.tiny_model]}; "
+                f"{info.title} needs a real one)"
             )
-        if self.relearn.enabled and self.data.benchmark == "lume":
+        if self.relearn.enabled and not info.attacks:
             raise ValueError(
-                "relearn.enabled=true with data.benchmark='lume': the relearning attack measures forget probability, "
-                "ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and perturbed answers"
+                f"relearn.enabled=true with data.benchmark={self.data.benchmark!r}: the relearning attack measures "
+                "forget probability, ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and "
+                "perturbed answers"
             )
         quantize = self.attack.quantize
         if "quantize" in self.attacks and quantize.group_size and self._builds_tiny_model():
@@ -557,11 +587,11 @@ class SimuConfig(_Section):
                     f"attack.quantize.group_size={quantize.group_size} does not divide the input features of every "
                     f"linear layer of the tiny model ({bad}); choose a divisor, or null for one group per row")
         others = [name for name in self.attacks if name != "relearn"]
-        if others and self.data.benchmark == "lume":
+        if others and not info.attacks:
             raise ValueError(
-                f"attacks={others} with data.benchmark='lume': the attacks measure the TOFU suite's forget measures "
-                "(forget probability, ROUGE, truth ratio), which need the TOFU-style benchmarks' paraphrased and "
-                "perturbed answers; LUME has neither (paraphrase: LUME has no paraphrased questions)"
+                f"attacks={others} with data.benchmark={self.data.benchmark!r}: the attacks measure the TOFU suite's "
+                "forget measures (forget probability, ROUGE, truth ratio), which need the TOFU-style benchmarks' "
+                f"paraphrased and perturbed answers; {info.title} has neither"
             )
         if self.relearn.enabled and self.run.devices > 1:
             raise ValueError(
@@ -603,7 +633,7 @@ class SimuConfig(_Section):
         return self
 
     def _builds_tiny_model(self) -> bool:
-        return self.data.benchmark != "lume" and not (self.model.base or self.model.target)
+        return BENCHMARK_INFO[self.data.benchmark].tiny_model and not (self.model.base or self.model.target)
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of this config (stable across processes)."""
@@ -698,14 +728,17 @@ def check_pipeline_models(config: SimuConfig) -> None:
     retain reference (given, or trained from ``model.base``) for forget quality; LUME cannot stop at a
     forgetting level (``unlearn.stop_at``) nor take a preference loss; dpo needs its preferred answers. Raises
     :class:`ConfigError`; ``simu eval`` evaluates a model without one."""
-    model = config.model
+    model, benchmark = config.model, config.data.benchmark
+    info = BENCHMARK_INFO[benchmark]
     method = parse_method(config.unlearn.method)
     loss = method.loss
-    if loss in PREFERENCE_LOSSES and config.data.benchmark == "lume":
+    if loss in PREFERENCE_LOSSES and not info.preference_losses:
+        items = {"completion": "document continuations", "text": "corpus passages with no question or answer"}
         raise ConfigError(
-            f"invalid config: unlearn.method={config.unlearn.method!r} (the {loss} loss) with data.benchmark='lume': "
-            "a preference loss pairs each forget question's answer with a preferred answer; LUME's forget items are "
-            "document continuations. Use a loss without preferred answers (e.g. npo, rmu, undial)"
+            f"invalid config: unlearn.method={config.unlearn.method!r} (the {loss} loss) with data.benchmark="
+            f"{benchmark!r}: a preference loss pairs each forget question's answer with a preferred answer; "
+            f"{info.title}'s forget items are {items.get(info.item_kind, info.item_kind)}. Use a loss without "
+            "preferred answers (e.g. npo, rmu, undial)"
         )
     if loss == "dpo" and config.unlearn.preferred_source is None:
         raise ConfigError(
@@ -719,14 +752,31 @@ def check_pipeline_models(config: SimuConfig) -> None:
             f"{config.run.devices}: column-masked AdamW trains one process's whole tensors only; use the Sophia "
             f"optimizer (simu_{loss}) or run.devices=1"
         )
-    if config.unlearn.stop_at is not None and config.data.benchmark == "lume":
+    if config.unlearn.stop_at is not None:
         # Here, not when the config loads: `simu eval` of a LUME model with the default config unlearns nothing.
+        from simu_core.stop_rule import parse_stop_at
+
+        rule = parse_stop_at(config.unlearn.stop_at)
+        if rule.measure not in info.stop_measures:
+            offered = (f"its stop measures are {list(info.stop_measures)}" if info.stop_measures
+                       else f"{info.title} has no stop measure")
+            raise ConfigError(
+                f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark={benchmark!r}: "
+                f"{rule.measure} is not one of this benchmark's forget measures; {offered}. Set unlearn.stop_at "
+                "accordingly, or null (the default config stops at the retain reference's forget probability)"
+            )
+        if rule.level is None and rule.measure not in info.reference_levels:
+            raise ConfigError(
+                f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark={benchmark!r}: "
+                f"{info.title} has no retain reference whose {rule.measure} gives the level; give a number"
+            )
+    if benchmark == "wmdp" and config.data.corpora_source is None:
         raise ConfigError(
-            f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark='lume': the stop measures "
-            "(forget probability, forget quality) are the TOFU-style benchmarks'; LUME has neither, nor a retain "
-            "reference by default. Set unlearn.stop_at=null (the default config stops at the retain reference's level)"
+            "invalid config: data.benchmark='wmdp' with data.corpora_source=null: unlearning reads WMDP's forget and "
+            "retain corpora; set data.corpora_source to a local folder of <subset>-forget-corpus.jsonl and "
+            "<subset>-retain-corpus.jsonl, or to 'hub' (cais/wmdp-corpora; `simu eval` needs no corpus)"
         )
-    if model.target and not (model.retain_reference or model.base) and config.data.benchmark != "lume":
+    if model.target and not (model.retain_reference or model.base) and info.retain_reference:
         raise ConfigError(
             "invalid config: model.target is set: also set model.retain_reference (or model.base to train one) "
             "so that forget quality has its reference (`simu eval --model` evaluates a model without one)"

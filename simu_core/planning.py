@@ -643,9 +643,13 @@ def plan_memory(
     evaluation = _at_depth(lambda shape: _simulate_pass(shape, config, config.eval.batch_size, seq_len, False),
                            model_config)
     plan.parameters = evaluation.weights // dtype.itemsize  # buffers are negligible next to the weights
-    # As simu_core.stages: the tiny model is trained (QA benchmarks without a model), or model.base
-    # is fine-tuned; a given target is not (not imported: stages would join unlearning's code version).
-    tiny = config.data.benchmark != "lume" and config.model.base is None and config.model.target is None
+    # As simu_core.stages: the tiny model is trained (benchmarks the registry marks tiny_model, no model
+    # given), or model.base is fine-tuned; a given target is not (stages is not imported: it would join
+    # unlearning's code version).
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    tiny = (BENCHMARK_INFO[config.data.benchmark].tiny_model and config.model.base is None
+            and config.model.target is None)
     trains = tiny or (config.model.base is not None and config.model.target is None)
     if "train" in stages and trains:
         ckpt = config.model.finetune.gradient_checkpointing

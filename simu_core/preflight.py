@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from simu_core.benchmarks.info import BENCHMARK_INFO
 from simu_core.config import SimuConfig
-from simu_core.data.tofu import TOFU_PAIRING
 
 
 class PreflightError(ValueError):
@@ -21,26 +21,10 @@ def _looks_local(reference: str) -> bool:
 def check_inputs(config: SimuConfig) -> None:
     """Raise PreflightError when a local folder or file the run needs is missing."""
     problems = []
-    source = config.data.source
-    if source is not None:
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            problems.append(f"data.source: folder {str(folder)!r} does not exist")
-        elif config.data.benchmark == "tofu":
-            retain, holdout = TOFU_PAIRING[config.data.split]
-            needed = [f"{config.data.split}.json", f"{config.data.split}_perturbed.json", f"{retain}.json",
-                      f"{holdout}.json", "retain_perturbed.json", "real_authors_perturbed.json",
-                      "world_facts_perturbed.json"]
-            missing = [name for name in needed if not (folder / name).is_file()]
-            if missing:
-                problems.append(f"data.source: TOFU folder {str(folder)!r} lacks {missing}")
-        elif config.data.benchmark == "lume":
-            missing = [name for name in ("mia_member.jsonl", "mia_nonmember.jsonl") if not (folder / name).is_file()]
-            for split in ("forget", "retain"):
-                if not (folder / f"{split}.jsonl").is_file() and not list(folder.glob(f"data/{split}-*.parquet")):
-                    missing.append(f"{split}.jsonl")
-            if missing:
-                problems.append(f"data.source: LUME folder {str(folder)!r} lacks {sorted(missing)}")
+    if config.data.source is not None:
+        from simu_core.benchmarks.loaders import benchmark_loader
+
+        problems += benchmark_loader(config.data.benchmark).check_source(config.data)
     for field in ("base", "target", "retain_reference", "tokenizer"):
         reference = getattr(config.model, field)
         if reference and _looks_local(reference) and not Path(reference).expanduser().exists():
@@ -58,7 +42,8 @@ def _check_forget_set_uses(config: SimuConfig) -> None:
     in-context: k larger than the items it can show) and the paraphrase attack on a benchmark without
     paraphrased questions, refused here when the split sizes are cheap to know (the built-in benchmark is generated,
     a local TOFU folder read); a hub dataset is checked by the flow right after prepare_data."""
-    if not (config.data.requests or config.attacks) or config.data.benchmark == "lume":
+    info = BENCHMARK_INFO[config.data.benchmark]
+    if not (config.data.requests or config.attacks) or not (info.requests or info.attacks):
         return
     if config.data.benchmark == "tofu" and config.data.source is None:
         return

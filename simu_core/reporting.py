@@ -22,6 +22,17 @@ from simu_core.matched import TARGET_SEED_COLUMN, has_no_effect, reference_group
 
 HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio",
                     "retain_rouge", "retain_prob", "privleak")
+
+
+def _benchmark_metrics() -> tuple[str, ...]:
+    # The other benchmarks' headlines (LUME, MUSE, WMDP; the registry's rows) after the TOFU suite's:
+    # a comparison shows those its runs have (all-empty columns are left out).
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    return tuple(dict.fromkeys((*HEADLINE_METRICS, *(name for info in BENCHMARK_INFO.values() for name in info.headline))))
+
+
+ALL_HEADLINE_METRICS = _benchmark_metrics()
 SEED_COLUMN = "config.run.seed"
 # Config columns that never define a setting (bookkeeping, not method).
 _BOOKKEEPING = ("config.run.seed", "config.run.store", "config.run.results", "config.run.name", "config.run.tags",
@@ -98,7 +109,7 @@ def _targets_vary(runs: pd.DataFrame) -> bool:
     return TARGET_SEED_COLUMN in runs.columns and runs[TARGET_SEED_COLUMN].fillna(0).nunique() > 1
 
 
-def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE_METRICS,
+def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = ALL_HEADLINE_METRICS,
                      keys: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds of every metric, one row per setting (``keys``: default
     :func:`setting_columns`) plus the seed count; when the runs hold several targets
@@ -148,7 +159,7 @@ def _run_model_metrics(results: str | Path, runs: pd.DataFrame, metrics: Sequenc
 
 
 def model_reference_points(results: str | Path, runs: pd.DataFrame,
-                           metrics: Sequence[str] = HEADLINE_METRICS) -> pd.DataFrame:
+                           metrics: Sequence[str] = ALL_HEADLINE_METRICS) -> pd.DataFrame:
     """Mean and std, over the runs, of the target's and the retain reference's own metrics, per
     benchmark/split and target training (the ``data.*`` and ``model.*`` settings that vary; target
     seeds are pooled).
@@ -195,7 +206,7 @@ def table_markdown(table: pd.DataFrame) -> str:
     """The comparison table as Markdown, mean ± std per metric."""
     # Headline metrics in their usual order, then any other metric in the table's own order.
     metric_names = sorted(dict.fromkeys(column.rsplit("_", 1)[0] for column in table.columns if column.endswith("_mean")),
-                          key=lambda name: HEADLINE_METRICS.index(name) if name in HEADLINE_METRICS else 99)
+                          key=lambda name: ALL_HEADLINE_METRICS.index(name) if name in ALL_HEADLINE_METRICS else 99)
     counts = [column for column in ("targets", "seeds", "readings") if column in table.columns]
     settings = [column for column in table.columns if not column.endswith(("_mean", "_std")) and column not in counts]
     header = settings + counts + metric_names

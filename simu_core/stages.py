@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from simu_core.benchmarks.info import benchmark_info
 from simu_core.config import SimuConfig
-from simu_core.data import LumeBenchmark, QABenchmark, load_benchmark
+from simu_core.data import QABenchmark
 from simu_core.finetune import FinetuneResult, encode_frame, finetune
 from simu_core.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from simu_core.models.tiny import build_tiny_llama, save_model, train_tokenizer
 from simu_core.preferred import PREFERENCE_LOSSES, preferred_pairs
-from simu_core.prompting import EncodedExample, encode_completion, encode_qa
+from simu_core.prompting import EncodedExample, encode_qa
 
 BENCHMARK_DIR = "benchmark"
 TOKENIZER_DIR = "tokenizer"
@@ -29,41 +30,44 @@ MODEL_DIR = "model"
 
 
 def uses_tiny_model(config: SimuConfig) -> bool:
-    """True when the run trains the tiny model from scratch (a QA benchmark and no model given)."""
-    return config.data.benchmark != "lume" and config.model.base is None and config.model.target is None
+    """True when the run trains the tiny model from scratch (a benchmark the registry marks
+    ``tiny_model`` and no model given)."""
+    return benchmark_info(config.data.benchmark).tiny_model and config.model.base is None and config.model.target is None
 
 
 def prepare_data(config: SimuConfig, out_dir: Path) -> dict[str, Any]:
-    """Load or generate the benchmark, write its splits as Parquet (and the tiny tokenizer).
+    """Load or generate the benchmark (its registry loader), write its prepared folder (and the tiny
+    tokenizer, trained on every text of the benchmark).
 
-    The synthetic benchmark is generated with ``data.seed``; TOFU and LUME are read as they are."""
-    benchmark = load_benchmark(config.data)
+    The synthetic benchmark is generated with ``data.seed``; the others are read as they are."""
+    from simu_core.benchmarks.loaders import benchmark_loader
+
+    loader = benchmark_loader(config.data.benchmark)
+    benchmark = loader.load(config.data)
     folder = Path(out_dir) / BENCHMARK_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(benchmark, LumeBenchmark):
-        benchmark.rows.to_parquet(folder / "rows.parquet", index=False)
-        benchmark.mia_member.to_parquet(folder / "mia_member.parquet", index=False)
-        benchmark.mia_nonmember.to_parquet(folder / "mia_nonmember.parquet", index=False)
-    else:
-        benchmark.save(folder)
-        if uses_tiny_model(config):
-            tokenizer = train_tokenizer(benchmark.corpus(), config.model.tiny.vocab_size)
-            tokenizer.save_pretrained(Path(out_dir) / TOKENIZER_DIR)
+    loader.save(benchmark, folder)
+    if uses_tiny_model(config):
+        tokenizer = train_tokenizer(benchmark.corpus(), config.model.tiny.vocab_size)
+        tokenizer.save_pretrained(Path(out_dir) / TOKENIZER_DIR)
     sizes = benchmark.sizes()
     (Path(out_dir) / "sizes.json").write_text(json.dumps(sizes, indent=2))
     return sizes
 
 
-def read_benchmark(data_dir: Path) -> QABenchmark | LumeBenchmark:
-    """Read what :func:`prepare_data` wrote."""
-    folder = Path(data_dir) / BENCHMARK_DIR
-    if (folder / "rows.parquet").exists():
-        return LumeBenchmark(
-            rows=pd.read_parquet(folder / "rows.parquet"),
-            mia_member=pd.read_parquet(folder / "mia_member.parquet"),
-            mia_nonmember=pd.read_parquet(folder / "mia_nonmember.parquet"),
-        )
-    return QABenchmark.load(folder)
+def read_benchmark(data_dir: Path) -> Any:
+    """Read what :func:`prepare_data` wrote (which benchmark: told by the files there)."""
+    from simu_core.benchmarks.loaders import read_prepared
+
+    return read_prepared(Path(data_dir) / BENCHMARK_DIR)
+
+
+def _items(config: SimuConfig, benchmark: Any, which: str, tokenizer: PreTrainedTokenizerBase
+           ) -> tuple[list[EncodedExample], list[str]]:
+    """The benchmark's encoded forget or retain items and their ids (its registry encoder)."""
+    from simu_core.benchmarks.items import benchmark_encoder
+
+    return benchmark_encoder(config.data.benchmark).items(benchmark, which, tokenizer, config.model.max_length)
 
 
 def select_request(data_dir: Path, out_dir: Path, item_ids: list[str]) -> dict[str, Any]:
@@ -86,17 +90,14 @@ def select_request(data_dir: Path, out_dir: Path, item_ids: list[str]) -> dict[s
     return sizes
 
 
-def training_examples(
-    benchmark: QABenchmark | LumeBenchmark, which: str, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[EncodedExample]:
-    """Examples the target (``which='target'``) or retain reference (``'reference'``) trains on."""
-    if which not in ("target", "reference"):
-        raise ValueError(f"which must be 'target' or 'reference', got {which!r}")
-    if isinstance(benchmark, LumeBenchmark):
-        rows = benchmark.rows if which == "target" else benchmark.split("retain")
-        return [encode_completion(tokenizer, i, o, max_length) for i, o in zip(rows["input"], rows["output"])]
-    split = "train_target" if which == "target" else "train_reference"
-    return encode_frame(tokenizer, benchmark[split], max_length)
+def training_examples(config: SimuConfig, benchmark: Any, which: str, tokenizer: PreTrainedTokenizerBase,
+                      max_length: int) -> list[EncodedExample]:
+    """Examples the target (``which='target'``) or retain reference (``'reference'``) trains on (the
+    benchmark's registry encoder: TOFU-style ``train_target`` / ``train_reference``, LUME's rows,
+    MUSE's forget + retain corpus windows)."""
+    from simu_core.benchmarks.items import benchmark_encoder
+
+    return benchmark_encoder(config.data.benchmark).training(benchmark, which, tokenizer, max_length)
 
 
 def base_model(config: SimuConfig, data_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -134,7 +135,7 @@ def train_model(config: SimuConfig, data_dir: Path, out_dir: Path, which: str, p
         config = config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})})
     benchmark = read_benchmark(data_dir)
     model, tokenizer = base_model(config, data_dir)
-    examples = training_examples(benchmark, which, tokenizer, config.model.max_length)
+    examples = training_examples(config, benchmark, which, tokenizer, config.model.max_length)
     result: FinetuneResult = finetune(
         model, tokenizer, examples, config.model.finetune, seed=config.model.finetune.seed, description=f"train {which}",
         progress=progress, distributed=distributed,
@@ -185,32 +186,30 @@ def evaluate(
     """Evaluate a model folder on the prepared benchmark; write ``items.parquet`` and
     ``metrics.parquet`` into ``out_dir`` and return the headline (split "all") metrics.
 
-    ``reference_items_path``: the retain reference's ``items.parquet`` (TOFU-style benchmarks), for
-    forget quality and privleak; without it they are reported as not computed. ``light``: the
-    retain reference's own evaluation, only what those two compare (TOFU-style benchmarks; see
-    :func:`~simu_core.evaluation.evaluate_qa`). LUME compares with no reference: light is refused.
+    The suite is the benchmark's registry suite (:mod:`simu_core.benchmarks.suites`). ``reference_items_path``: the retain reference's
+    ``items.parquet`` (TOFU-style benchmarks and MUSE), for forget quality and privleak; without it
+    they are reported as not computed. ``light``: the retain reference's own evaluation, only what
+    those two compare (TOFU-style benchmarks; see :func:`~simu_core.evaluation.evaluate_qa`); MUSE
+    has no light suite (its reference is evaluated in full); LUME and WMDP compare with no reference:
+    light is refused.
     """
-    # Imported here: the evaluation package pulls in rouge-score, which training stages do not need.
-    from simu_core.evaluation import evaluate_lume, evaluate_qa
+    from simu_core.benchmarks.suites import benchmark_suite
 
+    info = benchmark_info(config.data.benchmark)
+    if light and not info.light_reference:
+        light = False  # no light suite: the reference's comparison reads its whole evaluation (MUSE)
+        if not info.retain_reference:
+            raise ValueError(f"a light evaluation compares with nothing on {info.title}: evaluate its full suite "
+                             "(eval.reference_full=true) or none")
     benchmark = read_benchmark(data_dir)
-    if light and isinstance(benchmark, LumeBenchmark):
-        raise ValueError("a light evaluation compares with nothing on LUME: evaluate its full suite "
-                         "(eval.reference_full=true) or none")
     model, tokenizer = load_trained(model_dir, config)
-    if isinstance(benchmark, LumeBenchmark):
-        result = evaluate_lume(
-            model, tokenizer, benchmark, config.eval, config.eval.mmlu_source, max_length=config.model.max_length
-        )
-    else:
-        reference_items = None
-        if reference_items_path is not None:
-            if not Path(reference_items_path).is_file():
-                raise FileNotFoundError(f"reference items file {str(reference_items_path)!r} does not exist")
-            reference_items = pd.read_parquet(reference_items_path)
-        result = evaluate_qa(
-            model, tokenizer, benchmark, config.eval, reference_items, max_length=config.model.max_length, light=light
-        )
+    reference_items = None
+    if reference_items_path is not None:
+        if not Path(reference_items_path).is_file():
+            raise FileNotFoundError(f"reference items file {str(reference_items_path)!r} does not exist")
+        reference_items = pd.read_parquet(reference_items_path)
+    result = benchmark_suite(config.data.benchmark).evaluate(model, tokenizer, benchmark, config, reference_items, light,
+                                                             uses_tiny_model(config))
     result.save(out_dir)
     if result.notes:
         (Path(out_dir) / "notes.txt").write_text("\n".join(result.notes) + "\n")
@@ -293,10 +292,9 @@ def unlearn(
     model, tokenizer = load_trained(target_dir, config)
     max_length = config.model.max_length
     preferred = None
-    if isinstance(benchmark, LumeBenchmark):
-        forget_rows, retain_rows = benchmark.split("forget"), benchmark.split("retain")
-        forget = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(forget_rows["input"], forget_rows["output"])]
-        retain = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(retain_rows["input"], retain_rows["output"])]
+    if benchmark_info(config.data.benchmark).item_kind != "qa":
+        forget, _ = _items(config, benchmark, "forget", tokenizer)
+        retain, _ = _items(config, benchmark, "retain", tokenizer)
     else:
         forget_rows = benchmark["forget"]
         if spec.loss in PREFERENCE_LOSSES:
@@ -395,9 +393,11 @@ def generate_alternates(config: SimuConfig, data_dir: Path, target_dir: Path, ou
 
     from simu_core.alternates import generate_alternates as sample_alternates
 
+    info = benchmark_info(config.data.benchmark)
+    if info.item_kind != "qa":
+        raise ValueError(f"AltPO's alternates are answers to forget questions; {info.title}'s forget items are not "
+                         "QA pairs")
     benchmark = read_benchmark(data_dir)
-    if isinstance(benchmark, LumeBenchmark):
-        raise ValueError("AltPO's alternates are answers to forget questions; LUME's forget items are not QA pairs")
     model, tokenizer = load_trained(target_dir, config)
     settings = config.unlearn
     started = time.perf_counter()
@@ -418,10 +418,11 @@ def generate_alternates(config: SimuConfig, data_dir: Path, target_dir: Path, ou
     }
 
 
-def _forget_monitor(config: SimuConfig, benchmark: QABenchmark, model: PreTrainedModel,
+def _forget_monitor(config: SimuConfig, benchmark: Any, model: PreTrainedModel,
                     tokenizer: PreTrainedTokenizerBase, reference_items_path: Path | None) -> Any:
     """The checks of ``unlearn.stop_at``: the evaluation's forget items (``eval.max_items``, as the
-    evaluate stage takes them) and the first ``unlearn.stop_retain_items`` of its retain split."""
+    evaluate stage takes them) and the first ``unlearn.stop_retain_items`` of its retain split; on
+    MUSE and WMDP the suite's own measures (:class:`~simu_core.benchmarks.suites.StopChecks`)."""
     from simu_core.evaluation.qa import evaluation_splits
     from simu_core.stopping import ForgetMonitor, parse_stop_at
 
@@ -435,6 +436,16 @@ def _forget_monitor(config: SimuConfig, benchmark: QABenchmark, model: PreTraine
                 f"got {str(reference_items_path)!r}"
             )
         reference_items = pd.read_parquet(reference_items_path)
+    from simu_core.benchmarks.suites import benchmark_suite
+
+    suite = benchmark_suite(config.data.benchmark)
+    if suite.stop_checks is not None:  # the benchmark's own forget measure (MUSE, WMDP)
+        from simu_core.stopping import SuiteMonitor
+
+        checks = suite.stop_checks(benchmark, config, tokenizer, uses_tiny_model(config), rule.measure)
+        level = checks.reference_level(reference_items) if rule.level is None else None
+        return SuiteMonitor(model, rule, checks.measure, checks.measures, eval_every=settings.eval_every,
+                            tolerance=settings.stop_tolerance, reference_level=level)
     splits = evaluation_splits(benchmark, config.eval.max_items)
     retain = splits["retain_eval"].iloc[: settings.stop_retain_items].reset_index(drop=True)
     return ForgetMonitor(model, tokenizer, splits["forget"], retain, rule, config.eval, eval_every=settings.eval_every,
@@ -454,12 +465,12 @@ ANALYSIS_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
 
 
 def _attribution_items(
-    config: SimuConfig, benchmark: QABenchmark | LumeBenchmark, tokenizer: PreTrainedTokenizerBase, which: str
+    config: SimuConfig, benchmark: Any, tokenizer: PreTrainedTokenizerBase, which: str
 ) -> tuple[list[EncodedExample], list[str]]:
     """The encoded items attributed for ``which`` ('forget' or 'retain') and their item ids.
 
-    Forget: the benchmark's ``forget`` split (QA: question + ``answer``; LUME: input/output rows
-    with ``encode_completion``). Retain: the ``retain`` split, restricted to
+    Forget: the benchmark's forget items (its registry entry's: QA question + ``answer``; LUME
+    input/output rows; MUSE and WMDP corpus windows). Retain: the retain items, restricted to
     ``attribution.max_items`` items when set, else to as many items as the forget set; both sets,
     when restricted, are a sample without replacement drawn with ``run.seed`` (numpy default_rng),
     kept in the split's order, so reruns attribute exactly the same items.
@@ -468,24 +479,16 @@ def _attribution_items(
 
     if which not in ATTRIBUTION_SETS:
         raise ValueError(f"which must be one of {list(ATTRIBUTION_SETS)}, got {which!r}")
-    lume = isinstance(benchmark, LumeBenchmark)
-    forget = benchmark.split("forget") if lume else benchmark["forget"]
+    forget, forget_ids = _items(config, benchmark, "forget", tokenizer)
     limit = config.attribution.max_items
     if which == "forget":
-        frame, count = forget, len(forget) if limit is None else min(limit, len(forget))
+        examples, ids, count = forget, forget_ids, len(forget) if limit is None else min(limit, len(forget))
     else:
-        frame = benchmark.split("retain") if lume else benchmark["retain"]
-        count = min(limit if limit is not None else len(forget), len(frame))
-    if count < len(frame):
-        chosen = np.sort(np.random.default_rng(config.run.seed).choice(len(frame), size=count, replace=False))
-        frame = frame.iloc[chosen]
-    max_length = config.model.max_length
-    if lume:
-        examples = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])]
-        ids = [str(item) for item in frame["id"]]
-    else:
-        examples = encode_frame(tokenizer, frame, max_length)
-        ids = [str(item) for item in frame["item_id"]]
+        examples, ids = _items(config, benchmark, "retain", tokenizer)
+        count = min(limit if limit is not None else len(forget), len(examples))
+    if count < len(examples):
+        chosen = np.sort(np.random.default_rng(config.run.seed).choice(len(examples), size=count, replace=False))
+        examples, ids = [examples[i] for i in chosen], [ids[i] for i in chosen]
     return examples, ids
 
 
@@ -518,7 +521,7 @@ def attribute(
         "batch_size": settings.batch_size,
         "model": model_identity(model),
         "data": {
-            "benchmark": getattr(benchmark, "name", "lume"),
+            "benchmark": getattr(benchmark, "name", config.data.benchmark),
             "split": getattr(benchmark, "forget_split", which),
             **data_identity(examples, item_ids),
         },
@@ -613,17 +616,6 @@ KNOCKOUT_FILES = ("knockout.parquet", "knockout_summary.parquet", "knockout_curv
                   "knockout_mask.parquet")
 
 
-def _encoded_items(
-    config: SimuConfig, frame: pd.DataFrame, lume: bool, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[EncodedExample], list[str]]:
-    """Encoded items of a split's rows (QA: question + answer; LUME: input/output) and their ids."""
-    max_length = config.model.max_length
-    if lume:
-        examples = [encode_completion(tokenizer, i, o, max_length) for i, o in zip(frame["input"], frame["output"])]
-        return examples, [str(item) for item in frame["id"]]
-    return encode_frame(tokenizer, frame, max_length), [str(item) for item in frame["item_id"]]
-
-
 def knockout_mask_settings(config: SimuConfig) -> dict[str, Any]:
     """The mask settings the knockout's critical set depends on: the ``random`` rule's critical sets
     are the layer-relative ones (the random draw is not what the check measures), and each rule reads
@@ -662,14 +654,16 @@ def knockout(config: SimuConfig, data_dir: Path, target_dir: Path, out_dir: Path
     started = time.perf_counter()
     settings, mask_settings = config.knockout, knockout_mask_settings(config)
     benchmark = read_benchmark(data_dir)
-    lume = isinstance(benchmark, LumeBenchmark)
-    frames = {split: benchmark.split(split) if lume else benchmark[split] for split in ("forget", "retain")}
-    rows = holdout_split(len(frames["forget"]), len(frames["retain"]), settings.seed,
-                         attribute_limit=config.attribution.max_items, measure_limit=settings.max_items)
     model, tokenizer = load_trained(target_dir, config)
     pad = pad_token_id(tokenizer)
-    parts = {(split, role): _encoded_items(config, frames[split].iloc[getattr(rows, f"{split}_{role}")], lume, tokenizer)
-             for split in ("forget", "retain") for role in ("attributed", "measured")}
+    encoded = {split: _items(config, benchmark, split, tokenizer) for split in ("forget", "retain")}
+    rows = holdout_split(len(encoded["forget"][0]), len(encoded["retain"][0]), settings.seed,
+                         attribute_limit=config.attribution.max_items, measure_limit=settings.max_items)
+    parts = {}
+    for split, (examples, ids) in encoded.items():
+        for role in ("attributed", "measured"):
+            chosen = getattr(rows, f"{split}_{role}")
+            parts[(split, role)] = ([examples[i] for i in chosen], [ids[i] for i in chosen])
     attribution, attributing = config.attribution, time.perf_counter()
     scores = {split: attribute_neurons(model, parts[(split, "attributed")][0], pad, mode=attribution.mode,
                                        steps=attribution.steps, batch_size=attribution.batch_size, progress=progress)
@@ -728,10 +722,11 @@ RELEARN_FILES = ("relearn_curve.parquet", "relearn_items.parquet")
 
 
 def _attack_inputs(config: SimuConfig, data_dir: Path, model_dir: Path, attack: str):
-    """The benchmark and the model (with its tokenizer) an attack reads; LUME refused."""
-    benchmark = read_benchmark(data_dir)
-    if isinstance(benchmark, LumeBenchmark):
+    """The benchmark and the model (with its tokenizer) an attack reads; benchmarks without the
+    TOFU suite's measures (the registry's ``attacks``) refused."""
+    if not benchmark_info(config.data.benchmark).attacks:
         raise ValueError(f"the {attack} attack needs a TOFU-style benchmark (paraphrased and perturbed answers)")
+    benchmark = read_benchmark(data_dir)
     model, tokenizer = load_trained(model_dir, config)
     return benchmark, model, tokenizer
 

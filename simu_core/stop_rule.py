@@ -10,8 +10,12 @@ import math
 import re
 from dataclasses import dataclass
 
-#: Each measure with the direction unlearning moves it (the only comparison that makes sense).
-STOP_MEASURES = {"forget_prob": "<=", "forget_quality": ">="}
+from simu_core.benchmarks.info import BENCHMARK_INFO
+
+#: Each measure with the direction unlearning moves it (the only comparison that makes sense): every
+#: benchmark's forget measures (the registry's ``stop_measures``; which benchmark offers which is
+#: checked with the benchmark, in :func:`simu_core.config.check_pipeline_models`).
+STOP_MEASURES = {measure: direction for info in BENCHMARK_INFO.values() for measure, direction in info.stop_measures.items()}
 REFERENCE = "reference"
 _RULE_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>|==|=)\s*(\S+)\s*$")
 
@@ -69,5 +73,6 @@ def parse_stop_at(text: str) -> StopRule:
         raise ValueError(f"level {raw!r} in {text!r} is neither a number nor 'reference'") from None
     upper = 1.0
     if not (0.0 < level <= upper) or not math.isfinite(level):
-        raise ValueError(f"level {raw!r} in {text!r}: {measure} is a probability, the level must be in (0, 1]")
+        raise ValueError(f"level {raw!r} in {text!r}: {measure} is a probability, score or accuracy; the level must "
+                         "be in (0, 1]")
     return StopRule(measure, comparison, level)

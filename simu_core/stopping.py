@@ -38,7 +38,7 @@ from simu_core.evaluation.qa import answer_probabilities, forget_answer_scores
 from simu_core.metrics import tofu
 from simu_core.stop_rule import REFERENCE, STOP_MEASURES, StopRule, parse_stop_at
 
-__all__ = ["ForgetMonitor", "REFERENCE", "STATUSES", "STOP_MEASURES", "StopRule", "TRAJECTORY_COLUMNS",
+__all__ = ["ForgetMonitor", "REFERENCE", "STATUSES", "STOP_MEASURES", "StopRule", "SuiteMonitor", "TRAJECTORY_COLUMNS",
            "budget_steps", "format_outcome", "parse_stop_at"]
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ class ForgetMonitor:
         if rule.measure == "forget_quality" and self.reference_truth_ratios is None:
             raise ValueError("unlearn.stop_at on forget_quality needs the retain reference's truth ratios")
         self.rows: list[dict[str, Any]] = []
+        self.columns = TRAJECTORY_COLUMNS
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether a check runs after ``step``: :meth:`next_check` and after the last step."""
@@ -174,17 +175,17 @@ class ForgetMonitor:
         return reached
 
     def trajectory(self) -> pd.DataFrame:
-        """Every check: :data:`TRAJECTORY_COLUMNS`."""
-        return pd.DataFrame(self.rows, columns=list(TRAJECTORY_COLUMNS))
+        """Every check: :data:`TRAJECTORY_COLUMNS` (a :class:`SuiteMonitor`: its own)."""
+        return pd.DataFrame(self.rows, columns=list(self.columns))
 
     def state(self) -> dict[str, list]:
         """The checks so far as plain lists (saved in the trainer's checkpoints)."""
-        return {column: [row[column] for row in self.rows] for column in TRAJECTORY_COLUMNS}
+        return {column: [row[column] for row in self.rows] for column in self.columns}
 
     def load_state(self, state: dict[str, list]) -> None:
         """Restore the checks a checkpoint saved."""
         count = len(state["step"])
-        self.rows = [{column: state[column][i] for column in TRAJECTORY_COLUMNS} for i in range(count)]
+        self.rows = [{column: state[column][i] for column in self.columns} for i in range(count)]
 
     def outcome(self, budget_steps: int) -> dict[str, Any]:
         """Where the run stopped and why (the ``stop_*`` figures of the stage's summary)."""
@@ -212,13 +213,45 @@ class ForgetMonitor:
             "stop_step": int(row["step"]),
             "stop_budget_steps": int(budget_steps),
             "stop_value": value,
-            "stop_retain_prob": float(row["retain_prob"]),
+            "stop_retain_prob": float(row.get("retain_prob", math.nan)),
             "stop_first_check": bool(reached) and index == 1,
             "stop_previous_step": int(previous["step"]) if previous is not None else None,
             "stop_previous_value": float(previous[self.rule.measure]) if previous is not None else None,
             "stop_checks": len(self.rows),
             "stop_check_seconds": float(sum(r["seconds"] for r in self.rows)),
         }
+
+
+class SuiteMonitor(ForgetMonitor):
+    """The checks of ``unlearn.stop_at`` on a benchmark whose forget measure is not the TOFU suite's
+    (MUSE's VerbMem or KnowMem, WMDP's accuracy): ``measure_fn(model)`` returns the stop measure and
+    any retain measure, computed with the benchmark's own evaluation code; the level is a number or
+    the retain reference's value of the measure on the same items (``reference_level``). The
+    schedule of checks, the stop and the outcome are :class:`ForgetMonitor`'s.
+    """
+
+    def __init__(self, model: torch.nn.Module, rule: StopRule, measure_fn: Any, measures: tuple[str, ...], *,
+                 eval_every: int, tolerance: float, reference_level: float | None = None) -> None:
+        self.model, self.rule, self.measure_fn = model, rule, measure_fn
+        self.eval_every, self.tolerance = eval_every, tolerance
+        if rule.level is not None:
+            self.level, self.level_source = rule.level, "value"
+        elif reference_level is None:
+            raise ValueError(f"unlearn.stop_at={rule.text()!r} needs the retain reference's {rule.measure}")
+        else:
+            self.level, self.level_source = float(reference_level), REFERENCE
+        self.rows = []
+        self.columns = ("step", *measures, "lr", "seconds", "reached")
+
+    def measure(self) -> dict[str, float]:
+        """The measures of the model as it is now (eval mode, no gradients)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return {name: float(value) for name, value in self.measure_fn(self.model).items()}
+        finally:
+            self.model.train(was_training)
 
 
 def format_outcome(outcome: dict[str, Any]) -> str:

@@ -29,6 +29,15 @@ HEADLINE = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "f
 RUNS_TABLE = "runs.parquet"
 
 
+def run_columns(benchmark: str) -> tuple[str, ...]:
+    """The runs table's metric columns of a row: the TOFU suite's (every row has them, so tables of
+    several benchmarks share a schema), then the benchmark's own headline (its registry row); any
+    other metric goes to a ``metric.<name>`` column."""
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    return tuple(dict.fromkeys((*HEADLINE, *BENCHMARK_INFO[benchmark].headline)))
+
+
 def _summary(store, ref: dict | None) -> dict[str, Any]:
     if not ref or ref["stage"] == EXTERNAL:
         return {}
@@ -80,7 +89,7 @@ def run_row(config: SimuConfig, run_id: str, status: str, metrics: dict, states:
         # data.requests is an int or a list: stored as JSON text either way (one type per column).
         as_json = isinstance(value, (list, dict)) or (key == "data.requests" and value is not None)
         row[f"config.{key}"] = json.dumps(value) if as_json else value
-    for name in HEADLINE:
+    for name in run_columns(config.data.benchmark):
         value = metrics.get(name)
         row[name] = float(value) if value is not None else None
     for extra, value in metrics.items():
@@ -230,7 +239,9 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     lines = [f"# {flow_run.name or run_id}", "", "| metric | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     table_rows = []
-    for name in HEADLINE:
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    for name in BENCHMARK_INFO[cfg.data.benchmark].summary:
         values = [summary.get(name) for summary in columns.values()]
         if all(value is None for value in values):
             continue
@@ -259,7 +270,8 @@ def report(config: dict, refs: dict[str, dict | None], states: dict[str, str], s
     create_markdown_artifact(markdown=markdown, key="simu-run-summary", description="headline metrics")
     create_table_artifact(table=table_rows, key="simu-run-metrics", description="headline metrics")
     create_link_artifact(link=run_dir.as_uri(), link_text=str(run_dir), key="simu-run-results")
-    return {"run_id": run_id, "results": str(results), "run_dir": str(run_dir), "metrics": headline,
+    return {"run_id": run_id, "benchmark": cfg.data.benchmark, "results": str(results), "run_dir": str(run_dir),
+            "metrics": headline,
             "target_metrics": target, "reference_metrics": reference, "states": states, "seconds": seconds,
             "dataset_sizes": _summary(store, refs.get("data")),
             "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},
@@ -327,7 +339,8 @@ def report_requests(config: dict, refs: dict[str, dict | None], requests: list[d
     create_table_artifact(table=[{key: point[key] for key in ("request", "items", *REQUEST_CURVE)} for point in curve],
                           key="simu-request-curve", description="metrics after each deletion request")
     create_link_artifact(link=run_dir.as_uri(), link_text=str(run_dir), key="simu-run-results")
-    return {"run_id": run_id, "results": str(results), "run_dir": str(run_dir), "metrics": headline,
+    return {"run_id": run_id, "benchmark": cfg.data.benchmark, "results": str(results), "run_dir": str(run_dir),
+            "metrics": headline,
             "target_metrics": {}, "reference_metrics": reference, "states": states, "seconds": seconds,
             "dataset_sizes": _summary(store, refs.get("data")),
             "training": {name: _summary(store, refs.get(name)) for name in ("target", "reference")},

@@ -219,6 +219,8 @@ def test_stage_key_changes_exactly_with_its_inputs(stage, scenario, folders):
     assert set(reference) == set(STAGES)
     wrong = []
     for field in sorted(base.flat()):
+        if field in OTHER_BENCHMARK_FIELDS:  # refused with this benchmark: test_data_key_per_benchmark
+            continue
         expected = stage in expected_stages(rows, field)
         tree = _raw_tree(base) if field == "data.benchmark" else base.model_dump(mode="json")
         varied = _vary(tree, field, folders, companions)
@@ -227,6 +229,37 @@ def test_stage_key_changes_exactly_with_its_inputs(stage, scenario, folders):
             wrong.append(f"{field}: key {'changes' if changed else 'unchanged'}, expected "
                          f"{'a change' if expected else 'no change'}")
     assert not wrong, f"stage {stage!r} ({scenario}):\n" + "\n".join(wrong)
+
+
+#: Data fields only MUSE or WMDP read; the config refuses them with another benchmark (test_config).
+OTHER_BENCHMARK_FIELDS = ("data.corpus", "data.retain_split", "data.forget_text", "data.subset", "data.corpora_source",
+                          "data.max_texts")
+#: Per benchmark: a valid value for each data field, and the fields it must ignore.
+DATA_KEY_CASES = {
+    "muse": ({"corpus": "books", "retain_split": "privleak/retain2", "forget_text": "excerpts", "max_texts": 3,
+              "source": "/elsewhere"}, ("split", "retain_authors", "num_authors", "seed")),
+    "wmdp": ({"subset": "cyber", "corpora_source": "/corpora", "max_texts": 3, "source": "/questions.jsonl"},
+             ("split", "retain_authors", "num_authors", "seed")),
+    "lume": ({"source": "/elsewhere"}, ("split", "retain_authors", "num_authors", "seed")),
+}
+
+
+@pytest.mark.parametrize("benchmark", sorted(DATA_KEY_CASES))
+def test_data_key_per_benchmark(benchmark, folders):
+    """prepare_data's key holds exactly the data fields the benchmark's registry row says its loader reads."""
+    from simu_core.benchmarks.info import BENCHMARK_INFO
+
+    values, ignored = DATA_KEY_CASES[benchmark]
+    base = [f"data.benchmark={benchmark}", f"model.target={folders['a']}", f"model.retain_reference={folders['b']}"]
+    reference = stage_params(load_config(overrides=base))["prepare_data"]
+    assert set(values) == set(BENCHMARK_INFO[benchmark].data_fields) - {"benchmark"}
+    for field, value in values.items():
+        key = stage_params(load_config(overrides=[*base, f"data.{field}={value}"]))["prepare_data"]
+        assert key != reference, field
+    for field in ignored:
+        value = {"split": "forget01", "retain_authors": 5, "num_authors": 20, "seed": 3}[field]
+        key = stage_params(load_config(overrides=[*base, f"data.{field}={value}"]))["prepare_data"]
+        assert key == reference, field
 
 
 def test_prepare_data_key_sees_whether_the_tiny_tokenizer_is_written(folders):

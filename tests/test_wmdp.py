@@ -96,7 +96,7 @@ def test_parquet_layout_and_jsonl_load_the_same(tmp_path):
         assert list(frame["item_id"]) == [f"wmdp-bio-{index}" for index in range(4)]
         assert frame["choices"].map(lambda options: isinstance(options, list) and all(isinstance(o, str) for o in options)).all()
         assert [type(answer) for answer in frame["answer"].tolist()] == [int] * 4
-        assert benchmark.sizes() == {"questions": 4, "forget_corpus": 0, "retain_corpus": 0}
+        assert benchmark.sizes() == {"questions": 4, "forget_corpus": 0, "retain_corpus": 0, "forget": 0, "retain": 0}
         assert benchmark.num_choices == 4
     pd.testing.assert_frame_equal(from_parquet.questions, from_jsonl.questions)
     # Several shards are read in name order and numbered as one file.
@@ -109,7 +109,7 @@ def test_local_corpora_and_corpus_texts(tmp_path):
     corpora = _write_corpora(tmp_path / "corpora")
     benchmark = load_wmdp("bio", _write_jsonl(tmp_path / "q.jsonl", QUESTIONS), corpora_source=corpora)
     assert benchmark.forget_corpus == FORGET and benchmark.retain_corpus == RETAIN
-    assert benchmark.sizes() == {"questions": 4, "forget_corpus": 2, "retain_corpus": 3}
+    assert benchmark.sizes() == {"questions": 4, "forget_corpus": 2, "retain_corpus": 3, "forget": 2, "retain": 3}
     texts = benchmark.corpus()
     assert QUESTIONS[0]["question"] in texts and "Golgi apparatus" in texts
     assert set(FORGET + RETAIN) <= set(texts)
@@ -264,7 +264,7 @@ def test_hub_sources_are_read_with_the_verified_ids(fake_hub):
     assert cyber.forget_corpus[0] == "cyber-forget-corpus document 0" and len(cyber.retain_corpus) == 3
     # Evaluation only: no corpus request at all; chem has no corpora to need.
     fake_hub.calls.clear()
-    assert load_wmdp("bio", need_corpora=False).sizes() == {"questions": 4, "forget_corpus": 0, "retain_corpus": 0}
+    assert load_wmdp("bio", need_corpora=False).sizes() == {"questions": 4, "forget_corpus": 0, "retain_corpus": 0, "forget": 0, "retain": 0}
     assert fake_hub.calls == [("cais/wmdp", "wmdp-bio", "test")]
     with pytest.raises(DataFileError, match=r"WMDP publishes no chem corpora .*need_corpora=False"):
         load_wmdp("chem")

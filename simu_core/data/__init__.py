@@ -1,4 +1,5 @@
-"""Benchmarks: TOFU, LUME and the built-in synthetic one, in one QA schema."""
+"""Benchmark loaders: TOFU, LUME, MUSE, WMDP and the built-in synthetic one (which benchmark is read how:
+:mod:`simu_core.benchmarks.loaders`)."""
 
 from simu_core.data.jsonl import DataFileError, read_jsonl
 from simu_core.data.lume import LumeBenchmark, load_lume
@@ -20,20 +21,8 @@ __all__ = [
 ]
 
 
-def load_benchmark(data_config) -> QABenchmark | LumeBenchmark:
-    """Load the benchmark a :class:`simu_core.config.DataConfig` names."""
-    if data_config.benchmark == "synthetic":
-        return generate_synthetic(
-            split=data_config.split,
-            num_authors=data_config.num_authors,
-            holdout_authors=data_config.holdout_authors,
-            qa_per_author=data_config.qa_per_author,
-            general_facts=data_config.general_facts,
-            retain_authors=data_config.retain_authors,
-            seed=data_config.seed,
-        )
-    if data_config.benchmark == "tofu":
-        return load_tofu(data_config.split, data_config.source, data_config.retain_authors)
-    if data_config.benchmark == "lume":
-        return load_lume(data_config.source)
-    raise ValueError(f"data.benchmark: unknown benchmark {data_config.benchmark!r}")
+def load_benchmark(data_config):
+    """Load the benchmark a :class:`simu_core.config.DataConfig` names (its registry entry's loader)."""
+    from simu_core.benchmarks.loaders import benchmark_loader
+
+    return benchmark_loader(data_config.benchmark).load(data_config)

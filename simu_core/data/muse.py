@@ -97,8 +97,11 @@ class MuseBenchmark:
     retain_split: str | None = field(default=None)
 
     def sizes(self) -> dict[str, int]:
-        """Row count of every table and text list."""
-        return {name: len(getattr(self, name)) for name in (*_TEXT_LISTS, *_FRAMES)}
+        """Row count of every table and text list; ``forget`` / ``retain``: the forget and retain texts
+        (non-blank) that unlearning reads (each is cut into windows of model.max_length tokens)."""
+        counts = {name: len(getattr(self, name)) for name in (*_TEXT_LISTS, *_FRAMES)}
+        return {**counts, "forget": sum(bool(text.strip()) for text in self.forget_chunks),
+                "retain": sum(bool(text.strip()) for text in self.retain_chunks)}
 
     def corpus(self) -> list[str]:
         """Every text of the benchmark (corpora, prompts, continuations, questions, answers)."""

@@ -121,6 +121,9 @@ class WMDPBenchmark:
             "questions": len(self.questions),
             "forget_corpus": len(self.forget_corpus),
             "retain_corpus": len(self.retain_corpus),
+            # What unlearning reads (each document is cut into windows of model.max_length tokens).
+            "forget": len(self.forget_corpus),
+            "retain": len(self.retain_corpus),
         }
 
     def corpus(self) -> list[str]:

@@ -94,7 +94,8 @@ class MuseEvaluation:
             value = self.metrics.get(metric, float("nan"))
             if np.isfinite(value):
                 table.add(HEADLINE_SPLIT, metric, value)
-        table.add(HEADLINE_SPLIT, "privleak_computed", 1.0 if np.isfinite(self.metrics.get("privleak", np.nan)) else 0.0)
+        computed = np.isfinite(self.metrics.get("privleak", np.nan))
+        table.add(HEADLINE_SPLIT, "privleak_computed", 1.0 if computed else 0.0)
         return EvaluationResult(items=items, metrics=table.frame(), notes=list(self.notes))
 
 
@@ -138,17 +139,23 @@ def _check_benchmark(benchmark: MuseBenchmark) -> None:
             raise ValueError(f"MUSE {name} is empty: PrivLeak needs forget and holdout texts")
 
 
-def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, max_length: int | None) -> list[str]:
+def _generate(
+    model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, max_length: int | None
+) -> list[str]:
+    # A capped prompt keeps its end (what the continuation follows) and leaves room for the
+    # continuation within max_length positions (a small model has no positions past it).
+    keep = None if max_length is None else max(1, max_length - max_new_tokens)
     prompts = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        # A capped prompt keeps its end: that is what the continuation follows.
-        prompts.append(ids[-max_length:] if max_length else ids)
+        prompts.append(ids[-keep:] if keep else ids)
     outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
     return [muse_metrics.clean_up_tokenization(text) for text in outputs]
 
 
-def _privleak_scores(model, tokenizer, texts: list[str], split: str, batch_size: int, max_length: int | None) -> pd.DataFrame:
+def _privleak_scores(
+    model, tokenizer, texts: list[str], split: str, batch_size: int, max_length: int | None
+) -> pd.DataFrame:
     examples = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -169,6 +176,37 @@ def _privleak_scores(model, tokenizer, texts: list[str], split: str, batch_size:
         "nll": scored.nll,
         "min_k": min_k,
     })
+
+
+def verbmem_table(model, tokenizer: PreTrainedTokenizerBase, rows: pd.DataFrame, batch_size: int = DEFAULT_BATCH_SIZE,
+                  max_length: int | None = PRIVLEAK_MAX_LENGTH,
+                  max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS) -> pd.DataFrame:
+    """VerbMem per item (``item_id, prompt, gt, reference, generation, rougeL_f1, rougeL_recall``):
+    the greedy continuation of each ``prompt`` against the true continuation cut as MUSE cuts it."""
+    rows = rows.reset_index(drop=True)
+    generations = _generate(model, tokenizer, list(rows["prompt"]), max_new_tokens, batch_size, max_length)
+    references = [verbmem_reference(tokenizer, gt, max_new_tokens) for gt in rows["gt"]]
+    scores = [muse_metrics.rouge_l(gen, ref) for gen, ref in zip(generations, references)]
+    return rows[["item_id", "prompt", "gt"]].assign(
+        reference=references, generation=generations,
+        rougeL_f1=[s["rougeL_f1"] for s in scores], rougeL_recall=[s["rougeL_recall"] for s in scores],
+    )
+
+
+def knowmem_table(model, tokenizer: PreTrainedTokenizerBase, rows: pd.DataFrame, examples: pd.DataFrame, split: str,
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = PRIVLEAK_MAX_LENGTH,
+                  max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS) -> pd.DataFrame:
+    """KnowMem per question of one split (``item_id, split, question, answer, prompt, raw_generation,
+    generation, rougeL_f1, rougeL_recall``): MUSE's in-context prompt, the answer cut at its stop strings."""
+    rows = rows.reset_index(drop=True)
+    prompts = [knowmem_prompt(question, examples) for question in rows["question"]]
+    raw = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length)
+    answers = [cut_knowmem_answer(text) for text in raw]
+    scores = [muse_metrics.rouge_l(gen, gold) for gen, gold in zip(answers, rows["answer"])]
+    return rows[["item_id", "question", "answer"]].assign(
+        split=split, prompt=prompts, raw_generation=raw, generation=answers,
+        rougeL_f1=[s["rougeL_f1"] for s in scores], rougeL_recall=[s["rougeL_recall"] for s in scores],
+    )[["item_id", "split", "question", "answer", "prompt", "raw_generation", "generation", "rougeL_f1", "rougeL_recall"]]
 
 
 def evaluate_muse(
@@ -198,32 +236,14 @@ def evaluate_muse(
     head = (lambda rows: rows[:max_items]) if max_items else (lambda rows: rows)
     notes: list[str] = []
 
-    verb = head(benchmark.verbmem_forget).reset_index(drop=True)
-    generations = _generate(model, tokenizer, list(verb["prompt"]), verbmem_max_new_tokens, batch_size, max_length)
-    references = [verbmem_reference(tokenizer, gt, verbmem_max_new_tokens) for gt in verb["gt"]]
-    scores = [muse_metrics.rouge_l(gen, ref) for gen, ref in zip(generations, references)]
-    verbmem = verb[["item_id", "prompt", "gt"]].assign(
-        reference=references, generation=generations,
-        rougeL_f1=[s["rougeL_f1"] for s in scores], rougeL_recall=[s["rougeL_recall"] for s in scores],
-    )
-
-    knowmem_parts = []
-    for split, frame, examples in (
-        ("forget", benchmark.knowmem_forget, benchmark.knowmem_forget_icl),
-        ("retain", benchmark.knowmem_retain, benchmark.knowmem_retain_icl),
-    ):
-        rows = head(frame).reset_index(drop=True)
-        prompts = [knowmem_prompt(question, examples) for question in rows["question"]]
-        raw = _generate(model, tokenizer, prompts, knowmem_max_new_tokens, batch_size, max_length)
-        answers = [cut_knowmem_answer(text) for text in raw]
-        scores = [muse_metrics.rouge_l(gen, gold) for gen, gold in zip(answers, rows["answer"])]
-        knowmem_parts.append(rows[["item_id", "question", "answer"]].assign(
-            split=split, prompt=prompts, raw_generation=raw, generation=answers,
-            rougeL_f1=[s["rougeL_f1"] for s in scores], rougeL_recall=[s["rougeL_recall"] for s in scores],
-        ))
-    knowmem = pd.concat(knowmem_parts, ignore_index=True)[
-        ["item_id", "split", "question", "answer", "prompt", "raw_generation", "generation", "rougeL_f1", "rougeL_recall"]
-    ]
+    verbmem = verbmem_table(model, tokenizer, head(benchmark.verbmem_forget), batch_size, max_length,
+                            verbmem_max_new_tokens)
+    knowmem = pd.concat([
+        knowmem_table(model, tokenizer, head(benchmark.knowmem_forget), benchmark.knowmem_forget_icl, "forget",
+                      batch_size, max_length, knowmem_max_new_tokens),
+        knowmem_table(model, tokenizer, head(benchmark.knowmem_retain), benchmark.knowmem_retain_icl, "retain",
+                      batch_size, max_length, knowmem_max_new_tokens),
+    ], ignore_index=True)
 
     privleak = pd.concat([
         _privleak_scores(model, tokenizer, list(head(benchmark.privleak_forget)), "forget", batch_size, max_length),

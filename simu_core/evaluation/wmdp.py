@@ -32,6 +32,7 @@ last from the input, so the two differ by one context token, and only on truncat
 from __future__ import annotations
 
 import string
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,9 @@ from simu_core.data.wmdp import WMDPBenchmark, check_subset
 from simu_core.evaluation.mmlu import mmlu_prompt
 from simu_core.evaluation.scoring import score_examples
 from simu_core.prompting import IGNORE_INDEX, EncodedExample, pad_token_id
+
+if TYPE_CHECKING:
+    from simu_core.evaluation.results import EvaluationResult
 
 #: The subject each subset's harness ``description`` names.
 WMDP_SUBJECTS = {"bio": "biology", "chem": "chemistry", "cyber": "cybersecurity"}
@@ -146,3 +150,43 @@ def wmdp_accuracy(items: pd.DataFrame) -> float:
     if items.empty:
         raise ValueError("no WMDP items to average")
     return float(items["correct"].mean())
+
+
+#: Headline metrics of the WMDP suite (split "all"): accuracy on the subset's questions, and MMLU
+#: accuracy as utility (the WMDP paper's pair), with its flag.
+WMDP_HEADLINE_METRICS = ("wmdp_accuracy", "mmlu")
+
+
+def wmdp_result(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark: WMDPBenchmark, config,
+                *, max_length: int | None = None) -> "EvaluationResult":
+    """The WMDP suite as an :class:`~simu_core.evaluation.results.EvaluationResult` (benchmark
+    ``wmdp``): per question its item row (split ``wmdp``; ``score`` = correct, ``generation`` and
+    ``reference`` the predicted and true letters), and with ``config.mmlu_source`` the MMLU questions
+    (split ``mmlu``); split "all": ``wmdp_accuracy``, ``mmlu`` and ``mmlu_computed``. ``config``: the
+    :class:`~simu_core.config.EvalConfig` (``max_items`` keeps the first questions, per MMLU subject)."""
+    from simu_core.evaluation.mmlu import evaluate_mmlu, load_mmlu
+    from simu_core.evaluation.results import HEADLINE_SPLIT, EvaluationResult, MetricTable
+
+    letters = string.ascii_uppercase
+    scored = evaluate_wmdp(model, tokenizer, benchmark, max_items=config.max_items, batch_size=config.batch_size,
+                           max_length=max_length)
+    items = [pd.DataFrame({"item_id": scored["item_id"].astype(str), "split": "wmdp", "task": benchmark.subset,
+                           "generation": [letters[int(p)] for p in scored["prediction"]],
+                           "reference": [letters[int(a)] for a in scored["answer"]], "score": scored["correct"]})]
+    table, notes = MetricTable("wmdp"), []
+    table.add("wmdp", "num_items", len(scored))
+    table.add(HEADLINE_SPLIT, "wmdp_accuracy", wmdp_accuracy(scored))
+    if config.mmlu_source is None:
+        notes.append("mmlu not computed: no MMLU data given (eval.mmlu_source)")
+    else:
+        predictions = evaluate_mmlu(model, tokenizer, load_mmlu(config.mmlu_source, config.max_items),
+                                    config.batch_size, max_length or _model_max_length(model))
+        table.add("mmlu", "num_items", len(predictions))
+        table.add(HEADLINE_SPLIT, "mmlu", float(predictions["correct"].mean()))
+        items.append(pd.DataFrame({"item_id": [f"{subject}-{n}" for n, subject in enumerate(predictions["subject"])],
+                                   "split": "mmlu", "task": predictions["subject"],
+                                   "generation": [letters[int(p)] for p in predictions["prediction"]],
+                                   "reference": [letters[int(a)] for a in predictions["answer"]],
+                                   "score": predictions["correct"]}))
+    table.add(HEADLINE_SPLIT, "mmlu_computed", 0.0 if config.mmlu_source is None else 1.0)
+    return EvaluationResult(items=pd.concat(items, ignore_index=True), metrics=table.frame(), notes=notes)
