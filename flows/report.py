@@ -88,7 +88,7 @@ def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.Da
     """Matched forgetting: runs that stopped at a level (``unlearn.stop_at``) read where they
     stopped; fixed-budget lr grids interpolated at the level; the paired differences between
     methods; a clear note instead of a table when the runs cannot give one."""
-    from simu_core.matched import STOP_STATUS, paired_markdown
+    from simu_core.matched import STOP_STATUS, paired_markdown, utility_metrics
 
     lines = ["## Comparison at matched forgetting", ""]
     is_stopped = runs[STOP_STATUS].notna() if STOP_STATUS in runs.columns else pd.Series(False, index=runs.index)
@@ -105,7 +105,7 @@ def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.Da
                   "data): the difference A − B of each utility, mean ± std over the pairs; 'mean beyond std / 2 SE' "
                   "says whether |mean| exceeds the pairs' standard deviation and two standard errors "
                   "(std / sqrt(pairs)). Stopped runs: each method at its best lr; lr grids: the interpolated readings.",
-                  "", paired_markdown(table), ""]
+                  "", paired_markdown(table, utility_metrics(runs)), ""]
     return lines
 
 
@@ -115,24 +115,25 @@ def _stopped_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict, 
     value every reading reached, the readings not matched, each method's best lr, the paired
     differences there, and the trajectories plot."""
     from simu_core.matched import (best_lrs, curve_columns, paired_differences, stopped_markdown, stopped_readings,
-                                   stopped_table)
+                                   stopped_table, utility_metrics)
 
     settings = reporting.setting_columns(runs)
-    readings = stopped_readings(runs, settings, tolerance)
+    utilities = utility_metrics(runs)  # the runs' benchmarks' (TOFU suite: model utility, retain probability)
+    readings = stopped_readings(runs, settings, tolerance, utilities)
     lines = ["### Stopped at the level (`unlearn.stop_at`)", "",
              "Each run stopped at the first check (every `unlearn.eval_every` steps) that reached its level; no "
-             "interpolation. The forget-probability level is each run's own target's retain reference.", ""]
+             "interpolation. A `reference` level is each run's own target's retain reference's value.", ""]
     for measure, by_measure in readings.groupby("measure", sort=True):
         tables, bests = [], []
         for stop_at, rule_readings in by_measure.groupby("stop_at", sort=True):
-            table = stopped_table(rule_readings)
-            best = best_lrs(table)
+            table = stopped_table(rule_readings, utilities)
+            best = best_lrs(table, utilities[0])
             tables.append(table)
             bests.append(best)
-            lines += [f"#### {stop_at}", "", stopped_markdown(table, rule_readings, best, tolerance), ""]
+            lines += [f"#### {stop_at}", "", stopped_markdown(table, rule_readings, best, tolerance, utilities), ""]
             at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
             at_best = at_best[at_best["matched"].astype(bool)]
-            differences = paired_differences(at_best)
+            differences = paired_differences(at_best, utilities)
             if not differences.empty:
                 paired.append(differences.assign(where=f"stopped, {stop_at}, best lr"))
         pd.concat(tables, ignore_index=True).to_csv(out / f"matched_stopped_{measure}.csv", index=False)

@@ -10,7 +10,8 @@
 # The lrs (two per curve) were chosen from a probe on target 0, seed 0 at lr 1e-4 and 3e-4 (and lower or
 # higher where those ran past the level in one check or did not reach it): docs/results.md lists every
 # probe reading. idk_dpo and satimp are not swept: no lr tried reached the level before model utility fell
-# to 0 (the probe's table). dpo needs the user's preferred answers (unlearn.preferred_source) and is not run.
+# to 0 (the probe's table). dpo reads a user's preferred answers (unlearn.preferred_source): here the
+# benchmark's first perturbed answer to each forget question (scripts/preferred_answers.py writes the file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIMU=${SIMU:-.venv/bin/simu}
@@ -18,7 +19,8 @@ OUT=${OUT:-results/losses/testbed}
 PARALLEL=${PARALLEL:-2}
 TARGETS=${TARGETS:-3}
 SEEDS=${SEEDS:-3}
-LOSSES=${LOSSES:-ga graddiff npo simnpo altpo rmu undial wga ceu pdu}
+LOSSES=${LOSSES:-ga graddiff npo simnpo altpo dpo rmu undial wga ceu pdu}
+PREFERRED=${PREFERRED:-results/losses/preferred_testbed.jsonl}
 SCOPES=${SCOPES:-all simu}
 declare -A LRS=(
   [ga/all]=5e-5,8e-5          [ga/simu]=7e-5,1e-4
@@ -26,12 +28,16 @@ declare -A LRS=(
   [npo/all]=6e-5,1e-4         [npo/simu]=1e-4,1.5e-4
   [simnpo/all]=2e-4,3e-4      [simnpo/simu]=1.5e-3,2e-3
   [altpo/all]=7e-5,1.5e-4     [altpo/simu]=1e-4,2e-4
+  [dpo/all]=DPO_ALL           [dpo/simu]=DPO_SIMU
   [rmu/all]=7e-5,1e-4         [rmu/simu]=2e-4,3e-4
   [undial/all]=7e-5,1e-4      [undial/simu]=1.5e-4,2e-4
   [wga/all]=1e-4,2e-4         [wga/simu]=2e-4,3e-4
   [ceu/all]=2e-5,4e-5         [ceu/simu]=7e-5,1e-4
   [pdu/all]=2e-5,3e-5         [pdu/simu]=5e-5,7e-5
 )
+if [[ " $LOSSES " == *" dpo "* && ! -f $PREFERRED ]]; then
+  .venv/bin/python scripts/preferred_answers.py --config data/configs/mlp_localised.yaml --out "$PREFERRED"
+fi
 for scope in $SCOPES; do
   for loss in $LOSSES; do
     lrs=${LRS[$loss/$scope]}
@@ -40,7 +46,8 @@ for scope in $SCOPES; do
     $SIMU ablate --config data/configs/mlp_localised.yaml --targets "$TARGETS" --seeds "$SEEDS" \
       --max-parallel "$PARALLEL" --set unlearn.optimizer=sophia --set unlearn.scope="$scope" \
       --set unlearn.loss="$loss" --grid unlearn.lr="$lrs" --set unlearn.epochs=20 --set eval.max_items=100 \
-      --set unlearn.rmu_layer=2 --set unlearn.stop_at='forget_prob<=reference' --set run.results="$OUT"
+      --set unlearn.rmu_layer=2 --set unlearn.stop_at='forget_prob<=reference' --set run.results="$OUT" \
+      $( [[ $loss == dpo ]] && echo "--set unlearn.preferred_source=$PREFERRED" )
   done
 done
 $SIMU report --results "$OUT"

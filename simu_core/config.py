@@ -770,6 +770,11 @@ def check_pipeline_models(config: SimuConfig) -> None:
                 f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark={benchmark!r}: "
                 f"{info.title} has no retain reference whose {rule.measure} gives the level; give a number"
             )
+    if benchmark == "wmdp" and not model.target:
+        raise ConfigError(
+            "invalid config: data.benchmark='wmdp' unlearns a given model (model.target, e.g. "
+            "HuggingFaceH4/zephyr-7b-beta as in the WMDP paper): it fine-tunes no target from model.base"
+        )
     if benchmark == "wmdp" and config.data.corpora_source is None:
         raise ConfigError(
             "invalid config: data.benchmark='wmdp' with data.corpora_source=null: unlearning reads WMDP's forget and "

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from simu_core.benchmarks.info import BENCHMARK_INFO
 from simu_core.method_names import is_masked
 
 LR_COLUMN = "config.unlearn.lr"
@@ -45,6 +46,19 @@ SEED_COLUMN = "config.run.seed"
 # Seeds the training of the target and of its retain reference: another value, another target.
 TARGET_SEED_COLUMN = "config.model.finetune.seed"
 UTILITY_METRICS = ("model_utility", "retain_prob")
+#: Per stop measure, the other forget measure shown next to a matched reading (every benchmark's
+#: registry row: forget quality at matched forget probability and back; MUSE's KnowMem at matched
+#: VerbMem and back; WMDP: none).
+OTHER_MEASURE = {measure: other for info in BENCHMARK_INFO.values() for measure, other in info.other_measure.items()}
+
+
+def utility_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The utilities a matched comparison of ``runs`` reads: their benchmarks' (the registry's
+    ``utility``), in order; the TOFU suite's when the runs name no benchmark."""
+    column = "config.data.benchmark"
+    names = sorted(set(runs[column].dropna())) if column in runs.columns else []
+    found = [name for benchmark in names if benchmark in BENCHMARK_INFO for name in BENCHMARK_INFO[benchmark].utility]
+    return tuple(dict.fromkeys(found)) or UTILITY_METRICS
 STOP_MEASURES = ("forget_prob", "forget_quality")
 # Settings that cannot change the unlearned model: they name no setting and no curve. (The
 # attacks and the knockout check read a model, never change it; checkpointing and
@@ -381,7 +395,7 @@ def stopped_readings(runs: pd.DataFrame, setting_columns: Sequence[str], toleran
         label = curve_label(curve_runs.iloc[0], columns)
         for index, run in curve_runs.iterrows():
             measure = str(run["stop.measure"])
-            other = "forget_quality" if measure == "forget_prob" else "forget_prob"
+            other = OTHER_MEASURE.get(measure, "")
             level, value = float(run["stop.level"]), float(run["stop.value"])
             deviation = abs(value - level) / abs(level) if level != 0 else (0.0 if value == 0 else math.inf)
             status = str(run[STOP_STATUS])
@@ -441,7 +455,8 @@ def stopped_table(readings: pd.DataFrame, utilities: Sequence[str] = UTILITY_MET
         for stat in ("mean", "min", "max"):
             row[f"level_{stat}"] = float(group["level"].agg(stat))
         row["other_measure"] = other
-        row[f"{other}_mean"], row[f"{other}_std"] = _mean_std(matched["other_value"])
+        if other:  # WMDP's accuracy has no other forget measure
+            row[f"{other}_mean"], row[f"{other}_std"] = _mean_std(matched["other_value"])
         row["step_mean"] = float(pd.to_numeric(group["step"], errors="coerce").mean())
         reasons = group.loc[~group["matched"].astype(bool), "reason"].str.split(":").str[0]
         row["not_matched"] = ", ".join(f"{count} {reason}"
@@ -503,19 +518,19 @@ def stopped_markdown(table: pd.DataFrame, readings: pd.DataFrame, best: pd.DataF
     level = f"{low:.4g}" if np.isclose(low, high) else \
         f"{low:.4g}–{high:.4g} (each run's own: its target's reference)"
     lines = [f"Stop rule `{table['stop_at'].iloc[0]}`: level {level}. A reading (one target x seed) is matched when it "
-             f"stopped as matched and within {100 * tolerance:g} % of its own level; utilities and {other} are "
+             f"stopped as matched and within {100 * tolerance:g} % of its own level; utilities and {other or 'no other measure'} are "
              f"mean ± std over the matched readings, the measured {measure} over every reading.",
              "Each lr is read over " + " or ".join(table["spread"].unique()) + " (per method; the matched "
              "column counts them).", "",
              "| " + " | ".join(["curve", "lr", "matched", *utilities, f"{measure} measured", "min–max",
-                                f"{other} (matched)", "mean step", "not matched"]) + " |",
+                                f"{other or 'other measure'} (matched)", "mean step", "not matched"]) + " |",
              "|" + "---|" * (8 + len(utilities))]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join([
             str(row["curve"]), _number(row["lr"]), f"{row['matched']}/{row['readings']}",
             *[_cell(row[f"{name}_mean"], row[f"{name}_std"]) for name in utilities],
             _cell(row["value_mean"], row["value_std"], 4), f"{_number(row['value_min'])}–{_number(row['value_max'])}",
-            _cell(row[f"{other}_mean"], row[f"{other}_std"]),
+            _cell(row[f"{other}_mean"], row[f"{other}_std"]) if other else "-",
             f"{row['step_mean']:.0f}" if np.isfinite(row["step_mean"]) else "-",
             str(row["not_matched"]) or ""]) + " |")
     missed = readings[~readings["matched"].astype(bool)]

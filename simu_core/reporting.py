@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from simu_core.method_names import is_masked  # noqa: E402
+from simu_core.stop_rule import STOP_MEASURES  # noqa: E402
 from simu_core.matched import TARGET_SEED_COLUMN, has_no_effect, reference_group_columns, spread_text  # noqa: E402
 
 HEADLINE_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "forget_truth_ratio",
@@ -121,15 +122,22 @@ def comparison_table(runs: pd.DataFrame, metrics: Sequence[str] = ALL_HEADLINE_M
     grouped = runs.groupby(keys, sort=True, dropna=False)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    _insert_counts(table, runs, keys)
+    table.index.names = [key.removeprefix("config.") for key in keys]
+    return table.reset_index()
+
+
+def _insert_counts(table: pd.DataFrame, runs: pd.DataFrame, keys: Sequence[str]) -> None:
+    """Put over what each row's spread runs in front of ``table`` (indexed by ``keys``): targets,
+    seeds and readings when the runs hold several targets, else the seed count."""
+    grouped = runs.groupby(list(keys), sort=True, dropna=False)
     if _targets_vary(runs):
         table.insert(0, "readings", grouped.size())
         table.insert(0, "seeds", grouped[SEED_COLUMN].nunique() if SEED_COLUMN in runs.columns else 1)
         table.insert(0, "targets", runs.assign(_target=runs[TARGET_SEED_COLUMN].fillna(0))
-                     .groupby(keys, sort=True, dropna=False)["_target"].nunique())
+                     .groupby(list(keys), sort=True, dropna=False)["_target"].nunique())
     else:
         table.insert(0, "seeds", grouped.size())
-    table.index.names = [key.removeprefix("config.") for key in keys]
-    return table.reset_index()
 
 
 def spread_note(runs: pd.DataFrame) -> str:
@@ -377,6 +385,10 @@ def read_trajectories(results: str | Path, runs: pd.DataFrame, curve_columns: Se
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+#: A trajectory's retain measure, the first present (``simu_core.stopping``'s checks).
+TRAJECTORY_RETAIN_MEASURES = ("retain_prob", "knowmem_retain")
+
+
 def plot_trajectories(trajectories: pd.DataFrame, path: str | Path) -> Path:
     """Per stop measure, two panels: the measure (log) against retain probability, and against the
     step; one line per run, one colour per curve, the levels dashed (each target has its own)."""
@@ -389,12 +401,16 @@ def plot_trajectories(trajectories: pd.DataFrame, path: str | Path) -> Path:
         # Over-forgetting reaches 1e-50; drawn no lower than 1e-4 x the lowest level, at the axis edge.
         floor = 1e-4 * min(levels) if levels and min(levels) > 0 else 1e-12
         labelled = set()
+        # The stop checks' retain measure: the TOFU suite's retain probability, MUSE's KnowMem on retain;
+        # WMDP's checks measure none (the left panel stays empty).
+        retain = next((name for name in TRAJECTORY_RETAIN_MEASURES if name in rows and rows[name].notna().any()), None)
         for (curve, _), run in rows.groupby(["curve", "run_id"], sort=False):
             run = run.sort_values("step")
             values = run[measure].astype(float).clip(lower=floor)
             label = None if curve in labelled else curve
             labelled.add(curve)
-            row_axes[0].plot(values, run["retain_prob"], marker=".", color=colours[curve], alpha=0.8, label=label)
+            if retain is not None:
+                row_axes[0].plot(values, run[retain], marker=".", color=colours[curve], alpha=0.8, label=label)
             row_axes[1].plot(run["step"], values, marker=".", color=colours[curve], alpha=0.8, label=label)
         for index, level in enumerate(levels):
             name = "level" if index == 0 else None
@@ -402,10 +418,11 @@ def plot_trajectories(trajectories: pd.DataFrame, path: str | Path) -> Path:
             row_axes[1].axhline(level, color="black", linestyle="--", linewidth=1, label=name)
         title = measure.replace("_", " ")
         row_axes[0].set_xscale("log")
-        if measure == "forget_prob":
+        if STOP_MEASURES.get(measure) == "<=":
             row_axes[0].invert_xaxis()  # forgetting grows to the right
         row_axes[0].set_xlabel(f"{title} (log)")
-        row_axes[0].set_ylabel("retain probability (retain sample)")
+        row_axes[0].set_ylabel({"retain_prob": "retain probability (retain sample)",
+                                "knowmem_retain": "KnowMem on retain"}.get(retain, "no retain measure checked"))
         row_axes[1].set_yscale("log")
         row_axes[1].set_xlabel("unlearning step")
         row_axes[1].set_ylabel(f"{title} (log)")
@@ -597,13 +614,7 @@ def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) 
         counts = matched.groupby([rows[key] for key in keys], sort=True, dropna=False).agg(["sum", "size"])
         table["matched"] = [f"{int(done)}/{int(size)}" for done, size in zip(counts["sum"], counts["size"])]
         table["mean step"] = grouped["stop.step"].mean().round(0) if "stop.step" in rows.columns else None
-    if _targets_vary(rows):
-        table.insert(0, "readings", grouped.size())
-        table.insert(0, "seeds", grouped[SEED_COLUMN].nunique() if SEED_COLUMN in rows.columns else 1)
-        table.insert(0, "targets", rows.assign(_target=rows[TARGET_SEED_COLUMN].fillna(0))
-                     .groupby(keys, sort=True, dropna=False)["_target"].nunique())
-    else:
-        table.insert(0, "seeds", grouped.size())
+    _insert_counts(table, rows, keys)
     table.index.names = [key.removeprefix("config.") for key in keys]
     return table.reset_index().rename(columns={REQUEST_INDEX: "request", REQUEST_ITEMS: "items so far"})
 

@@ -66,6 +66,8 @@ def test_text_windows_cover_every_token_and_label_it(tmp_path):
     (["unlearn.stop_at=verbmem_forget<=reference"], r"verbmem_forget is not one of this benchmark's forget measures"),
     (["data.benchmark=muse", "unlearn.stop_at=verbmem_forget<=0.2", "unlearn.method=idk_dpo"],
      r"the idk_dpo loss\) with data.benchmark='muse'.*corpus passages with no question or answer"),
+    (["data.benchmark=wmdp", "model.base=/m", "unlearn.stop_at=null", "data.corpora_source=hub"],
+     r"data.benchmark='wmdp' unlearns a given model \(model.target"),
     (["data.benchmark=wmdp", "model.target=/m", "unlearn.stop_at=wmdp_accuracy<=0.3", "data.corpora_source=null"],
      r"data.corpora_source=null: unlearning reads WMDP's forget and retain corpora"),
     (["data.benchmark=wmdp", "model.target=/m", "data.corpora_source=hub", "unlearn.stop_at=wmdp_accuracy<=reference"],

@@ -437,3 +437,24 @@ def test_version_one_methods_keep_their_objectives(method):
     # retain_loss=kl still switches the retain term of every method with one.
     kl = build_objective(config.model_copy(update={"retain_loss": "kl"}))
     assert kl.retain == (None if retain is None else "kl")
+
+
+# --------------------------------------------------------------------------------- corpus text (MUSE, WMDP)
+
+#: Windows of corpus text: no prompt, every token labelled (simu_core.benchmarks.items.text_windows).
+TEXT_FORGET = [EncodedExample(list(example.input_ids), list(example.input_ids)) for example in FORGET]
+TEXT_RETAIN = [EncodedExample(list(example.input_ids), list(example.input_ids)) for example in RETAIN]
+
+
+@pytest.mark.parametrize("loss", [loss for loss in LOSSES if loss not in PREFERENCE_LOSSES])
+def test_every_loss_without_preferred_answers_unlearns_corpus_windows(loss):
+    # A passage has no answer: every loss acts on every labelled token, with SIMU's scope as with all weights.
+    model = tiny_model()
+    before = snapshot(model)
+    nll_before = forget_nll(model, TEXT_FORGET)
+    _, result = run(model, config_of(loss, "sophia", "simu"), forget=TEXT_FORGET, retain=TEXT_RETAIN,
+                    mask=some_mask(model))
+    assert np.isfinite(result.log[["forget_loss", "objective", "grad_norm"]].to_numpy()).all(), result.log
+    assert any(not torch.equal(value, dict(model.named_parameters())[name]) for name, value in before.items())
+    if loss != "rmu":  # RMU moves hidden states, not the likelihood directly
+        assert forget_nll(model, TEXT_FORGET) > nll_before, loss

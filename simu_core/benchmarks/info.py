@@ -44,6 +44,10 @@ class BenchmarkInfo:
     requests: bool = False
     attacks: bool = False
     preference_losses: bool = False
+    #: What a matched comparison keeps (the first is what each method's best lr maximises).
+    utility: tuple[str, ...] = ()
+    #: Per stop measure, the other forget measure shown next to a matched reading.
+    other_measure: dict[str, str] = field(default_factory=dict)
     #: Data sources the loader reads from the hub when ``data.source`` is unset (for messages).
     hub: tuple[str, ...] = field(default_factory=tuple)
 
@@ -52,6 +56,8 @@ _QA_HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge"
                 "extraction_strength", "exact_memorization", "privleak", "mia_loss_auc", "mia_zlib_auc",
                 "mia_min_k_auc", "mia_min_k_plus_plus_auc")
 _QA_STOPS = {"forget_prob": "<=", "forget_quality": ">="}
+_QA_UTILITY = ("model_utility", "retain_prob")
+_QA_OTHER = {"forget_prob": "forget_quality", "forget_quality": "forget_prob"}
 _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio", "forget_quality",
                "model_utility", "privleak")
 
@@ -59,6 +65,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
     "synthetic": BenchmarkInfo(
         name="synthetic", title="the built-in benchmark (fictitious authors, TOFU's shape)", item_kind="qa",
         headline=_QA_HEADLINE, summary=_QA_SUMMARY, stop_measures=_QA_STOPS, reference_levels=("forget_prob",),
+        utility=_QA_UTILITY, other_measure=_QA_OTHER,
         defaults={"model.max_length": 128, "eval.max_new_tokens": 48, "relearn.lr": 1e-3},
         data_fields=("benchmark", "split", "retain_authors", "num_authors", "holdout_authors", "qa_per_author",
                      "general_facts", "seed"),
@@ -67,6 +74,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
     "tofu": BenchmarkInfo(
         name="tofu", title="TOFU (Maini et al. 2024)", item_kind="qa",
         headline=_QA_HEADLINE, summary=_QA_SUMMARY, stop_measures=_QA_STOPS, reference_levels=("forget_prob",),
+        utility=_QA_UTILITY, other_measure=_QA_OTHER,
         defaults={"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5},
         data_fields=("benchmark", "split", "source", "retain_authors"),
         tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=True,
@@ -75,6 +83,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         name="lume", title="LUME (SemEval-2025 Task 4)", item_kind="completion",
         headline=("final_score", "task_aggregate", "mia_score", "mia_auc", "mmlu"),
         summary=("final_score", "task_aggregate", "mia_score", "mia_auc", "mmlu"), stop_measures={},
+        utility=("mmlu",),
         reference_levels=(),
         defaults={"model.max_length": 512, "eval.max_new_tokens": 256, "relearn.lr": 1e-5},
         data_fields=("benchmark", "source"),
@@ -85,7 +94,8 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         headline=("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "privleak_auc"),
         summary=("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "privleak_auc"),
         stop_measures={"verbmem_forget": "<=", "knowmem_forget": "<="},
-        reference_levels=("verbmem_forget", "knowmem_forget"),
+        reference_levels=("verbmem_forget", "knowmem_forget"), utility=("knowmem_retain",),
+        other_measure={"verbmem_forget": "knowmem_forget", "knowmem_forget": "verbmem_forget"},
         # 2048: the window MUSE's unlearning code trains on; its evaluation truncates nothing and its
         # generation lengths (VerbMem 128, KnowMem 32 tokens) live in simu_core.evaluation.muse.
         defaults={"model.max_length": 2048, "eval.max_new_tokens": 128, "relearn.lr": 1e-5},
@@ -94,7 +104,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
     "wmdp": BenchmarkInfo(
         name="wmdp", title="WMDP (Li et al. 2024)", item_kind="text",
         headline=("wmdp_accuracy", "mmlu"), summary=("wmdp_accuracy", "mmlu"), stop_measures={"wmdp_accuracy": "<="},
-        reference_levels=(),
+        reference_levels=(), utility=("mmlu",),
         defaults={"model.max_length": 512, "eval.max_new_tokens": 1, "relearn.lr": 1e-5},
         data_fields=("benchmark", "subset", "source", "corpora_source", "max_texts"),
         tiny_model=False, retain_reference=False, hub=("cais/wmdp", "cais/wmdp-corpora")),

@@ -34,6 +34,7 @@ from numpy.typing import ArrayLike
 from rouge_score import rouge_scorer
 
 from . import mia as _mia
+from .rouge import check_pairs
 from ._validation import as_float_array, check_scalar, check_text
 
 #: Min-K% fraction of PrivLeak: eval.py ``privleak_auc_key='forget_holdout_Min-40%'``.
@@ -79,15 +80,7 @@ def rouge_l(generation: str, reference: str) -> dict[str, float]:
 
 def rouge_l_f1_batch(generations: Sequence[str], references: Sequence[str]) -> list[float]:
     """Per-item ROUGE-L F1 (no stemming) for paired generations and gold texts."""
-    if isinstance(generations, str) or isinstance(references, str):
-        raise TypeError("generations and references must be sequences of str, not a single str")
-    if len(generations) == 0:
-        raise ValueError("generations is empty")
-    if len(generations) != len(references):
-        raise ValueError(
-            "generations and references must have the same length (one entry per item), "
-            f"got {len(generations)} and {len(references)}"
-        )
+    check_pairs(generations, references)
     return [rouge_l(gen, ref)["rougeL_f1"] for gen, ref in zip(generations, references)]
 
 

@@ -43,8 +43,8 @@ def rouge_l_recall(generation: str, reference: str) -> float:
     return rouge_scores(generation, reference)["rougeL_recall"]
 
 
-def rouge_l_recall_batch(generations: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Per-item ROUGE-L recall for paired lists of generations and gold references."""
+def check_pairs(generations: Sequence[str], references: Sequence[str]) -> None:
+    """Paired per-item texts: two sequences (not single strings) of the same, non-zero length."""
     if isinstance(generations, str) or isinstance(references, str):
         raise TypeError("generations and references must be sequences of str, not a single str")
     if len(generations) == 0:
@@ -54,6 +54,11 @@ def rouge_l_recall_batch(generations: Sequence[str], references: Sequence[str]) 
             "generations and references must have the same length (one entry per item), "
             f"got {len(generations)} and {len(references)}"
         )
+
+
+def rouge_l_recall_batch(generations: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per-item ROUGE-L recall for paired lists of generations and gold references."""
+    check_pairs(generations, references)
     out: list[float] = []
     for i, (gen, ref) in enumerate(zip(generations, references)):
         check_text(gen, f"generations[{i}]")
