@@ -312,6 +312,15 @@ def _requests_section(results: Path, rows: pd.DataFrame, out: Path, plots: dict)
              + (" `matched`: readings whose request stopped at the level within the tolerance (its own items, "
                 "`unlearn.stop_at`)." if "matched" in table.columns else ""), "",
              reporting.table_markdown(table), ""]
+    paired = reporting.request_paired(rows)
+    if not paired.empty:
+        from simu_core.matched import paired_markdown
+
+        paired.to_csv(out / "request_paired.csv", index=False)
+        metrics = ("model_utility", "retain_prob", "forget_prob")
+        lines += ["Paired differences after each request (same target and seed; A − B, mean ± std over the pairs; "
+                  "every reading, matched or not: the forget_prob difference says whether both forgot as much):", "",
+                  paired_markdown(paired, metrics), ""]
     items = reporting.request_item_table(results, rows)
     if not items.empty:
         items.to_csv(out / "request_items.csv", index=False)

@@ -11,7 +11,9 @@
 # higher where those ran past the level in one check or did not reach it): docs/results.md lists every
 # probe reading. idk_dpo and satimp are not swept: no lr tried reached the level before model utility fell
 # to 0 (the probe's table). dpo reads a user's preferred answers (unlearn.preferred_source): here the
-# benchmark's first perturbed answer to each forget question (scripts/preferred_answers.py writes the file).
+# benchmark's first perturbed answer to each forget question (scripts/preferred_answers.py writes the file);
+# its probe (5e-5, 1e-4, 2e-4, 3e-4 per scope) reached the level at 1e-4 and 2e-4, not at 5e-5 within the
+# budget, and overshot at 3e-4, with both scopes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIMU=${SIMU:-.venv/bin/simu}
@@ -28,7 +30,7 @@ declare -A LRS=(
   [npo/all]=6e-5,1e-4         [npo/simu]=1e-4,1.5e-4
   [simnpo/all]=2e-4,3e-4      [simnpo/simu]=1.5e-3,2e-3
   [altpo/all]=7e-5,1.5e-4     [altpo/simu]=1e-4,2e-4
-  [dpo/all]=DPO_ALL           [dpo/simu]=DPO_SIMU
+  [dpo/all]=1e-4,2e-4         [dpo/simu]=1e-4,2e-4
   [rmu/all]=7e-5,1e-4         [rmu/simu]=2e-4,3e-4
   [undial/all]=7e-5,1e-4      [undial/simu]=1.5e-4,2e-4
   [wga/all]=1e-4,2e-4         [wga/simu]=2e-4,3e-4

@@ -602,8 +602,9 @@ def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) 
     setting (method, ...) and request index, with the forget items seen so far (columns ``request``
     and ``items so far``). The spread runs over targets x seeds when the rows hold several targets
     (columns ``targets``, ``seeds``, ``readings``), else over seeds. Stopped runs (``unlearn.stop_at``)
-    add how many of the readings stopped at the level within the tolerance (``matched``, "k/n") and
-    their mean stop step: a request whose run never reached the level, or overshot it, is not matched."""
+    add how many of the readings stopped at the level within the tolerance (``matched``, "k/n"), their
+    mean stop step and the mean level (each request's: the reference on its own items): a request whose
+    run never reached the level, or overshot it, is not matched."""
     keys = (setting_columns(rows) or ["config.unlearn.method"]) + [REQUEST_INDEX, REQUEST_ITEMS]
     present = [metric for metric in metrics if metric in rows.columns]
     grouped = rows.groupby(keys, sort=True, dropna=False)
@@ -614,6 +615,8 @@ def request_table(rows: pd.DataFrame, metrics: Sequence[str] = REQUEST_METRICS) 
         counts = matched.groupby([rows[key] for key in keys], sort=True, dropna=False).agg(["sum", "size"])
         table["matched"] = [f"{int(done)}/{int(size)}" for done, size in zip(counts["sum"], counts["size"])]
         table["mean step"] = grouped["stop.step"].mean().round(0) if "stop.step" in rows.columns else None
+        if "stop.level" in rows.columns:  # each request's level: the reference on its own items
+            table["level"] = grouped["stop.level"].mean().map(_fmt)
     _insert_counts(table, rows, keys)
     table.index.names = [key.removeprefix("config.") for key in keys]
     return table.reset_index().rename(columns={REQUEST_INDEX: "request", REQUEST_ITEMS: "items so far"})
@@ -656,6 +659,33 @@ def request_item_table(results: str | Path, rows: pd.DataFrame, column: str = "p
     table.insert(0, "readings", frame.groupby(group, dropna=False)["run_id"].nunique())
     table.index.names = [key.removeprefix("config.") for key in group]
     return table.reset_index()
+
+
+def request_paired(rows: pd.DataFrame, metrics: Sequence[str] = ("model_utility", "retain_prob", "forget_prob")
+                   ) -> pd.DataFrame:
+    """After each request, each pair of settings compared on the same readings (same target
+    ``model.finetune.seed`` and seed ``run.seed``): A − B of each metric, mean ± std over the
+    pairs (:func:`simu_core.matched.paired_differences`), column ``where`` = "after request i".
+    Every reading is paired, matched or not: the forget-probability difference says whether the two
+    forgot as much; the requests table's ``matched`` column says how many stopped at their level."""
+    from simu_core.matched import PAIR_KEYS, curve_columns, curve_label, paired_differences
+
+    if rows.empty:
+        return pd.DataFrame()
+    columns = curve_columns(rows, setting_columns(rows))
+    labels = {index: curve_label(row, columns) for index, row in rows.iterrows()}
+    order = {label: number for number, label in enumerate(dict.fromkeys(sorted(labels.values())))}
+    readings = pd.DataFrame({
+        "curve": pd.Series(labels), "curve_order": pd.Series(labels).map(order),
+        "target": rows[TARGET_SEED_COLUMN].fillna(0).astype(int) if TARGET_SEED_COLUMN in rows else 0,
+        "seed": rows[SEED_COLUMN].fillna(0).astype(int) if SEED_COLUMN in rows else 0,
+        "data": 0, REQUEST_INDEX: rows[REQUEST_INDEX].astype(int),
+        **{name: rows[name] for name in metrics if name in rows.columns}})
+    assert set(PAIR_KEYS) <= set(readings.columns)
+    tables = [paired_differences(group, metrics).assign(where=f"after request {index}")
+              for index, group in readings.groupby(REQUEST_INDEX, sort=True)]
+    tables = [table for table in tables if not table.empty]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def request_item_markdown(table: pd.DataFrame) -> str:

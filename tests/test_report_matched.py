@@ -349,12 +349,12 @@ def test_request_table_spreads_over_targets_and_counts_the_matched_readings():
     rows = pd.DataFrame([{"config.unlearn.method": "simu", "config.run.seed": seed, "config.model.finetune.seed": target,
                           "request.index": 1, "request.items": 10, "model_utility": 0.7, "forget_quality": 0.9,
                           "forget_prob": 0.1 + 0.01 * target, "retain_prob": 0.9, "stop.matched": matched,
-                          "stop.step": step}
+                          "stop.step": step, "stop.level": 0.2}
                          for (target, seed, matched, step) in ((0, 0, True, 10), (0, 1, False, 20), (1, 0, True, 30))])
     table = reporting.request_table(rows)
     row = table.iloc[0]
     assert (row["targets"], row["seeds"], row["readings"]) == (2, 2, 3)
-    assert row["matched"] == "2/3" and row["mean step"] == 20
+    assert row["matched"] == "2/3" and row["mean step"] == 20 and row["level"] == "0.200"
     assert row["forget_prob_mean"] == pytest.approx((0.1 + 0.1 + 0.11) / 3)
     header = reporting.table_markdown(table).splitlines()[0]
     assert "matched" in header and "readings" in header
@@ -386,3 +386,19 @@ def test_request_item_table_follows_each_requests_items(tmp_path):
     # A run folder written before request_items.parquet existed is left out, not mislabelled.
     (folder / "request2" / "request_items.parquet").unlink()
     assert reporting.request_item_table(tmp_path, rows).empty
+
+
+def test_request_paired_differences_pair_readings_on_target_and_seed():
+    rows = []
+    for target, seed, utility_a, utility_b in ((0, 0, 0.70, 0.60), (0, 1, 0.72, 0.64), (1, 0, 0.66, 0.60)):
+        for method, utility in (("simu", utility_a), ("so_graddiff", utility_b)):
+            rows.append({"config.unlearn.method": method, "config.run.seed": seed, "config.model.finetune.seed": target,
+                         "request.index": 2, "request.items": 20, "model_utility": utility,
+                         "retain_prob": 0.8, "forget_prob": 0.15, "run_id": f"{method}-{target}-{seed}"})
+    table = reporting.request_paired(pd.DataFrame(rows))
+    row = table.iloc[0]
+    assert (row["where"], row["curve_a"], row["curve_b"], row["pairs"]) == ("after request 2", "simu", "so_graddiff", 3)
+    differences = [0.10, 0.08, 0.06]
+    assert row["model_utility_diff_mean"] == pytest.approx(np.mean(differences))
+    assert row["model_utility_diff_std"] == pytest.approx(np.std(differences, ddof=1))
+    assert row["forget_prob_diff_mean"] == pytest.approx(0.0) and bool(row["model_utility_beyond_2se"])
