@@ -95,9 +95,23 @@ def fill_new_config_fields(runs: pd.DataFrame) -> pd.DataFrame:
 def setting_columns(runs: pd.DataFrame) -> list[str]:
     """Config columns whose value differs between runs: seeds (run and target: replicates),
     bookkeeping and settings that cannot change the unlearned model (the relearning attack, the
-    knockout check, checkpointing, sharding, ...: ``simu_core.matched.has_no_effect``) excluded."""
-    return varying_columns(runs, lambda column: column not in _BOOKKEEPING and column != TARGET_SEED_COLUMN
-                           and not has_no_effect(column))
+    knockout check, checkpointing, sharding, ...: ``simu_core.matched.has_no_effect``) excluded; a
+    loss's own setting (``LOSS_SETTINGS``: DPO's preferred answers, RMU's layer, ...) counts only when
+    it differs between runs of a loss that reads it."""
+    columns = varying_columns(runs, lambda column: column not in _BOOKKEEPING and column != TARGET_SEED_COLUMN
+                              and not has_no_effect(column))
+    return [column for column in columns if _varies_where_read(runs, column)]
+
+
+def _varies_where_read(runs: pd.DataFrame, column: str) -> bool:
+    from simu_core.method_names import LOSS_SETTINGS, parse_method
+
+    field = column.removeprefix("config.unlearn.")
+    readers = {loss for loss, fields in LOSS_SETTINGS.items() if field in fields}
+    if not column.startswith("config.unlearn.") or not readers or "config.unlearn.method" not in runs.columns:
+        return True
+    losses = runs["config.unlearn.method"].map(lambda method: parse_method(str(method)).loss)
+    return runs.loc[losses.isin(readers), column].astype(str).nunique(dropna=False) > 1
 
 
 def varying_columns(runs: pd.DataFrame, keep=lambda column: True) -> list[str]:

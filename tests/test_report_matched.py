@@ -402,3 +402,12 @@ def test_request_paired_differences_pair_readings_on_target_and_seed():
     assert row["model_utility_diff_mean"] == pytest.approx(np.mean(differences))
     assert row["model_utility_diff_std"] == pytest.approx(np.std(differences, ddof=1))
     assert row["forget_prob_diff_mean"] == pytest.approx(0.0) and bool(row["model_utility_beyond_2se"])
+
+
+def test_a_loss_setting_splits_curves_only_among_runs_of_a_loss_that_reads_it():
+    runs = pd.DataFrame({"config.unlearn.method": ["so_dpo", "so_dpo", "so_npo", "so_npo"],
+                         "config.unlearn.preferred_source": ["a.jsonl", "a.jsonl", None, None],
+                         "config.unlearn.lr": [1e-4, 2e-4, 1e-4, 2e-4]})
+    assert reporting.setting_columns(runs) == ["config.unlearn.method", "config.unlearn.lr"]
+    runs.loc[1, "config.unlearn.preferred_source"] = "b.jsonl"  # two DPO files: two DPO curves
+    assert "config.unlearn.preferred_source" in reporting.setting_columns(runs)
