@@ -591,7 +591,8 @@ class SimuConfig(_Section):
             raise ValueError(
                 f"attacks={others} with data.benchmark={self.data.benchmark!r}: the attacks measure the TOFU suite's "
                 "forget measures (forget probability, ROUGE, truth ratio), which need the TOFU-style benchmarks' "
-                f"paraphrased and perturbed answers; {info.title} has neither"
+                f"paraphrased and perturbed answers; {info.title} has neither (paraphrase: {info.short} has no "
+                "paraphrased questions)"
             )
         if self.relearn.enabled and self.run.devices > 1:
             raise ValueError(
@@ -737,7 +738,7 @@ def check_pipeline_models(config: SimuConfig) -> None:
         raise ConfigError(
             f"invalid config: unlearn.method={config.unlearn.method!r} (the {loss} loss) with data.benchmark="
             f"{benchmark!r}: a preference loss pairs each forget question's answer with a preferred answer; "
-            f"{info.title}'s forget items are {items.get(info.item_kind, info.item_kind)}. Use a loss without "
+            f"{info.short}'s forget items are {items.get(info.item_kind, info.item_kind)}. Use a loss without "
             "preferred answers (e.g. npo, rmu, undial)"
         )
     if loss == "dpo" and config.unlearn.preferred_source is None:
@@ -759,11 +760,11 @@ def check_pipeline_models(config: SimuConfig) -> None:
         rule = parse_stop_at(config.unlearn.stop_at)
         if rule.measure not in info.stop_measures:
             offered = (f"its stop measures are {list(info.stop_measures)}" if info.stop_measures
-                       else f"{info.title} has no stop measure")
+                       else f"{info.short} has no stop measure, nor a retain reference by default")
             raise ConfigError(
                 f"invalid config: unlearn.stop_at={config.unlearn.stop_at!r} with data.benchmark={benchmark!r}: "
-                f"{rule.measure} is not one of this benchmark's forget measures; {offered}. Set unlearn.stop_at "
-                "accordingly, or null (the default config stops at the retain reference's forget probability)"
+                f"{rule.measure} is not one of this benchmark's forget measures; {offered}. Set unlearn.stop_at=null "
+                "(the default config stops at the retain reference's forget probability) or one of its measures"
             )
         if rule.level is None and rule.measure not in info.reference_levels:
             raise ConfigError(

@@ -455,6 +455,7 @@ def test_attribute_stage_on_lume_rows(trained_small, tmp_path):
         pd.DataFrame({"id": ["x"], "input": ["a"], "output": ["b"]}).to_parquet(folder / f"{name}.parquet", index=False)
     config = trained_small["config"].model_copy(deep=True)
     config.attribution.steps = 2
+    config.data.benchmark = "lume"  # the stage encodes items as its benchmark's registry row says (LUME: input/output)
     forget = attribute(config, tmp_path / "data", trained_small["target"], tmp_path / "f", "forget", progress=False)
     retain = attribute(config, tmp_path / "data", trained_small["target"], tmp_path / "r", "retain", progress=False)
     assert forget["data"]["benchmark"] == "lume" and forget["num_examples"] == 2

@@ -22,6 +22,8 @@ class BenchmarkInfo:
 
     name: str
     title: str
+    #: The name a message uses ("LUME has no paraphrased questions").
+    short: str
     item_kind: str
     #: Headline measures in report order (the evaluation's split "all"): the runs table's columns.
     headline: tuple[str, ...]
@@ -63,7 +65,8 @@ _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "fo
 
 BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
     "synthetic": BenchmarkInfo(
-        name="synthetic", title="the built-in benchmark (fictitious authors, TOFU's shape)", item_kind="qa",
+        name="synthetic", title="the built-in benchmark (fictitious authors, TOFU's shape)",
+        short="the built-in benchmark", item_kind="qa",
         headline=_QA_HEADLINE, summary=_QA_SUMMARY, stop_measures=_QA_STOPS, reference_levels=("forget_prob",),
         utility=_QA_UTILITY, other_measure=_QA_OTHER,
         defaults={"model.max_length": 128, "eval.max_new_tokens": 48, "relearn.lr": 1e-3},
@@ -72,7 +75,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=True,
         preference_losses=True),
     "tofu": BenchmarkInfo(
-        name="tofu", title="TOFU (Maini et al. 2024)", item_kind="qa",
+        name="tofu", title="TOFU (Maini et al. 2024)", short="TOFU", item_kind="qa",
         headline=_QA_HEADLINE, summary=_QA_SUMMARY, stop_measures=_QA_STOPS, reference_levels=("forget_prob",),
         utility=_QA_UTILITY, other_measure=_QA_OTHER,
         defaults={"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5},
@@ -80,7 +83,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=True,
         preference_losses=True, hub=("locuslab/TOFU",)),
     "lume": BenchmarkInfo(
-        name="lume", title="LUME (SemEval-2025 Task 4)", item_kind="completion",
+        name="lume", title="LUME (SemEval-2025 Task 4)", short="LUME", item_kind="completion",
         headline=("final_score", "task_aggregate", "mia_score", "mia_auc", "mmlu"),
         summary=("final_score", "task_aggregate", "mia_score", "mia_auc", "mmlu"), stop_measures={},
         utility=("mmlu",),
@@ -90,7 +93,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         tiny_model=False, retain_reference=False,
         hub=("llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public",)),
     "muse": BenchmarkInfo(
-        name="muse", title="MUSE (Shi et al. 2024)", item_kind="text",
+        name="muse", title="MUSE (Shi et al. 2024)", short="MUSE", item_kind="text",
         headline=("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "privleak_auc"),
         summary=("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "privleak_auc"),
         stop_measures={"verbmem_forget": "<=", "knowmem_forget": "<="},
@@ -102,7 +105,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         data_fields=("benchmark", "corpus", "source", "retain_split", "forget_text", "max_texts"),
         tiny_model=True, retain_reference=True, hub=("muse-bench/MUSE-News", "muse-bench/MUSE-Books")),
     "wmdp": BenchmarkInfo(
-        name="wmdp", title="WMDP (Li et al. 2024)", item_kind="text",
+        name="wmdp", title="WMDP (Li et al. 2024)", short="WMDP", item_kind="text",
         headline=("wmdp_accuracy", "mmlu"), summary=("wmdp_accuracy", "mmlu"), stop_measures={"wmdp_accuracy": "<="},
         reference_levels=(), utility=("mmlu",),
         defaults={"model.max_length": 512, "eval.max_new_tokens": 1, "relearn.lr": 1e-5},
