@@ -201,6 +201,15 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
     assert set(items["kind"]) == {"verbmem", "knowmem", "privleak"}
     mask = pd.read_parquet(run_dir / "mask.parquet")
     assert len(mask) > 0
+    # simu report reads MUSE runs with MUSE's measures: the headline columns, the stopped table on
+    # VerbMem with KnowMem on retain as the utility and KnowMem on forget as the other measure.
+    from flows.report import write_report
+
+    written = write_report(tmp_path / "results")
+    assert "#### verbmem_forget<=reference" in written["markdown"]
+    header = next(line for line in written["markdown"].splitlines() if line.startswith("| curve | lr | matched"))
+    assert "knowmem_retain" in header and "verbmem_forget measured" in header and "knowmem_forget (matched)" in header
+    assert "model_utility" not in header
 
 
 def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_path):
