@@ -186,8 +186,9 @@ def evaluate(
     """Evaluate a model folder on the prepared benchmark; write ``items.parquet`` and
     ``metrics.parquet`` into ``out_dir`` and return the headline (split "all") metrics.
 
-    The suite is the benchmark's registry suite (:mod:`simu_core.benchmarks.suites`). ``reference_items_path``: the retain reference's
-    ``items.parquet`` (TOFU-style benchmarks and MUSE), for forget quality and privleak; without it
+    The suite is the benchmark's registry suite (:mod:`simu_core.benchmarks.suites`).
+    ``reference_items_path``: the retain reference's ``items.parquet`` (TOFU-style benchmarks and
+    MUSE), for forget quality and privleak; without it
     they are reported as not computed. ``light``: the retain reference's own evaluation, only what
     those two compare (TOFU-style benchmarks; see :func:`~simu_core.evaluation.evaluate_qa`); MUSE
     has no light suite (its reference is evaluated in full); LUME and WMDP compare with no reference:
