@@ -682,7 +682,7 @@ def request_paired(rows: pd.DataFrame, metrics: Sequence[str] = ("model_utility"
     pairs (:func:`simu_core.matched.paired_differences`), column ``where`` = "after request i".
     Every reading is paired, matched or not: the forget-probability difference says whether the two
     forgot as much; the requests table's ``matched`` column says how many stopped at their level."""
-    from simu_core.matched import PAIR_KEYS, curve_columns, curve_label, paired_differences
+    from simu_core.matched import curve_columns, curve_label, paired_differences
 
     if rows.empty:
         return pd.DataFrame()
@@ -695,7 +695,6 @@ def request_paired(rows: pd.DataFrame, metrics: Sequence[str] = ("model_utility"
         "seed": rows[SEED_COLUMN].fillna(0).astype(int) if SEED_COLUMN in rows else 0,
         "data": 0, REQUEST_INDEX: rows[REQUEST_INDEX].astype(int),
         **{name: rows[name] for name in metrics if name in rows.columns}})
-    assert set(PAIR_KEYS) <= set(readings.columns)
     tables = [paired_differences(group, metrics).assign(where=f"after request {index}")
               for index, group in readings.groupby(REQUEST_INDEX, sort=True)]
     tables = [table for table in tables if not table.empty]

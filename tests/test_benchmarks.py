@@ -29,6 +29,10 @@ def test_every_role_table_has_every_benchmark_and_the_config_offers_exactly_them
     names = set(BENCHMARK_INFO)
     assert names == {"synthetic", "tofu", "lume", "muse", "wmdp"}
     assert set(LOADERS) == set(ENCODERS) == set(SUITES) == names
+    from simu_core.benchmarks.info import role_table
+
+    with pytest.raises(ValueError, match=r"the loaders table must have one row per benchmark: missing \['wmdp'\]"):
+        role_table({name: row for name, row in LOADERS.items() if name != "wmdp"}, "loaders")
     assert set(typing.get_args(DataConfig.model_fields["benchmark"].annotation)) == names
     for name, info in BENCHMARK_INFO.items():
         assert info.item_kind in ITEM_KINDS

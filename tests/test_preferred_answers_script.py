@@ -3,32 +3,24 @@ one per forget question, which the dpo loss then reads."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from simu_core.config import load_config
 from simu_core.data import load_benchmark
+from simu_core.paths import PROJECT_ROOT
 from simu_core.preferred import preferred_pairs
+from tests.conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "preferred_answers.py"
 SMALL = ["data.num_authors=10", "data.holdout_authors=1", "data.general_facts=4"]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("preferred_answers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_one_perturbed_answer_per_forget_question_which_dpo_reads(tmp_path):
     out = tmp_path / "preferred.jsonl"
-    args = [sys.executable, str(SCRIPT), "--choice", "1", "--out", str(out)]
+    args = [sys.executable, str(PROJECT_ROOT / "scripts" / "preferred_answers.py"), "--choice", "1", "--out", str(out)]
     for override in SMALL:
         args += ["--set", override]
     subprocess.run(args, check=True, capture_output=True)
@@ -42,4 +34,4 @@ def test_one_perturbed_answer_per_forget_question_which_dpo_reads(tmp_path):
 
 def test_a_choice_beyond_the_perturbed_answers_is_refused():
     with pytest.raises(ValueError, match=r"--choice 9: the question .* has 5 perturbed answers"):
-        _module().preferred_rows(None, SMALL, 9)
+        load_script("preferred_answers").preferred_rows(None, SMALL, 9)

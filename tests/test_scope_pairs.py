@@ -3,21 +3,17 @@ curve the report lists first, and a loss that was not run is left out."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scope_pairs.py"
+from tests.conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def scope_pairs():
-    spec = importlib.util.spec_from_file_location("scope_pairs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scope_pairs")
 
 
 def test_each_loss_pairs_its_two_scopes_with_the_right_sign(scope_pairs):

@@ -3,7 +3,6 @@ known per-token NLLs, every figure checked against a hand computation (no model,
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,15 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "why_forget_quality.py"
+from tests.conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def why():
-    spec = importlib.util.spec_from_file_location("why_forget_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("why_forget_quality")
 
 
 # Per item i = 0..3 (per-token NLLs; log R = nll_paraphrased - mean(nll_perturbed)):

@@ -12,6 +12,9 @@ Item kinds (what a forget or retain item is, and what the losses act on):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+Row = TypeVar("Row")
 
 ITEM_KINDS = ("qa", "completion", "text")
 
@@ -133,3 +136,18 @@ def benchmark_info(name: str) -> BenchmarkInfo:
     if name not in BENCHMARK_INFO:
         raise ValueError(f"data.benchmark: unknown benchmark {name!r}; known: {list(BENCHMARK_NAMES)}")
     return BENCHMARK_INFO[name]
+
+
+def role_table(table: dict[str, Row], role: str) -> dict[str, Row]:
+    """A role table of the registry (loaders, encoders, suites), refused unless it has exactly one row
+    per benchmark of :data:`BENCHMARK_INFO`."""
+    missing, unknown = sorted(set(BENCHMARK_INFO) - set(table)), sorted(set(table) - set(BENCHMARK_INFO))
+    if missing or unknown:
+        raise ValueError(f"the {role} table must have one row per benchmark: missing {missing}, unknown {unknown}")
+    return table
+
+
+def table_row(table: dict[str, Row], name: str) -> Row:
+    """The row of benchmark ``name`` in a role table; a ValueError names the known benchmarks."""
+    benchmark_info(name)
+    return table[name]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
-from simu_core.benchmarks.info import BENCHMARK_INFO, benchmark_info
+from simu_core.benchmarks.info import role_table, table_row
 from simu_core.prompting import EncodedExample, encode_completion
 
 if TYPE_CHECKING:
@@ -121,17 +121,15 @@ def _wmdp_training(benchmark, which: str, tokenizer, max_length: int) -> list[En
                      "target or retain reference; set model.target")
 
 
-ENCODERS: dict[str, Encoder] = {
+ENCODERS: dict[str, Encoder] = role_table({
     "synthetic": Encoder(_qa_items, _qa_training),
     "tofu": Encoder(_qa_items, _qa_training),
     "lume": Encoder(_lume_items, _lume_training),
     "muse": Encoder(_muse_items, _muse_training),
     "wmdp": Encoder(_wmdp_items, _wmdp_training),
-}
-assert set(ENCODERS) == set(BENCHMARK_INFO), "every registry row has its encoder"
+}, "encoders")
 
 
 def benchmark_encoder(name: str) -> Encoder:
     """The item encoder of ``name``; a ValueError names the known benchmarks."""
-    benchmark_info(name)
-    return ENCODERS[name]
+    return table_row(ENCODERS, name)

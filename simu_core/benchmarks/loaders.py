@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
-from simu_core.benchmarks.info import BENCHMARK_INFO, benchmark_info
+from simu_core.benchmarks.info import role_table, table_row
 
 if TYPE_CHECKING:
     from simu_core.config import DataConfig
@@ -178,20 +178,18 @@ def _save_method(benchmark, folder: Path) -> None:
     benchmark.save(folder)
 
 
-LOADERS: dict[str, Loader] = {
+LOADERS: dict[str, Loader] = role_table({
     "synthetic": Loader(_load_synthetic, _save_method, _read_qa, "benchmark.txt", _no_source),
     "tofu": Loader(_load_tofu, _save_method, _read_qa, "benchmark.txt", _check_tofu_source),
     "lume": Loader(_load_lume, _save_lume, _read_lume, "rows.parquet", _check_lume_source),
     "muse": Loader(_load_muse, _save_method, _read_muse, "muse.json", _check_muse_source),
     "wmdp": Loader(_load_wmdp, _save_method, _read_wmdp, "wmdp.json", _check_wmdp_source),
-}
-assert set(LOADERS) == set(BENCHMARK_INFO), "every registry row has its loader"
+}, "loaders")
 
 
 def benchmark_loader(name: str) -> Loader:
     """The loader of ``name``; a ValueError names the known benchmarks."""
-    benchmark_info(name)
-    return LOADERS[name]
+    return table_row(LOADERS, name)
 
 
 def read_prepared(folder: str | Path) -> Any:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
-from simu_core.benchmarks.info import BENCHMARK_INFO, benchmark_info
+from simu_core.benchmarks.info import role_table, table_row
 
 if TYPE_CHECKING:
     from simu_core.config import SimuConfig
@@ -137,17 +137,15 @@ def _evaluate_wmdp(model, tokenizer, benchmark, config: SimuConfig, reference_it
     return wmdp_result(model, tokenizer, benchmark, config.eval, max_length=config.model.max_length)
 
 
-SUITES: dict[str, Suite] = {
+SUITES: dict[str, Suite] = role_table({
     "synthetic": Suite(_evaluate_qa),
     "tofu": Suite(_evaluate_qa),
     "lume": Suite(_evaluate_lume),
     "muse": Suite(_evaluate_muse, _muse_stop_checks),
     "wmdp": Suite(_evaluate_wmdp, _wmdp_stop_checks),
-}
-assert set(SUITES) == set(BENCHMARK_INFO), "every registry row has its suite"
+}, "suites")
 
 
 def benchmark_suite(name: str) -> Suite:
     """The evaluation suite of ``name``; a ValueError names the known benchmarks."""
-    benchmark_info(name)
-    return SUITES[name]
+    return table_row(SUITES, name)
