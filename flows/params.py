@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simu_core.benchmarks.info import BENCHMARK_INFO, data_label
+from simu_core.benchmarks.info import BENCHMARK_INFO, BenchmarkInfo, data_label
 from simu_core.config import SimuConfig
 from simu_core.method_names import parse_method, settings_outside_key
 from simu_core.preferred import preferred_identity
@@ -96,7 +96,7 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
                     "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
                     "model": model_identity, "seed": run["seed"]},
         # The other attacks measure the evaluation's first eval.max_items forget items (and retain items).
-        **_attack_params(tree, model_identity),
+        **_attack_params(tree, model_identity, BENCHMARK_INFO[config.data.benchmark]),
         "evaluate": {"eval": evaluation, "model": model_identity},
         # The retain reference: by default only what forget quality and privleak compare.
         "evaluate_reference": {"eval": evaluation, "model": model_identity, "full": full_reference},
@@ -110,14 +110,24 @@ def _relearn_settings(relearn: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in relearn.items() if key not in unread}
 
 
-def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The keys of the attack stages other than relearning: the settings each reads."""
+def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any], info: BenchmarkInfo) -> dict[str, dict[str, Any]]:
+    """The keys of the attack stages other than relearning: the settings each reads. On a corpus
+    benchmark (MUSE, WMDP) quantization measures with the benchmark's own evaluation, which fixes its
+    prompts and generation lengths and reads neither the template nor ``attack.retain_items``; WMDP's
+    reads the MMLU questions (``eval.mmlu_source``) when given."""
     evaluation = {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens", "max_items")}
     teacher_forced = {key: value for key, value in evaluation.items() if key != "max_new_tokens"}
     attack = tree["attack"]
+    if info.item_kind == "text":
+        suite = {key: tree["eval"][key] for key in ("batch_size", "max_items")}
+        if "mmlu" in info.attack_measures:
+            suite["mmlu_source"] = tree["eval"]["mmlu_source"]
+        quantize = {"quantize": attack["quantize"], "eval": suite, "model": model_identity}
+    else:
+        quantize = {"quantize": attack["quantize"], "retain_items": attack["retain_items"], "eval": evaluation,
+                    "model": model_identity}
     return {
-        "attack_quantize": {"quantize": attack["quantize"], "retain_items": attack["retain_items"], "eval": evaluation,
-                            "model": model_identity},
+        "attack_quantize": quantize,
         "attack_paraphrase": {"eval": evaluation, "model": model_identity},
         # run.seed splits the forget items into shown and measured and draws the shown ones.
         "attack_in_context": {"in_context": attack["in_context"], "eval": evaluation, "model": model_identity,

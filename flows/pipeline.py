@@ -169,14 +169,15 @@ def stage_summary(config: SimuConfig, ref: dict) -> dict[str, Any]:
 
 
 def attack_stages(config: SimuConfig, run: _StageRunner, data: dict, models: dict[str, dict | None]) -> dict[str, dict]:
-    """Every attack of ``attacks`` on each model (``models``: 'unlearned', 'target', 'reference' -> ref),
-    labelled by :func:`~simu_core.attacks.names.attack_label`; the target's and the reference's are
-    shared by every run with the same data and settings (cached)."""
+    """Every attack of ``attacks`` on each model (``models``: 'unlearned', 'target', 'reference' -> ref;
+    a run without a retain reference, WMDP's, attacks the other two), labelled by
+    :func:`~simu_core.attacks.names.attack_label`; the target's and the reference's are shared by every
+    run with the same data and settings (cached)."""
     from simu_core.attacks.names import attack_label, attack_stage
 
     return {attack_label(attack, name): run(attack_label(attack, name), stage_tasks.ATTACK_TASKS[attack],
                                             attack_stage(attack), {"data": data, "model": model})
-            for attack in config.attacks for name, model in models.items()}
+            for attack in config.attacks for name, model in models.items() if model is not None}
 
 
 def mask_stages(config: SimuConfig, run: _StageRunner, data: dict, target: dict,

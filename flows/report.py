@@ -267,10 +267,13 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
     else:
         groups.append(("fixed budget, per setting", reporting.attack_readings(attacked)))
     lines += ["Each attack ran on the unlearned model, its target and its retain reference, with the same settings "
-              "and items. recovery = the unlearned model's forget probability after the attack / the retain "
+              "and items. recovery = the unlearned model's forget probability (VerbMem on MUSE, accuracy on WMDP) "
+              "after the attack / the retain "
               "reference's after the same attack (1 = like a model that never saw the forget items; > 1 = the attack "
-              "brings back more than it gives a model that never learned them: hidden, not removed). R, Q and HM(R, Q): "
-              "the OpenUnlearning meta-evaluation's robustness to relearning and to quantization on forget probability "
+              "brings back more than it gives a model that never learned them: hidden, not removed). Runs without a "
+              "retain reference (WMDP) show regained instead: the share of what unlearning removed from the target "
+              "that the attack brings back. R, Q and HM(R, Q): "
+              "the OpenUnlearning meta-evaluation's robustness to relearning and to quantization on the same measure "
               "(1 = robust). Quantization's figures read the fewest bits; the logit lens its best layer.", ""]
     for where, chosen in groups:
         chosen = chosen[[column for column in chosen.columns if column not in UTILITY_METRICS]]

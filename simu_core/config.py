@@ -571,14 +571,8 @@ class SimuConfig(_Section):
                 f"is built only for {[name for name, row in BENCHMARK_INFO.items() if row.tiny_model]}; "
                 f"{info.title} needs a real one)"
             )
-        if self.relearn.enabled and not info.attacks:
-            raise ValueError(
-                f"relearn.enabled=true with data.benchmark={self.data.benchmark!r}: the relearning attack measures "
-                "forget probability, ROUGE and truth ratio, which need the TOFU-style benchmarks' paraphrased and "
-                "perturbed answers"
-            )
         quantize = self.attack.quantize
-        if "quantize" in self.attacks and quantize.group_size and self._builds_tiny_model():
+        if "quantize" in self.attacks and quantize.group_size and self.builds_tiny_model():
             tiny = self.model.tiny
             sizes = {"model.tiny.hidden_size": tiny.hidden_size, "model.tiny.intermediate_size": tiny.intermediate_size}
             bad = {name: size for name, size in sizes.items() if size % quantize.group_size}
@@ -586,19 +580,21 @@ class SimuConfig(_Section):
                 raise ValueError(
                     f"attack.quantize.group_size={quantize.group_size} does not divide the input features of every "
                     f"linear layer of the tiny model ({bad}); choose a divisor, or null for one group per row")
-        others = [name for name in self.attacks if name != "relearn"]
-        if others and not info.attacks:
+        refused = [name for name in self.attacks if name not in info.attacks]
+        if refused:
+            offered = f"the attacks offered on {info.short}: {list(info.attacks)}" if info.attacks else \
+                f"no attack is offered on {info.short}"
+            relearn = " (relearn.enabled=true adds relearn)" if "relearn" in refused else ""
             raise ValueError(
-                f"attacks={others} with data.benchmark={self.data.benchmark!r}: the attacks measure the TOFU suite's "
-                "forget measures (forget probability, ROUGE, truth ratio), which need the TOFU-style benchmarks' "
-                f"paraphrased and perturbed answers; {info.title} has neither (paraphrase: {info.short} has no "
-                "paraphrased questions)"
+                f"attacks={refused}{relearn} with data.benchmark={self.data.benchmark!r}: {offered}; "
+                f"{info.attacks_refused}"
             )
         if self.relearn.enabled and self.run.devices > 1:
             raise ValueError(
                 f"relearn.enabled=true with run.devices={self.run.devices}: the relearning attack runs in one process "
                 "on one device (it is not sharded with FSDP); set run.devices=1 or relearn.enabled=false"
             )
+        others = [name for name in self.attacks if name != "relearn"]
         if others and self.run.devices > 1:
             raise ValueError(
                 f"attacks={others} with run.devices={self.run.devices}: the attacks run in one process on one device "
@@ -633,7 +629,9 @@ class SimuConfig(_Section):
                 )
         return self
 
-    def _builds_tiny_model(self) -> bool:
+    def builds_tiny_model(self) -> bool:
+        """Whether the run trains the tiny model from scratch (a benchmark the registry marks ``tiny_model``,
+        no model.base or model.target)."""
         return BENCHMARK_INFO[self.data.benchmark].tiny_model and not (self.model.base or self.model.target)
 
     def config_hash(self) -> str:

@@ -783,7 +783,8 @@ def robustness_table(readings: pd.DataFrame) -> pd.DataFrame:
 
 def robustness_markdown(table: pd.DataFrame) -> str:
     """Methods x attacks: recovery mean ± std per attack (forget probability, unlearned / reference
-    after the attack), then OpenUnlearning's R, Q and HM where they were computed."""
+    after the attack; regained where no reading has a retain reference), then OpenUnlearning's R, Q
+    and HM where they were computed."""
     from simu_core.attacks.names import ATTACKS
     from simu_core.matched import _cell
 
@@ -793,9 +794,14 @@ def robustness_markdown(table: pd.DataFrame) -> str:
                        key=lambda bits: -int(bits.removesuffix("bit")))
     recovery = [(f"quantize {bits}", f"quantize_{bits}_recovery") for bits in quantized] if quantized else []
     recovery += [(attack.replace("_", " "), f"{attack}_recovery") for attack in attacks if attack != "quantize"]
+    # Without a retain reference (WMDP) recovery is undefined everywhere: show what came back of what was removed.
+    figure = "recovery"
+    if recovery and all(table[f"{key}_mean"].isna().all() for _, key in recovery):
+        figure = "regained"
+        recovery = [(name, key.removesuffix("_recovery") + "_regained") for name, key in recovery]
     extra = [(name, name.removeprefix("attack_")) for name in OPENUNLEARNING_FIGURES
              if f"{name.removeprefix('attack_')}_mean" in table.columns]
-    header = ["curve", "readings", *[f"recovery: {name}" for name, _ in recovery],
+    header = ["curve", "readings", *[f"{figure}: {name}" for name, _ in recovery],
               *[{"attack_relearn_r": "R (relearn)", "attack_quantize_q": "Q (quantize)",
                  "attack_robustness": "HM(R, Q)"}[name] for name, _ in extra]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -32,7 +32,7 @@ MODEL_DIR = "model"
 def uses_tiny_model(config: SimuConfig) -> bool:
     """True when the run trains the tiny model from scratch (a benchmark the registry marks
     ``tiny_model`` and no model given)."""
-    return benchmark_info(config.data.benchmark).tiny_model and config.model.base is None and config.model.target is None
+    return config.builds_tiny_model()
 
 
 def prepare_data(config: SimuConfig, out_dir: Path) -> dict[str, Any]:
@@ -723,10 +723,11 @@ RELEARN_FILES = ("relearn_curve.parquet", "relearn_items.parquet")
 
 
 def _attack_inputs(config: SimuConfig, data_dir: Path, model_dir: Path, attack: str):
-    """The benchmark and the model (with its tokenizer) an attack reads; benchmarks without the
-    TOFU suite's measures (the registry's ``attacks``) refused."""
-    if not benchmark_info(config.data.benchmark).attacks:
-        raise ValueError(f"the {attack} attack needs a TOFU-style benchmark (paraphrased and perturbed answers)")
+    """The benchmark and the model (with its tokenizer) an attack reads; an attack the benchmark's
+    registry row does not offer (``attacks``) refused."""
+    info = benchmark_info(config.data.benchmark)
+    if attack not in info.attacks:
+        raise ValueError(f"the {attack} attack is not offered on {info.short} (offered: {list(info.attacks)})")
     benchmark = read_benchmark(data_dir)
     model, tokenizer = load_trained(model_dir, config)
     return benchmark, model, tokenizer
@@ -806,7 +807,7 @@ def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     from simu_core.attacks.relearn import MEASURES, attack_items, attack_table, relearn_curve
 
     started = time.perf_counter()
-    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "relearning")
+    benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "relearn")
     settings = config.relearn
     train, measured = attack_items(benchmark, settings, config.run.seed)
     curve = relearn_curve(model, tokenizer, train, measured, settings, config.eval, lr=settings.lr,

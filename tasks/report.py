@@ -138,10 +138,13 @@ def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks:
     from simu_core.attacks.names import attack_label
     from simu_core.attacks.robustness import MODELS, headline_figures, robustness_table
 
-    tables: dict[str, list[pd.DataFrame]] = {model: [] for model in MODELS}
+    # A run without a retain reference (WMDP) attacks the unlearned model and the target only.
+    with_reference = refs.get("reference") is not None
+    models = [model for model in MODELS if with_reference or model != "reference"]
+    tables: dict[str, list[pd.DataFrame]] = {model: [] for model in models}
     for attack in attacks:
         items = []
-        for model in MODELS:
+        for model in models:
             ref = refs.get(attack_label(attack, model))
             table = _table(store, ref, "attack.parquet")
             if table is None:
@@ -157,7 +160,7 @@ def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks:
     stacked = {model: pd.concat(frames, ignore_index=True) for model, frames in tables.items()}
     _write_parquet_atomic(pd.concat([table.assign(model=model) for model, table in stacked.items()], ignore_index=True),
                           run_dir / "attacks.parquet")
-    robustness = robustness_table(stacked)
+    robustness = robustness_table(stacked, reference=with_reference)
     _write_parquet_atomic(robustness, run_dir / "robustness.parquet")
     lens = [_table(store, refs.get(attack_label("logit_lens", model)), "logit_lens_items.parquet") for model in MODELS]
     if "logit_lens" in attacks and all(frame is not None for frame in lens):

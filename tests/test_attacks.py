@@ -30,7 +30,13 @@ def test_attacks_list_and_relearn_enabled_are_one_setting():
     (["attacks=[quantize]", "model.tiny.hidden_size=96", "model.tiny.num_heads=4"],
      r"attack.quantize.group_size=128 does not divide .*'model.tiny.hidden_size': 96"),
     (["attacks=[logit_lens]", "data.benchmark=lume", "model.target=some/model"],
-     r"attacks=\['logit_lens'\] with data.benchmark='lume'.*LUME has no paraphrased questions"),
+     r"attacks=\['logit_lens'\] with data.benchmark='lume': no attack is offered on LUME"),
+    (["attacks=[quantize,logit_lens]", "data.benchmark=muse"],
+     r"attacks=\['logit_lens'\] with data.benchmark='muse': the attacks offered on MUSE: \['quantize'\]; paraphrase "
+     r"needs paraphrased questions"),
+    (["relearn.enabled=true", "data.benchmark=wmdp", "model.target=some/model"],
+     r"attacks=\['relearn'\] \(relearn.enabled=true adds relearn\) with data.benchmark='wmdp': the attacks offered "
+     r"on WMDP: \['quantize'\]"),
     (["attacks=[quantize]", "run.devices=2"], r"attacks=\['quantize'\] with run.devices=2"),
     (["attacks=[paraphrase]", "data.requests=[[forget-0:4]]"], r"data.requests with attacks=\['paraphrase'\]"),
 ])
@@ -61,6 +67,28 @@ def test_attack_settings_are_in_their_own_stages_key_only():
     epoch = stage_params(load_config(overrides=["relearn.data=forget_epoch"]))["relearn"]
     assert epoch == stage_params(load_config(overrides=["relearn.data=forget_epoch", "relearn.steps=50",
                                                         "relearn.fraction=0.3"]))["relearn"]
+
+
+@pytest.mark.parametrize("benchmark", ["muse", "wmdp"])
+def test_quantization_on_a_corpus_benchmark_is_keyed_by_what_its_evaluation_reads(benchmark, tmp_path):
+    """MUSE's and WMDP's evaluations fix their prompts and generation lengths: the template,
+    eval.max_new_tokens and attack.retain_items change nothing there and are not in the key; the
+    items measured, the batch, the bits are; WMDP's MMLU questions only on WMDP."""
+    from flows.params import stage_params
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder is keyed by its files
+    common = [f"data.benchmark={benchmark}", "attacks=[quantize]"] + (
+        [f"model.target={tmp_path}"] if benchmark == "wmdp" else [])
+
+    def key(*overrides: str) -> dict:
+        return stage_params(load_config(overrides=[*common, *overrides]))["attack_quantize"]
+
+    base = key()
+    for unread in ("eval.max_new_tokens=8", "attack.retain_items=10", "eval.template=open_unlearning"):
+        assert key(unread) == base, unread
+    for read in ("eval.max_items=3", "eval.batch_size=2", "attack.quantize.bits=[8]", "model.max_length=256"):
+        assert key(read) != base, read
+    assert (key("eval.mmlu_source=/mmlu") != base) == (benchmark == "wmdp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +276,31 @@ def test_robustness_needs_the_three_models_with_the_same_rows():
     tables["target"] = tables["target"].iloc[:2]
     with pytest.raises(ValueError, match="different settings or measures"):
         robustness_table(tables)
+
+
+def test_without_a_retain_reference_recovery_is_nan_and_regained_and_q_remain():
+    """WMDP has no retain reference: recovery and R are undefined, regained and Q are not; the headline
+    reads the table's own measure, and the report shows regained where no reading has a recovery."""
+    from simu_core.attacks.robustness import format_robustness, headline_figures, headline_measure, robustness_table
+    from simu_core.reporting import robustness_markdown
+
+    tables = {name: table.assign(measure="wmdp_accuracy") for name, table in _tables().items() if name != "reference"}
+    table = robustness_table(tables, reference=False).set_index(["attack", "setting"])
+    four = table.loc[("quantize", "bits=4")]
+    assert np.isnan(four["recovery"]) and np.isnan(four["reference_after"])
+    assert four["regained"] == pytest.approx((0.40 - 0.10) / (0.90 - 0.10))
+    assert four["ou_quantization_q"] == pytest.approx(0.10 / 0.40)
+    assert np.isnan(table.loc[("relearn", "steps=10"), "ou_relearning_r"])
+    assert headline_measure(table.reset_index()) == "wmdp_accuracy"
+    figures = headline_figures(table.reset_index())
+    assert figures["attack_quantize_regained"] == pytest.approx(0.375) and np.isnan(figures["attack_quantize_recovery"])
+    assert any(line.startswith("wmdp_accuracy   quantize     bits=4") for line in format_robustness(table.reset_index()))
+    readings = pd.DataFrame([{"curve": "rmu", "curve_order": 0, "target": 0, "seed": seed, "data": "d",
+                              **{f"metric.{name}": value for name, value in figures.items()}} for seed in (0, 1)])
+    from simu_core.reporting import robustness_table as report_table
+
+    markdown = robustness_markdown(report_table(readings))
+    assert "regained: quantize 4bit" in markdown and "recovery:" not in markdown
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import typing
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,6 +20,9 @@ MUSE_DIR = SHARED_DATA_DIR / "muse" / "news"
 
 
 def test_every_role_table_has_every_benchmark_and_the_config_offers_exactly_them():
+    from simu_core.attacks.measures import KNOWLEDGE_MEASURES
+    from simu_core.attacks.names import ATTACKS
+    from simu_core.benchmarks.attack_measures import ATTACK_MEASURES
     from simu_core.benchmarks.info import BENCHMARK_INFO, ITEM_KINDS
     from simu_core.benchmarks.items import ENCODERS
     from simu_core.benchmarks.loaders import LOADERS
@@ -28,7 +32,7 @@ def test_every_role_table_has_every_benchmark_and_the_config_offers_exactly_them
 
     names = set(BENCHMARK_INFO)
     assert names == {"synthetic", "tofu", "lume", "muse", "wmdp"}
-    assert set(LOADERS) == set(ENCODERS) == set(SUITES) == names
+    assert set(LOADERS) == set(ENCODERS) == set(SUITES) == set(ATTACK_MEASURES) == names
     from simu_core.benchmarks.info import role_table
 
     with pytest.raises(ValueError, match=r"the loaders table must have one row per benchmark: missing \['wmdp'\]"):
@@ -43,6 +47,12 @@ def test_every_role_table_has_every_benchmark_and_the_config_offers_exactly_them
         # A stop measure other than the TOFU suite's needs the suite's own checks.
         if set(info.stop_measures) - {"forget_prob", "forget_quality"}:
             assert SUITES[name].stop_checks is not None, name
+        # A benchmark with attacks measures them (and says why the others do not apply); its headline
+        # attack measure grows with knowledge (recovery reads it).
+        assert set(info.attacks) <= set(ATTACKS) and (ATTACK_MEASURES[name] is not None) == bool(info.attacks), name
+        assert bool(info.attack_measures) == bool(info.attacks) and (set(info.attacks) == set(ATTACKS)
+                                                                     or info.attacks_refused), name
+        assert not info.attack_measures or info.attack_measures[0] in KNOWLEDGE_MEASURES, name
     # The version-1 benchmarks keep their defaults (numbers of earlier runs unchanged).
     assert BENCHMARK_DEFAULTS["tofu"] == {"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5}
     assert BENCHMARK_DEFAULTS["lume"] == {"model.max_length": 512, "eval.max_new_tokens": 256, "relearn.lr": 1e-5}
@@ -184,7 +194,8 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
 
     folder = require_dir(MUSE_DIR)
     overrides = [*MUSE_TINY, f"data.source={folder}", f"run.store={tmp_path / 'store'}",
-                 f"run.results={tmp_path / 'results'}"]
+                 f"run.results={tmp_path / 'results'}", "attacks=[quantize]", "attack.quantize.bits=[4]",
+                 "attack.quantize.group_size=16"]
     summary = simu_pipeline(overrides=overrides)
     for model in ("metrics", "reference_metrics", "target_metrics"):
         assert {"verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak_auc"} <= set(summary[model]), model
@@ -205,6 +216,18 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
     assert set(items["kind"]) == {"verbmem", "knowmem", "privleak"}
     mask = pd.read_parquet(run_dir / "mask.parquet")
     assert len(mask) > 0
+    # The quantization attack on the three models, measured with MUSE's own measures; before the attack
+    # each model's VerbMem is its evaluation's (the same items, the same code).
+    robustness = pd.read_parquet(run_dir / "robustness.parquet").set_index("measure")
+    assert list(robustness.index) == ["verbmem_forget", "knowmem_forget", "knowmem_retain"]
+    for model, metrics in (("unlearned", "metrics"), ("target", "target_metrics"), ("reference", "reference_metrics")):
+        assert robustness.loc["verbmem_forget", f"{model}_before"] == pytest.approx(summary[metrics]["verbmem_forget"])
+        assert robustness.loc["knowmem_retain", f"{model}_before"] == pytest.approx(summary[metrics]["knowmem_retain"])
+    verbmem = robustness.loc["verbmem_forget"]
+    if verbmem["reference_after"] > 0:
+        assert row["metric.attack_quantize_recovery"] == pytest.approx(
+            verbmem["unlearned_after"] / verbmem["reference_after"])
+    assert row["metric.attack_quantize_unlearned_after"] == pytest.approx(verbmem["unlearned_after"])
     # simu report reads MUSE runs with MUSE's measures: the headline columns, the stopped table on
     # VerbMem with KnowMem on retain as the utility and KnowMem on forget as the other measure.
     from flows.report import write_report
@@ -231,7 +254,8 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
                  f"model.target={model_dir}", "model.max_length=32", "unlearn.method=rmu", "unlearn.rmu_layer=0",
                  "unlearn.max_steps=3", "unlearn.epochs=1", "unlearn.batch_size=2", "unlearn.eval_every=1",
                  "unlearn.stop_at=wmdp_accuracy<=0.01", "eval.batch_size=4", f"run.store={tmp_path / 'store'}",
-                 f"run.results={tmp_path / 'results'}"]
+                 f"run.results={tmp_path / 'results'}", "attacks=[quantize]", "attack.quantize.bits=[4]",
+                 "attack.quantize.group_size=16"]
     summary = simu_pipeline(overrides=overrides)
     assert "wmdp_accuracy" in summary["metrics"] and "wmdp_accuracy" in summary["target_metrics"]
     assert summary["reference_metrics"] == {}  # WMDP has no retain model
@@ -242,3 +266,17 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     # The corpora were cut into windows of model.max_length tokens: every window is an item.
     log = pd.read_parquet(Path(summary["run_dir"]) / "train_log.parquet")
     assert len(log) >= 1
+    # Quantization on the unlearned model and the target only (no retain reference): recovery is NaN,
+    # regained is what came back of what unlearning removed; before the attack, each model's accuracy.
+    robustness = pd.read_parquet(Path(summary["run_dir"]) / "robustness.parquet").set_index("measure")
+    assert list(robustness.index) == ["wmdp_accuracy"]  # no eval.mmlu_source
+    accuracy = robustness.loc["wmdp_accuracy"]
+    assert accuracy["unlearned_before"] == pytest.approx(summary["metrics"]["wmdp_accuracy"])
+    assert accuracy["target_before"] == pytest.approx(summary["target_metrics"]["wmdp_accuracy"])
+    assert np.isnan(accuracy["reference_after"]) and np.isnan(accuracy["recovery"])
+    removed = accuracy["target_before"] - accuracy["unlearned_before"]
+    if removed > 0:
+        assert accuracy["regained"] == pytest.approx((accuracy["unlearned_after"] - accuracy["unlearned_before"]) / removed)
+    assert np.isnan(row["metric.attack_quantize_recovery"])
+    attacked = pd.read_parquet(Path(summary["run_dir"]) / "attacks.parquet")
+    assert sorted(set(attacked["model"])) == ["target", "unlearned"]

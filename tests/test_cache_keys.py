@@ -374,6 +374,8 @@ CODE_EDITS = {
     "attacks/logit_lens.py": {"attack_logit_lens"},
     "attacks/measures.py": {*ATTACKS, "relearn"},
     "attacks/robustness.py": set(),
+    # What quantization measures on each benchmark: its stage only (not evaluation's or unlearning's).
+    "benchmarks/attack_measures.py": {"attack_quantize"},
     "alternates.py": {"generate_alternates"},
     "preferred.py": {"unlearn"},
     "../data/synthetic/templates.yaml": {"prepare_data"},

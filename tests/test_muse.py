@@ -376,3 +376,37 @@ def test_evaluation_rejects_bad_inputs(small):
     short = MuseBenchmark(**{**bench.__dict__, "privleak_forget": ["Hi", "Yo"]})
     with pytest.raises(ValueError, match="privleak forget text 0"):
         evaluate_muse(model, tokenizer, short, verbmem_max_new_tokens=1, knowmem_max_new_tokens=1)
+
+
+# ---------------------------------------------------------------- attacks
+
+
+def test_quantization_attack_measures_muse_as_its_evaluation_does(small):
+    """The quantization attack on MUSE: VerbMem and KnowMem (forget, retain) before and after, each
+    equal to the MUSE evaluation run on the model and on its quantized copy (Zhang et al.'s setting)."""
+    from simu_core.attacks import quantize
+    from simu_core.config import load_config
+
+    bench, model, tokenizer = small
+    config = load_config(overrides=["data.benchmark=muse", "attacks=[quantize]", "attack.quantize.bits=[4]",
+                                    "attack.quantize.group_size=16", "eval.max_items=2", "eval.batch_size=3",
+                                    "model.max_length=128"])
+    before_weights = {name: value.clone() for name, value in model.state_dict().items()}
+    result = quantize.run(model, tokenizer, bench, config)
+    assert all(torch.equal(before_weights[name], value) for name, value in model.state_dict().items())
+
+    def muse_figures(measured) -> dict[str, float]:
+        headline = evaluate_muse(measured, tokenizer, bench, max_items=2, batch_size=3, max_length=128).metrics
+        return {name: headline[name] for name in ("verbmem_forget", "knowmem_forget", "knowmem_retain")}
+
+    quantized = quantize.quantize_weights(model, 4, 16, config.attack.quantize.scheme)
+    assert any(not torch.equal(before_weights[name], value) for name, value in quantized.state_dict().items())
+    table = result.table.set_index("measure")
+    assert list(table.index) == ["verbmem_forget", "knowmem_forget", "knowmem_retain"]
+    assert set(table["setting"]) == {"bits=4"}
+    assert table["before"].to_dict() == pytest.approx(muse_figures(model), abs=1e-12)
+    assert table["after"].to_dict() == pytest.approx(muse_figures(quantized), abs=1e-12)
+    items = result.items
+    assert set(items["phase"]) == {"before", "after"} and set(items["kind"]) == {"verbmem", "knowmem"}
+    # Two VerbMem, two KnowMem-forget and one KnowMem-retain item per phase.
+    assert len(items) == 2 * 5 and result.summary["measured_items"] == 4 and result.summary["retain_items"] == 1

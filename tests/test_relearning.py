@@ -47,7 +47,7 @@ def test_config_refuses_zero_steps_and_lume_and_fills_the_benchmark_lr():
         load_config(overrides=["relearn.steps=0"])
     with pytest.raises(ConfigError, match="relearn.fraction"):
         load_config(overrides=["relearn.fraction=1.0"])
-    with pytest.raises(ConfigError, match="relearn.enabled=true with data.benchmark='lume'"):
+    with pytest.raises(ConfigError, match=r"attacks=\['relearn'\] \(relearn.enabled=true adds relearn\) with data.benchmark='lume'"):
         load_config(overrides=["relearn.enabled=true", "data.benchmark=lume", "model.target=some/model"])
     assert load_config().relearn.lr == 1e-3
     assert load_config(overrides=["data.benchmark=tofu"]).relearn.lr == 1e-5

@@ -337,3 +337,38 @@ def test_no_bos_and_truncation_match_the_hand_computation(tiny):
     short = evaluate_wmdp(model, tokenizer, benchmark, max_length=12)
     hand = [[_hand_loglik(model, tokenizer, row, letter, max_length=12) for letter in "ABCD"] for row in QUESTIONS[:2]]
     np.testing.assert_allclose(short[["loglik_A", "loglik_B", "loglik_C", "loglik_D"]].to_numpy(), hand, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- attacks
+
+
+def test_quantization_attack_measures_wmdp_and_mmlu_accuracy(tiny, tmp_path):
+    """The quantization attack on WMDP: accuracy (and MMLU with eval.mmlu_source) before and after,
+    each equal to the harness-style accuracy of the model and of its quantized copy."""
+    from test_evaluation_benchmarks import _mmlu_folder
+
+    from simu_core.attacks import quantize
+    from simu_core.config import load_config
+    from simu_core.evaluation.mmlu import evaluate_mmlu, load_mmlu
+
+    model, tokenizer = tiny
+    mmlu = _mmlu_folder(tmp_path / "mmlu")
+    benchmark = WMDPBenchmark("bio", load_wmdp_rows(QUESTIONS))
+    config = load_config(overrides=["data.benchmark=wmdp", "model.target=/unused", "attacks=[quantize]",
+                                    "attack.quantize.bits=[4,8]", "attack.quantize.group_size=16",
+                                    "model.max_length=512", "eval.batch_size=8", f"eval.mmlu_source={mmlu}"])
+    result = quantize.run(model, tokenizer, benchmark, config)
+
+    def accuracies(measured) -> dict[str, float]:
+        wmdp = wmdp_accuracy(evaluate_wmdp(measured, tokenizer, benchmark, batch_size=8, max_length=512))
+        mmlu_items = evaluate_mmlu(measured, tokenizer, load_mmlu(mmlu, None), 8, 512)
+        return {"wmdp_accuracy": wmdp, "mmlu": float(mmlu_items["correct"].mean())}
+
+    plain = accuracies(model)
+    for bits in (4, 8):
+        rows = result.table[result.table["setting"] == f"bits={bits}"].set_index("measure")
+        assert list(rows.index) == ["wmdp_accuracy", "mmlu"]
+        assert rows["before"].to_dict() == pytest.approx(plain, abs=1e-12)
+        quantized = quantize.quantize_weights(model, bits, 16, config.attack.quantize.scheme)
+        assert rows["after"].to_dict() == pytest.approx(accuracies(quantized), abs=1e-12)
+    assert set(result.items["split"]) == {"wmdp", "mmlu"}

@@ -2,8 +2,12 @@
 
 An attack measures a set of forget items (and, where it can change utility, retain items) twice:
 as the model is and as the attack leaves it (quantized weights, another prompt, relearned
-weights, another layer). The measures are the evaluation suite's: forget probability, ROUGE-L
-recall of a greedy answer and the forget truth-ratio score (:func:`simu_core.evaluation.qa.score_items`).
+weights, another layer). The measures are the benchmark's (its registry row's ``attack_measures``,
+measured by :mod:`simu_core.benchmarks.attack_measures`): on TOFU and the built-in benchmark forget probability,
+ROUGE-L recall of a greedy answer and the forget truth-ratio score
+(:func:`simu_core.evaluation.qa.score_items`), retain probability and ROUGE; on MUSE VerbMem and
+KnowMem; on WMDP accuracy (and MMLU). The prompt attacks, the logit lens and relearning read the
+TOFU suite's per-item answers and are offered on TOFU-style benchmarks only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ FORGET_MEASURES = ("forget_prob", "forget_rouge", "forget_truth_ratio")
 RETAIN_MEASURES = ("retain_prob", "retain_rouge")
 #: Measures that grow with what the model knows of the answers: the ones recovery and the
 #: OpenUnlearning robustness formulas read (the truth-ratio score grows as the answer is forgotten).
-KNOWLEDGE_MEASURES = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge")
+KNOWLEDGE_MEASURES = ("forget_prob", "forget_rouge", "retain_prob", "retain_rouge", "verbmem_forget", "knowmem_forget",
+                      "knowmem_retain", "wmdp_accuracy", "mmlu")
 #: Columns of an attack's table (one model): one row per setting and measure.
 TABLE_COLUMNS = ("attack", "setting", "measure", "before", "after")
 #: Columns kept per item (both phases) in ``attack_items.parquet``.
@@ -81,14 +86,19 @@ def summarise(items: pd.DataFrame) -> dict[str, float]:
 
 
 def table_rows(attack: str, setting: str, before: dict[str, float], after: dict[str, float]) -> list[dict]:
-    """Rows of an attack's table for one setting: every measure present both before and after."""
+    """Rows of an attack's table for one setting: every measure present both before and after, the
+    TOFU suite's in :data:`FORGET_MEASURES` then :data:`RETAIN_MEASURES` order, another suite's in
+    ``before``'s order."""
+    known = (*FORGET_MEASURES, *RETAIN_MEASURES)
+    order = [name for name in known if name in before] + [name for name in before if name not in known]
     return [{"attack": attack, "setting": setting, "measure": name, "before": before[name], "after": after[name]}
-            for name in (*FORGET_MEASURES, *RETAIN_MEASURES) if name in before and name in after]
+            for name in order if name in after]
 
 
 def phase_items(items: pd.DataFrame, setting: str, phase: str) -> pd.DataFrame:
     """``items`` tagged with its setting and phase (for ``attack_items.parquet``)."""
-    return items.assign(setting=setting, phase=phase)[["setting", "phase", *ITEM_COLUMNS]]
+    return items.assign(setting=setting, phase=phase)[["setting", "phase", *items.columns]]
+
 
 
 def outcome(attack: str, rows: list[dict], items: list[pd.DataFrame], **summary) -> AttackOutcome:

@@ -166,27 +166,27 @@ def quantize_weights(model: torch.nn.Module, bits: int, group_size: int | None, 
 
 
 def run(model: "torch.nn.Module", tokenizer, benchmark, config) -> "AttackOutcome":
-    """The forget and retain measures of ``model`` and of its quantized copy at each of
-    ``attack.quantize.bits`` (setting ``bits=<b>``), on the evaluation's forget items and the first
-    ``attack.retain_items`` retain items."""
+    """The benchmark's attack measures (:func:`~simu_core.benchmarks.attack_measures.attack_measure`: forget and
+    retain measures on TOFU-style benchmarks, VerbMem / KnowMem on MUSE, accuracy on WMDP) of ``model``
+    and of its quantized copy at each of ``attack.quantize.bits`` (setting ``bits=<b>``)."""
     import time
 
-    from simu_core.attacks.measures import measured_splits, outcome, phase_items, score, summarise, table_rows
+    from simu_core.attacks.measures import outcome, phase_items, table_rows
+    from simu_core.benchmarks.attack_measures import attack_measure
 
     settings = config.attack.quantize
     check_group_size(model, settings.group_size)
     started = time.perf_counter()
-    splits = measured_splits(benchmark, config, retain=True)
-    max_length = config.model.max_length
-    plain = score(model, tokenizer, splits, config.eval, max_length)
-    before = summarise(plain)
+    measure = attack_measure(benchmark, config, tokenizer)
+    plain, before = measure(model)
     rows, items = [], [phase_items(plain, "unquantized", "before")]
     for bits in settings.bits:
         quantized = quantize_weights(model, bits, settings.group_size, settings.scheme)
-        attacked = score(quantized, tokenizer, splits, config.eval, max_length)
+        attacked, after = measure(quantized)
         del quantized
-        rows += table_rows("quantize", f"bits={bits}", before, summarise(attacked))
+        rows += table_rows("quantize", f"bits={bits}", before, after)
         items.append(phase_items(attacked, f"bits={bits}", "after"))
+    counts = plain["split"].value_counts()
     return outcome("quantize", rows, items, bits=list(settings.bits), group_size=settings.group_size,
-                   scheme=settings.scheme, measured_items=len(splits["forget"]),
-                   retain_items=len(splits["retain_eval"]), seconds=time.perf_counter() - started)
+                   scheme=settings.scheme, measured_items=int(counts.get("forget", 0)),
+                   retain_items=int(len(plain) - counts.get("forget", 0)), seconds=time.perf_counter() - started)

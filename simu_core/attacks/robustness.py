@@ -26,11 +26,25 @@ import numpy as np
 import pandas as pd
 
 from simu_core.attacks.measures import KNOWLEDGE_MEASURES, TABLE_COLUMNS
+from simu_core.benchmarks.info import BENCHMARK_INFO
 
 MODELS = ("unlearned", "target", "reference")
-#: The measure of the headline figures (the runs table and the report's table).
-HEADLINE_MEASURE = "forget_prob"
+#: The measures the headline figures (the runs table and the report's table) may read: each benchmark's
+#: first attack measure (forget probability; VerbMem on MUSE; accuracy on WMDP).
+HEADLINE_MEASURES = tuple(dict.fromkeys(info.attack_measures[0] for info in BENCHMARK_INFO.values()
+                                        if info.attack_measures))
 KEYS = ["attack", "setting", "measure"]
+
+
+def headline_measure(table: pd.DataFrame) -> str:
+    """The measure a robustness (or attack) table's headline figures read: the first of
+    :data:`HEADLINE_MEASURES` it holds."""
+    present = set(table["measure"])
+    for measure in HEADLINE_MEASURES:
+        if measure in present:
+            return measure
+    raise ValueError(f"the attack table holds none of the headline measures {list(HEADLINE_MEASURES)}: "
+                     f"{sorted(present)}")
 
 
 def _ratio(numerator: pd.Series, denominator: pd.Series) -> pd.Series:
@@ -57,16 +71,22 @@ def harmonic_robustness(relearning: float, quantization: float) -> float:
     return 2 * relearning * quantization / (relearning + quantization)
 
 
-def robustness_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def robustness_table(tables: dict[str, pd.DataFrame], reference: bool = True) -> pd.DataFrame:
     """One row per attack, setting and measure: before/after of each model (:data:`MODELS`),
     recovery, regained, and R (relearning) or Q (quantization) on the knowledge measures.
 
     ``tables``: each model's attack table (:data:`~simu_core.attacks.measures.TABLE_COLUMNS`); the
     three must hold the same rows (the same attacks with the same settings on the same items).
+    ``reference=False``: a run without a retain reference (WMDP): the reference's columns, recovery
+    and R are NaN; regained and Q need no reference.
     """
-    missing = [model for model in MODELS if model not in tables]
+    needed = MODELS if reference else tuple(model for model in MODELS if model != "reference")
+    missing = [model for model in needed if model not in tables]
     if missing:
-        raise ValueError(f"the robustness table needs the attacks on {list(MODELS)}; missing {missing}")
+        raise ValueError(f"the robustness table needs the attacks on {list(needed)}; missing {missing}")
+    if not reference:
+        nan = tables["unlearned"].assign(before=np.nan, after=np.nan)
+        tables = {**tables, "reference": nan}
     frames = []
     for model in MODELS:
         table = tables[model]
@@ -106,12 +126,12 @@ def headline_setting(attack: str, settings: list[str]) -> str:
 
 
 def headline_figures(table: pd.DataFrame) -> dict[str, float]:
-    """The runs-table figures of a robustness table, on :data:`HEADLINE_MEASURE`: per attack
+    """The runs-table figures of a robustness table, on its :func:`headline_measure`: per attack
     ``attack_<attack>_{recovery, regained, unlearned_before, unlearned_after, target_before,
     reference_before, reference_after}`` at its headline setting (quantization also per bit width,
     ``attack_quantize_<b>bit_*``), ``attack_relearn_r``, ``attack_quantize_q`` and
     ``attack_robustness`` = HM(R, Q) when both attacks ran."""
-    rows = table[table["measure"] == HEADLINE_MEASURE]
+    rows = table[table["measure"] == headline_measure(table)]
     figures: dict[str, float] = {}
 
     def put(prefix: str, row: pd.Series) -> None:
@@ -135,11 +155,15 @@ def headline_figures(table: pd.DataFrame) -> dict[str, float]:
 
 
 def format_robustness(table: pd.DataFrame) -> list[str]:
-    """Lines for the run's printout: per attack and setting, the forget probability of each model
-    before -> after, recovery and regained (and R / Q where they apply)."""
-    rows = table[table["measure"] == HEADLINE_MEASURE]
-    lines = ["attack       setting     unlearned (before -> after)  target (before -> after)  "
-             "reference (before -> after)  recovery  regained  OpenUnlearning"]
+    """Lines for the run's printout: per attack and setting, the headline measure (forget probability;
+    VerbMem on MUSE; accuracy on WMDP) of each model before -> after, recovery and regained (and R / Q
+    where they apply); on MUSE and WMDP every other measure follows."""
+    measure = headline_measure(table)
+    # The TOFU suite's printout keeps its one measure; a corpus benchmark's few measures are all shown.
+    every = measure != "forget_prob"
+    rows = table if every else table[table["measure"] == measure]
+    lines = [("measure         " if every else "") + "attack       setting     unlearned (before -> after)  "
+             "target (before -> after)  reference (before -> after)  recovery  regained  OpenUnlearning"]
     for _, row in rows.iterrows():
         if row["attack"] == "logit_lens" and row["setting"] != "max":
             continue  # per-layer rows (and the best layer, forget_best_layer) are in robustness.parquet
@@ -149,11 +173,14 @@ def format_robustness(table: pd.DataFrame) -> list[str]:
         elif np.isfinite(row["ou_quantization_q"]):
             extra = f"Q {row['ou_quantization_q']:.3g}"
         lines.append(
+            (f"{row['measure']:<15} " if every else "") +
             f"{row['attack']:<12} {row['setting']:<11} {row['unlearned_before']:.4f} -> {row['unlearned_after']:.4f}"
             f"{'':<10} {row['target_before']:.4f} -> {row['target_after']:.4f}{'':<6} "
             f"{row['reference_before']:.4f} -> {row['reference_after']:.4f}{'':<9} {row['recovery']:<9.3g} "
             f"{row['regained']:<9.3g} {extra}")
-    lines.append("(forget probability of the measured forget items; recovery = unlearned / reference after the attack: "
-                 "1 = like a model that never saw them, > 1 = hidden, not removed; regained = share of what unlearning "
+    what = ("the benchmark's measures (every one grows with what the model knows)" if every
+            else "forget probability of the measured forget items")
+    lines.append(f"({what}; recovery = unlearned / reference after the attack: 1 = like a model that never saw them, "
+                 "> 1 = hidden, not removed; nan without a retain reference; regained = share of what unlearning "
                  "removed that came back)")
     return lines

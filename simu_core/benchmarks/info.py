@@ -47,7 +47,13 @@ class BenchmarkInfo:
     #: Whether the retain reference's evaluation may be the light one (only what the comparison reads).
     light_reference: bool = False
     requests: bool = False
-    attacks: bool = False
+    #: The attacks (``simu_core.attacks.names.ATTACKS``) that apply to it; ``attacks`` is refused otherwise.
+    attacks: tuple[str, ...] = ()
+    #: What an attack measures before and after, in order; the first is the headline (the runs table's
+    #: ``attack_*`` figures, the report's recovery). All grow with what the model knows.
+    attack_measures: tuple[str, ...] = ()
+    #: Why each attack it lacks does not apply (for the config's message).
+    attacks_refused: str = ""
     preference_losses: bool = False
     #: What a matched comparison keeps (the first is what each method's best lr maximises).
     utility: tuple[str, ...] = ()
@@ -63,6 +69,11 @@ _QA_HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge"
 _QA_STOPS = {"forget_prob": "<=", "forget_quality": ">="}
 _QA_UTILITY = ("model_utility", "retain_prob")
 _QA_OTHER = {"forget_prob": "forget_quality", "forget_quality": "forget_prob"}
+_QA_ATTACKS = ("quantize", "paraphrase", "in_context", "logit_lens", "relearn")
+_QA_ATTACK_MEASURES = ("forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge")
+_TEXT_ATTACKS_REFUSED = (
+    "paraphrase needs paraphrased questions; in_context, logit_lens and relearn measure the probability of a "
+    "question's answer and relearn on question-answer items, which a corpus benchmark's passages are not")
 _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio", "forget_quality",
                "model_utility", "privleak")
 
@@ -75,16 +86,16 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         defaults={"model.max_length": 128, "eval.max_new_tokens": 48, "relearn.lr": 1e-3},
         data_fields=("benchmark", "split", "retain_authors", "num_authors", "holdout_authors", "qa_per_author",
                      "general_facts", "seed"),
-        tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=True,
-        preference_losses=True),
+        tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=_QA_ATTACKS,
+        attack_measures=_QA_ATTACK_MEASURES, preference_losses=True),
     "tofu": BenchmarkInfo(
         name="tofu", title="TOFU (Maini et al. 2024)", short="TOFU", item_kind="qa",
         headline=_QA_HEADLINE, summary=_QA_SUMMARY, stop_measures=_QA_STOPS, reference_levels=("forget_prob",),
         utility=_QA_UTILITY, other_measure=_QA_OTHER,
         defaults={"model.max_length": 512, "eval.max_new_tokens": 200, "relearn.lr": 1e-5},
         data_fields=("benchmark", "split", "source", "retain_authors"),
-        tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=True,
-        preference_losses=True, hub=("locuslab/TOFU",)),
+        tiny_model=True, retain_reference=True, light_reference=True, requests=True, attacks=_QA_ATTACKS,
+        attack_measures=_QA_ATTACK_MEASURES, preference_losses=True, hub=("locuslab/TOFU",)),
     "lume": BenchmarkInfo(
         name="lume", title="LUME (SemEval-2025 Task 4)", short="LUME", item_kind="completion",
         headline=("final_score", "task_aggregate", "mia_score", "mia_auc", "mmlu"),
@@ -94,6 +105,8 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         defaults={"model.max_length": 512, "eval.max_new_tokens": 256, "relearn.lr": 1e-5},
         data_fields=("benchmark", "source"),
         tiny_model=False, retain_reference=False,
+        attacks_refused="the attacks are not built for LUME's completion tasks (its scorer reads whole generations "
+        "of each task, not a forget measure per item)",
         hub=("llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public",)),
     "muse": BenchmarkInfo(
         name="muse", title="MUSE (Shi et al. 2024)", short="MUSE", item_kind="text",
@@ -106,14 +119,19 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         # generation lengths (VerbMem 128, KnowMem 32 tokens) live in simu_core.evaluation.muse.
         defaults={"model.max_length": 2048, "eval.max_new_tokens": 128, "relearn.lr": 1e-5},
         data_fields=("benchmark", "corpus", "source", "retain_split", "forget_text", "max_texts"),
-        tiny_model=True, retain_reference=True, hub=("muse-bench/MUSE-News", "muse-bench/MUSE-Books")),
+        tiny_model=True, retain_reference=True, hub=("muse-bench/MUSE-News", "muse-bench/MUSE-Books"),
+        # Quantization on MUSE is Zhang et al. (ICLR 2025)'s setting: VerbMem and KnowMem before and after.
+        attacks=("quantize",), attack_measures=("verbmem_forget", "knowmem_forget", "knowmem_retain"),
+        attacks_refused=_TEXT_ATTACKS_REFUSED),
     "wmdp": BenchmarkInfo(
         name="wmdp", title="WMDP (Li et al. 2024)", short="WMDP", item_kind="text",
         headline=("wmdp_accuracy", "mmlu"), summary=("wmdp_accuracy", "mmlu"), stop_measures={"wmdp_accuracy": "<="},
         reference_levels=(), utility=("mmlu",),
         defaults={"model.max_length": 512, "eval.max_new_tokens": 1, "relearn.lr": 1e-5},
         data_fields=("benchmark", "subset", "source", "corpora_source", "max_texts"),
-        tiny_model=False, retain_reference=False, hub=("cais/wmdp", "cais/wmdp-corpora")),
+        tiny_model=False, retain_reference=False, hub=("cais/wmdp", "cais/wmdp-corpora"),
+        # MMLU is measured too when eval.mmlu_source is given (quantization can change utility).
+        attacks=("quantize",), attack_measures=("wmdp_accuracy", "mmlu"), attacks_refused=_TEXT_ATTACKS_REFUSED),
 }
 
 BENCHMARK_NAMES = tuple(BENCHMARK_INFO)

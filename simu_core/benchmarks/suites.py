@@ -5,7 +5,9 @@ reference_items, light, tiny)`` returns the suite's
 :class:`~simu_core.evaluation.results.EvaluationResult`; ``stop_checks(benchmark, config, tokenizer,
 tiny, measure)`` (None: the TOFU suite's :class:`~simu_core.stopping.ForgetMonitor`, or no stop
 measure) what a :class:`~simu_core.stopping.SuiteMonitor` measures where the forget measure is the
-benchmark's own (MUSE's VerbMem / KnowMem, WMDP's accuracy).
+benchmark's own (MUSE's VerbMem / KnowMem, WMDP's accuracy). What an attack measures is in
+:mod:`simu_core.benchmarks.attack_measures` (its own table, so that the evaluation's and unlearning's
+code versions do not hold the attacks' code).
 """
 
 from __future__ import annotations
@@ -84,23 +86,40 @@ def _evaluate_muse(model, tokenizer, benchmark, config: SimuConfig, reference_it
     return evaluation.to_result()
 
 
-def _muse_stop_checks(benchmark, config: SimuConfig, tokenizer, tiny: bool, measure: str) -> StopChecks:
-    """VerbMem or KnowMem on the forget items the evaluation measures (``eval.max_items``), and
-    KnowMem on the retain questions (MUSE's utility), with the evaluation's own code."""
+def muse_measures(benchmark, config: SimuConfig, tokenizer, tiny: bool):
+    """``measure(model, parts)`` -> ``{part: per-item table}`` for the parts 'verbmem_forget',
+    'knowmem_forget', 'knowmem_retain', on the items the evaluation measures (``eval.max_items``),
+    with the evaluation's own VerbMem / KnowMem code."""
     from simu_core.evaluation.muse import knowmem_table, verbmem_table
 
     head = (lambda frame: frame.head(config.eval.max_items)) if config.eval.max_items else (lambda frame: frame)
     batch, length = config.eval.batch_size, config.model.max_length if tiny else None
 
-    def knowmem(model, split: str) -> float:
-        rows, examples = ((benchmark.knowmem_forget, benchmark.knowmem_forget_icl) if split == "forget"
-                          else (benchmark.knowmem_retain, benchmark.knowmem_retain_icl))
-        return float(knowmem_table(model, tokenizer, head(rows), examples, split, batch, length)["rougeL_f1"].mean())
+    def measure(model, parts: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+        tables = {}
+        for part in parts:
+            if part == "verbmem_forget":
+                tables[part] = verbmem_table(model, tokenizer, head(benchmark.verbmem_forget), batch, length).assign(
+                    kind="verbmem", split="forget")
+            else:
+                split = part.removeprefix("knowmem_")
+                rows, examples = ((benchmark.knowmem_forget, benchmark.knowmem_forget_icl) if split == "forget"
+                                  else (benchmark.knowmem_retain, benchmark.knowmem_retain_icl))
+                tables[part] = knowmem_table(model, tokenizer, head(rows), examples, split, batch, length).assign(
+                    kind="knowmem")
+        return tables
+
+    return measure
+
+
+def _muse_stop_checks(benchmark, config: SimuConfig, tokenizer, tiny: bool, measure: str) -> StopChecks:
+    """VerbMem or KnowMem on the forget items the evaluation measures (``eval.max_items``), and
+    KnowMem on the retain questions (MUSE's utility), with the evaluation's own code."""
+    tables = muse_measures(benchmark, config, tokenizer, tiny)
 
     def measure_fn(model) -> dict[str, float]:
-        forget = (float(verbmem_table(model, tokenizer, head(benchmark.verbmem_forget), batch, length)["rougeL_f1"].mean())
-                  if measure == "verbmem_forget" else knowmem(model, "forget"))
-        return {measure: forget, "knowmem_retain": knowmem(model, "retain")}
+        return {part: float(table["rougeL_f1"].mean())
+                for part, table in tables(model, (measure, "knowmem_retain")).items()}
 
     kind = "verbmem" if measure == "verbmem_forget" else "knowmem"
 
