@@ -91,9 +91,11 @@ def stage_params(config: SimuConfig) -> dict[str, dict[str, Any]]:
         # AltPO's alternates: sampled from the model the run unlearns (an input), with the run's seed.
         "generate_alternates": {"alternates": {key: tree["unlearn"][key] for key in ALTERNATE_FIELDS},
                                 "model": model_identity, "seed": run["seed"], "batch_size": tree["eval"]["batch_size"]},
-        # The attack measures with the evaluation's template, batch size and generation length.
+        # The attack measures with the evaluation's template, batch size and generation length (on a
+        # corpus benchmark: what its own evaluation reads, as quantization's).
         "relearn": {"relearn": _relearn_settings(tree["relearn"]),
-                    "eval": {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
+                    "eval": _suite_eval(tree, BENCHMARK_INFO[config.data.benchmark])
+                    or {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens")},
                     "model": model_identity, "seed": run["seed"]},
         # The other attacks measure the evaluation's first eval.max_items forget items (and retain items).
         **_attack_params(tree, model_identity, BENCHMARK_INFO[config.data.benchmark]),
@@ -110,6 +112,17 @@ def _relearn_settings(relearn: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in relearn.items() if key not in unread}
 
 
+def _suite_eval(tree: dict[str, Any], info: BenchmarkInfo) -> dict[str, Any] | None:
+    """What a corpus benchmark's attack measures read of ``eval`` (its own evaluation fixes prompts and
+    generation lengths): the items measured, the batch, and WMDP's MMLU questions; None elsewhere."""
+    if info.item_kind != "text":
+        return None
+    suite = {key: tree["eval"][key] for key in ("batch_size", "max_items")}
+    if "mmlu" in info.attack_measures:
+        suite["mmlu_source"] = tree["eval"]["mmlu_source"]
+    return suite
+
+
 def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any], info: BenchmarkInfo) -> dict[str, dict[str, Any]]:
     """The keys of the attack stages other than relearning: the settings each reads. On a corpus
     benchmark (MUSE, WMDP) quantization measures with the benchmark's own evaluation, which fixes its
@@ -118,10 +131,8 @@ def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any], info: B
     evaluation = {key: tree["eval"][key] for key in ("template", "batch_size", "max_new_tokens", "max_items")}
     teacher_forced = {key: value for key, value in evaluation.items() if key != "max_new_tokens"}
     attack = tree["attack"]
-    if info.item_kind == "text":
-        suite = {key: tree["eval"][key] for key in ("batch_size", "max_items")}
-        if "mmlu" in info.attack_measures:
-            suite["mmlu_source"] = tree["eval"]["mmlu_source"]
+    suite = _suite_eval(tree, info)
+    if suite:
         quantize = {"quantize": attack["quantize"], "eval": suite, "model": model_identity}
     else:
         quantize = {"quantize": attack["quantize"], "retain_items": attack["retain_items"], "eval": evaluation,

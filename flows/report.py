@@ -232,13 +232,16 @@ def _relearning_section(results: Path, runs: pd.DataFrame, out: Path, plots: dic
     if table.empty:
         return []
     table.to_csv(out / "relearning.csv", index=False)
-    curves = reporting.relearn_curves(results, runs[runs["metric.relearn_recovery"].notna()])
+    curves = reporting.relearn_curves(results, reporting.relearned_runs(runs))
     if not curves.empty:
         plots["relearning"] = reporting.plot_relearning(curves, out / "relearning.png")
     return ["## Relearning attack", "",
-            "A few fine-tuning steps on half of the forget items (or on retain items: `relearn.data=retain_only`), the "
-            "other half measured. recovery = the unlearned model's forget probability after the attack / the retain "
-            "reference's (1 = relearns like a model that never saw the data; > 1 = hidden, not removed); regained = "
+            "A few fine-tuning steps on half of the forget items (or on retain items: `relearn.data=retain_only`; one "
+            "epoch over every forget item: `forget_epoch`, on MUSE and WMDP over the forget windows), the other half "
+            "measured (MUSE and WMDP: the evaluation's items). recovery = the unlearned model's forget probability "
+            "(VerbMem on MUSE) after the attack / the retain "
+            "reference's (1 = relearns like a model that never saw the data; > 1 = hidden, not removed; NaN without a "
+            "retain reference, WMDP); regained = "
             "share of what unlearning removed that came back. Mean ± std over seeds.", "",
             reporting.table_markdown(table), ""]
 

@@ -589,6 +589,12 @@ class SimuConfig(_Section):
                 f"attacks={refused}{relearn} with data.benchmark={self.data.benchmark!r}: {offered}; "
                 f"{info.attacks_refused}"
             )
+        if "relearn" in self.attacks and info.item_kind == "text" and self.relearn.data == "forget_half":
+            raise ValueError(
+                f"relearn.data='forget_half' with data.benchmark={self.data.benchmark!r}: {info.short}'s measured items "
+                "(its evaluation's) are not forget items that can be held out; set relearn.data=forget_epoch (one "
+                "epoch over the forget windows) or retain_only (relearn.steps steps on retain windows)"
+            )
         if self.relearn.enabled and self.run.devices > 1:
             raise ValueError(
                 f"relearn.enabled=true with run.devices={self.run.devices}: the relearning attack runs in one process "

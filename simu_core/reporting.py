@@ -7,6 +7,7 @@ once (a restarted sweep re-reports cached points), only its latest completed row
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -524,19 +525,28 @@ def knockout_tables(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------
 # Relearning attack (relearn.enabled): metric.relearn_* in the runs table, curves in the run folders
 
-RELEARN_METRICS = ("relearn_recovery", "relearn_recovery_rouge", "relearn_regained",
-                   "relearn_unlearned_forget_prob_before", "relearn_unlearned_forget_prob_after",
-                   "relearn_reference_forget_prob_before", "relearn_reference_forget_prob_after",
-                   "relearn_target_forget_prob_before", "relearn_target_forget_prob_after")
+RELEARN_METRICS = ("relearn_recovery", "relearn_recovery_rouge", "relearn_regained")
+#: Each model's headline measure before and after the attack: ``relearn_<model>_<measure>_<phase>``
+#: (forget_prob on TOFU-style benchmarks, verbmem_forget on MUSE, wmdp_accuracy on WMDP).
+RELEARN_MODEL_FIGURE = re.compile(r"^metric\.relearn_(unlearned|reference|target)_(\w+)_(before|after)$")
+
+
+def relearned_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that ran the relearning attack: a step count or a recovery (recovery is NaN in a run
+    without a retain reference)."""
+    columns = [column for column in ("metric.relearn_steps", "metric.relearn_recovery") if column in runs.columns]
+    return runs[runs[columns].notna().any(axis=1)] if columns else runs.iloc[:0]
 
 
 def relearn_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of the relearning figures per setting (runs that ran the attack);
     empty when none did. Columns without the ``relearn_`` prefix."""
-    columns = {f"metric.{name}": name.removeprefix("relearn_") for name in RELEARN_METRICS}
-    if "metric.relearn_recovery" not in runs.columns:
-        return pd.DataFrame()
-    attacked = runs[runs["metric.relearn_recovery"].notna()].rename(columns=columns)
+    models = ("unlearned", "reference", "target")
+    figures = sorted((column for column in runs.columns if RELEARN_MODEL_FIGURE.match(column)),
+                     key=lambda column: (models.index(RELEARN_MODEL_FIGURE.match(column).group(1)), column.endswith("after")))
+    columns = {**{f"metric.{name}": name.removeprefix("relearn_") for name in RELEARN_METRICS},
+               **{column: column.removeprefix("metric.relearn_") for column in figures}}
+    attacked = relearned_runs(runs).rename(columns=columns)
     if attacked.empty:
         return pd.DataFrame()
     return comparison_table(attacked, metrics=[name for name in columns.values() if name in attacked.columns],
@@ -563,9 +573,13 @@ def relearn_curves(results: str | Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_relearning(curves: pd.DataFrame, path: str | Path) -> Path:
-    """Forget probability of the held-out forget items during the attack: each setting's unlearned
-    model (mean ± std over seeds), and the target and the retain reference (dashed, over all runs)."""
+    """The headline measure during the attack (forget probability of the held-out forget items; VerbMem
+    on MUSE; accuracy on WMDP): each setting's unlearned model (mean ± std over seeds), and the target
+    and the retain reference (dashed, over all runs)."""
+    from simu_core.attacks.robustness import HEADLINE_MEASURES
     from simu_core.matched import curve_label
+
+    measure = next(name for name in HEADLINE_MEASURES if name in curves.columns)
 
     columns = [column for column in curves.columns if column.startswith("config.")
                and column not in (SEED_COLUMN, TARGET_SEED_COLUMN)]
@@ -573,14 +587,15 @@ def plot_relearning(curves: pd.DataFrame, path: str | Path) -> Path:
     unlearned = curves[curves["model"] == "unlearned"]
     groups = unlearned.groupby(columns, sort=True, dropna=False) if columns else [((), unlearned)]
     for _, group in groups:
-        stats = group.groupby("step")["forget_prob"].agg(["mean", "std"])
+        stats = group.groupby("step")[measure].agg(["mean", "std"])
         label = curve_label(group.iloc[0], columns) if columns else "unlearned"
         axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
     for model, style in (("target", "k--"), ("reference", "k:")):
-        stats = curves[curves["model"] == model].groupby("step")["forget_prob"].mean()
-        axis.plot(stats.index, stats.to_numpy(), style, label="retain reference" if model == "reference" else model)
+        stats = curves[curves["model"] == model].groupby("step")[measure].mean()
+        if not stats.empty:
+            axis.plot(stats.index, stats.to_numpy(), style, label="retain reference" if model == "reference" else model)
     axis.set_xlabel("relearning steps")
-    axis.set_ylabel("forget probability (held-out forget items)")
+    axis.set_ylabel("forget probability (held-out forget items)" if measure == "forget_prob" else measure)
     axis.set_title("Relearning attack")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)

@@ -798,32 +798,54 @@ def relearn(config: SimuConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
 
     ``run.seed`` splits the items, orders the batches and seeds torch's global generators
     (dropout). Writes ``relearn_curve.parquet`` (step, forget_prob, forget_rouge,
-    forget_truth_ratio, loss, seconds), ``relearn_items.parquet`` (item_id, role 'train' |
-    'measured') and ``attack.parquet`` (step 0 against the last step); returns the measures before
-    and after the attack, the item counts and the wall time.
+    forget_truth_ratio, loss, seconds; on MUSE and WMDP the benchmark's attack measures),
+    ``relearn_items.parquet`` (item_id, role 'train' | 'measured': on MUSE and WMDP the windows
+    trained on and the evaluation items measured) and ``attack.parquet`` (step 0 against the last
+    step); returns the measures before and after the attack, the item counts and the wall time.
     """
     import time
 
-    from simu_core.attacks.relearn import MEASURES, attack_items, attack_table, relearn_curve
+    from simu_core.attacks.relearn import attack_items, attack_table, curve_measures, relearn_curve
 
     started = time.perf_counter()
     benchmark, model, tokenizer = _attack_inputs(config, data_dir, model_dir, "relearn")
     settings = config.relearn
-    train, measured = attack_items(benchmark, settings, config.run.seed)
-    curve = relearn_curve(model, tokenizer, train, measured, settings, config.eval, lr=settings.lr,
-                          max_length=config.model.max_length, seed=config.run.seed, progress=progress)
+    if benchmark_info(config.data.benchmark).item_kind == "text":
+        # A corpus benchmark relearns on its own windows and measures its own measures (relearn.py).
+        from simu_core.benchmarks.attack_measures import attack_measure
+
+        examples, train_ids = _items(config, benchmark, "forget" if settings.data == "forget_epoch" else "retain",
+                                     tokenizer)
+        measure = attack_measure(benchmark, config, tokenizer)
+        figures_items: list[pd.DataFrame] = []
+
+        def measured_figures(measured_model) -> dict[str, float]:
+            items, figures = measure(measured_model)
+            figures_items[:] = [items]
+            return figures
+
+        curve = relearn_curve(model, tokenizer, pd.DataFrame(), pd.DataFrame(), settings, config.eval, lr=settings.lr,
+                              max_length=config.model.max_length, seed=config.run.seed, progress=progress,
+                              examples=examples, measure=measured_figures)
+        measured_ids = [str(item) for item in figures_items[0]["item_id"]]
+    else:
+        train, measured = attack_items(benchmark, settings, config.run.seed)
+        curve = relearn_curve(model, tokenizer, train, measured, settings, config.eval, lr=settings.lr,
+                              max_length=config.model.max_length, seed=config.run.seed, progress=progress)
+        train_ids, measured_ids = list(train["item_id"]), list(measured["item_id"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     curve.to_parquet(out_dir / RELEARN_FILES[0], index=False)
-    pd.DataFrame({"item_id": [*train["item_id"], *measured["item_id"]],
-                  "role": ["train"] * len(train) + ["measured"] * len(measured)}).to_parquet(
+    pd.DataFrame({"item_id": [*train_ids, *measured_ids],
+                  "role": ["train"] * len(train_ids) + ["measured"] * len(measured_ids)}).to_parquet(
         out_dir / RELEARN_FILES[1], index=False)
     attack_table(curve).to_parquet(out_dir / ATTACK_TABLE, index=False)
     first, last = curve.iloc[0], curve.iloc[-1]
-    summary = {"relearn_data": settings.data, "relearn_train_items": len(train), "relearn_measured_items": len(measured),
-               "relearn_steps": int(last["step"]),
-               **{f"{name}_before": float(first[name]) for name in MEASURES},
-               **{f"{name}_after": float(last[name]) for name in MEASURES},
+    measures = curve_measures(curve)
+    summary = {"relearn_data": settings.data, "relearn_train_items": len(train_ids),
+               "relearn_measured_items": len(measured_ids), "relearn_steps": int(last["step"]),
+               **{f"{name}_before": float(first[name]) for name in measures},
+               **{f"{name}_after": float(last[name]) for name in measures},
                "relearn_wall_seconds": time.perf_counter() - started}
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2))
     return summary

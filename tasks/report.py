@@ -119,12 +119,14 @@ def _relearn_results(store, refs: dict[str, dict | None], run_dir: Path) -> dict
     """The three relearning curves stacked (``relearn_curve.parquet``, column ``model``) and the
     recovery per step (``relearn_recovery.parquet``) into the run folder; returns the headline
     figures (empty when the attack did not run)."""
-    curves = [_table(store, refs.get(ref_name), "relearn_curve.parquet") for ref_name in RELEARN_REFS.values()]
+    # A run without a retain reference (WMDP) has the unlearned model's and the target's curves only.
+    models = [model for model in RELEARN_REFS if model != "reference" or refs.get("reference") is not None]
+    curves = [_table(store, refs.get(RELEARN_REFS[model]), "relearn_curve.parquet") for model in models]
     if any(curve is None for curve in curves):
         return {}
     from simu_core.attacks.relearn import recovery_headline, recovery_table
 
-    stacked = pd.concat([curve.assign(model=model) for model, curve in zip(RELEARN_REFS, curves)], ignore_index=True)
+    stacked = pd.concat([curve.assign(model=model) for model, curve in zip(models, curves)], ignore_index=True)
     _write_parquet_atomic(stacked, run_dir / "relearn_curve.parquet")
     _write_parquet_atomic(recovery_table(stacked), run_dir / "relearn_recovery.parquet")
     return recovery_headline(stacked)

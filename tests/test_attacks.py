@@ -32,11 +32,10 @@ def test_attacks_list_and_relearn_enabled_are_one_setting():
     (["attacks=[logit_lens]", "data.benchmark=lume", "model.target=some/model"],
      r"attacks=\['logit_lens'\] with data.benchmark='lume': no attack is offered on LUME"),
     (["attacks=[quantize,logit_lens]", "data.benchmark=muse"],
-     r"attacks=\['logit_lens'\] with data.benchmark='muse': the attacks offered on MUSE: \['quantize'\]; paraphrase "
-     r"needs paraphrased questions"),
+     r"attacks=\['logit_lens'\] with data.benchmark='muse': the attacks offered on MUSE: \['quantize', 'relearn'\]; "
+     r"paraphrase needs paraphrased questions"),
     (["relearn.enabled=true", "data.benchmark=wmdp", "model.target=some/model"],
-     r"attacks=\['relearn'\] \(relearn.enabled=true adds relearn\) with data.benchmark='wmdp': the attacks offered "
-     r"on WMDP: \['quantize'\]"),
+     r"relearn.data='forget_half' with data.benchmark='wmdp': WMDP's measured items .* set relearn.data=forget_epoch"),
     (["attacks=[quantize]", "run.devices=2"], r"attacks=\['quantize'\] with run.devices=2"),
     (["attacks=[paraphrase]", "data.requests=[[forget-0:4]]"], r"data.requests with attacks=\['paraphrase'\]"),
 ])

@@ -194,8 +194,9 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
 
     folder = require_dir(MUSE_DIR)
     overrides = [*MUSE_TINY, f"data.source={folder}", f"run.store={tmp_path / 'store'}",
-                 f"run.results={tmp_path / 'results'}", "attacks=[quantize]", "attack.quantize.bits=[4]",
-                 "attack.quantize.group_size=16"]
+                 f"run.results={tmp_path / 'results'}", "attacks=[quantize,relearn]", "attack.quantize.bits=[4]",
+                 "attack.quantize.group_size=16", "relearn.data=forget_epoch", "relearn.batch_size=16",
+                 "relearn.eval_every=10", "relearn.lr=1e-2"]
     summary = simu_pipeline(overrides=overrides)
     for model in ("metrics", "reference_metrics", "target_metrics"):
         assert {"verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak_auc"} <= set(summary[model]), model
@@ -218,7 +219,9 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
     assert len(mask) > 0
     # The quantization attack on the three models, measured with MUSE's own measures; before the attack
     # each model's VerbMem is its evaluation's (the same items, the same code).
-    robustness = pd.read_parquet(run_dir / "robustness.parquet").set_index("measure")
+    robustness = pd.read_parquet(run_dir / "robustness.parquet")
+    assert set(robustness["attack"]) == {"quantize", "relearn"}
+    robustness = robustness[robustness["attack"] == "quantize"].set_index("measure")
     assert list(robustness.index) == ["verbmem_forget", "knowmem_forget", "knowmem_retain"]
     for model, metrics in (("unlearned", "metrics"), ("target", "target_metrics"), ("reference", "reference_metrics")):
         assert robustness.loc["verbmem_forget", f"{model}_before"] == pytest.approx(summary[metrics]["verbmem_forget"])
@@ -228,6 +231,18 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
         assert row["metric.attack_quantize_recovery"] == pytest.approx(
             verbmem["unlearned_after"] / verbmem["reference_after"])
     assert row["metric.attack_quantize_unlearned_after"] == pytest.approx(verbmem["unlearned_after"])
+    # Relearning: one epoch over the forget windows (the items unlearning trained on), measured with
+    # MUSE's measures; step 0 is each model's evaluation, recovery reads VerbMem.
+    curves = pd.read_parquet(run_dir / "relearn_curve.parquet")
+    assert {"verbmem_forget", "knowmem_forget", "knowmem_retain", "loss"} <= set(curves.columns)
+    for model, metrics in (("unlearned", "metrics"), ("target", "target_metrics"), ("reference", "reference_metrics")):
+        start = curves[(curves["model"] == model) & (curves["step"] == 0)].iloc[0]
+        assert start["verbmem_forget"] == pytest.approx(summary[metrics]["verbmem_forget"]), model
+    last = curves["step"].max()
+    after = curves[curves["step"] == last].set_index("model")["verbmem_forget"]
+    assert row["metric.relearn_unlearned_verbmem_forget_after"] == pytest.approx(after["unlearned"])
+    if after["reference"] > 0:
+        assert row["metric.relearn_recovery"] == pytest.approx(after["unlearned"] / after["reference"])
     # simu report reads MUSE runs with MUSE's measures: the headline columns, the stopped table on
     # VerbMem with KnowMem on retain as the utility and KnowMem on forget as the other measure.
     from flows.report import write_report
@@ -254,8 +269,9 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
                  f"model.target={model_dir}", "model.max_length=32", "unlearn.method=rmu", "unlearn.rmu_layer=0",
                  "unlearn.max_steps=3", "unlearn.epochs=1", "unlearn.batch_size=2", "unlearn.eval_every=1",
                  "unlearn.stop_at=wmdp_accuracy<=0.01", "eval.batch_size=4", f"run.store={tmp_path / 'store'}",
-                 f"run.results={tmp_path / 'results'}", "attacks=[quantize]", "attack.quantize.bits=[4]",
-                 "attack.quantize.group_size=16"]
+                 f"run.results={tmp_path / 'results'}", "attacks=[quantize,relearn]", "attack.quantize.bits=[4]",
+                 "attack.quantize.group_size=16", "relearn.data=forget_epoch", "relearn.batch_size=2",
+                 "relearn.lr=1e-2"]
     summary = simu_pipeline(overrides=overrides)
     assert "wmdp_accuracy" in summary["metrics"] and "wmdp_accuracy" in summary["target_metrics"]
     assert summary["reference_metrics"] == {}  # WMDP has no retain model
@@ -268,7 +284,8 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     assert len(log) >= 1
     # Quantization on the unlearned model and the target only (no retain reference): recovery is NaN,
     # regained is what came back of what unlearning removed; before the attack, each model's accuracy.
-    robustness = pd.read_parquet(Path(summary["run_dir"]) / "robustness.parquet").set_index("measure")
+    robustness = pd.read_parquet(Path(summary["run_dir"]) / "robustness.parquet")
+    robustness = robustness[robustness["attack"] == "quantize"].set_index("measure")
     assert list(robustness.index) == ["wmdp_accuracy"]  # no eval.mmlu_source
     accuracy = robustness.loc["wmdp_accuracy"]
     assert accuracy["unlearned_before"] == pytest.approx(summary["metrics"]["wmdp_accuracy"])
@@ -280,3 +297,14 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     assert np.isnan(row["metric.attack_quantize_recovery"])
     attacked = pd.read_parquet(Path(summary["run_dir"]) / "attacks.parquet")
     assert sorted(set(attacked["model"])) == ["target", "unlearned"]
+    # Relearning on the forget corpus's windows, the unlearned model and the target only.
+    curves = pd.read_parquet(Path(summary["run_dir"]) / "relearn_curve.parquet")
+    assert sorted(set(curves["model"])) == ["target", "unlearned"] and "wmdp_accuracy" in curves.columns
+    first = curves[curves["step"] == 0].set_index("model")["wmdp_accuracy"]
+    assert first["unlearned"] == pytest.approx(summary["metrics"]["wmdp_accuracy"])
+    last = curves[curves["step"] == curves["step"].max()].set_index("model")["wmdp_accuracy"]
+    assert np.isnan(row["metric.relearn_recovery"])
+    removed = first["target"] - first["unlearned"]
+    if removed > 0:
+        assert row["metric.relearn_regained"] == pytest.approx((last["unlearned"] - first["unlearned"]) / removed)
+    assert row["metric.relearn_target_wmdp_accuracy_after"] == pytest.approx(last["target"])

@@ -359,7 +359,8 @@ def core_copy(tmp_path, monkeypatch):
 
 # Per edited file: the stages whose code version must change (every other stage keeps its own).
 CODE_EDITS = {
-    "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout"},  # encode_frame
+    # encode_frame; relearn: a corpus benchmark relearns on its encoded windows.
+    "finetune.py": {"train_target", "train_retain_reference", "attribute", "unlearn", "knockout", "relearn"},
     "data/lume.py": {"prepare_data", "select_request", "train_target", "train_retain_reference", "attribute",
                      "knockout", "unlearn", "evaluate", "evaluate_reference", "relearn", "generate_alternates",
                      *ATTACKS},
@@ -374,8 +375,8 @@ CODE_EDITS = {
     "attacks/logit_lens.py": {"attack_logit_lens"},
     "attacks/measures.py": {*ATTACKS, "relearn"},
     "attacks/robustness.py": set(),
-    # What quantization measures on each benchmark: its stage only (not evaluation's or unlearning's).
-    "benchmarks/attack_measures.py": {"attack_quantize"},
+    # What quantization and relearning measure on each benchmark (not evaluation's or unlearning's code).
+    "benchmarks/attack_measures.py": {"attack_quantize", "relearn"},
     "alternates.py": {"generate_alternates"},
     "preferred.py": {"unlearn"},
     "../data/synthetic/templates.yaml": {"prepare_data"},

@@ -13,6 +13,7 @@ from simu_core.config import ConfigError, RelearnConfig, load_config
 from simu_core.attacks.relearn import (
     check_attack_sizes,
     curve_steps,
+    format_recovery,
     recovery_headline,
     recovery_table,
     relearning_split,
@@ -93,10 +94,16 @@ def test_recovery_and_regained_by_hand():
     assert nothing_removed["regained"].isna().all()
 
 
-def test_recovery_needs_three_curves_with_the_same_steps():
-    curves = _curves([0.1] * 3, [0.9] * 3, [0.1] * 3)
-    with pytest.raises(ValueError, match=r"missing \['reference'\]"):
-        recovery_table(curves[curves["model"] != "reference"])
+def test_recovery_needs_the_curves_with_the_same_steps_and_is_nan_without_a_reference():
+    curves = _curves([0.1, 0.3, 0.5], [0.9] * 3, [0.1] * 3)
+    with pytest.raises(ValueError, match=r"missing \['target'\]"):
+        recovery_table(curves[curves["model"] != "target"])
+    # A run without a retain reference (WMDP): recovery is undefined, regained is not.
+    alone = recovery_table(curves[curves["model"] != "reference"])
+    assert alone["recovery"].isna().all() and alone["regained"].tolist() == pytest.approx([0.0, 0.25, 0.5])
+    figures = recovery_headline(curves[curves["model"] != "reference"])
+    assert "relearn_reference_forget_prob_after" not in figures and figures["relearn_regained"] == pytest.approx(0.5)
+    assert [line.split()[0] for line in format_recovery(figures)[1:]] == ["unlearned", "target"]
     shifted = curves.copy()
     shifted.loc[shifted["model"] == "target", "step"] = [0, 4, 10]
     with pytest.raises(ValueError, match="the target's relearning curve has steps"):

@@ -71,9 +71,10 @@ _QA_UTILITY = ("model_utility", "retain_prob")
 _QA_OTHER = {"forget_prob": "forget_quality", "forget_quality": "forget_prob"}
 _QA_ATTACKS = ("quantize", "paraphrase", "in_context", "logit_lens", "relearn")
 _QA_ATTACK_MEASURES = ("forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge")
+_TEXT_ATTACKS = ("quantize", "relearn")
 _TEXT_ATTACKS_REFUSED = (
-    "paraphrase needs paraphrased questions; in_context, logit_lens and relearn measure the probability of a "
-    "question's answer and relearn on question-answer items, which a corpus benchmark's passages are not")
+    "paraphrase needs paraphrased questions; in_context and logit_lens read the probability of a question's "
+    "answer, which a corpus benchmark's passages have not")
 _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio", "forget_quality",
                "model_utility", "privleak")
 
@@ -120,8 +121,9 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         defaults={"model.max_length": 2048, "eval.max_new_tokens": 128, "relearn.lr": 1e-5},
         data_fields=("benchmark", "corpus", "source", "retain_split", "forget_text", "max_texts"),
         tiny_model=True, retain_reference=True, hub=("muse-bench/MUSE-News", "muse-bench/MUSE-Books"),
-        # Quantization on MUSE is Zhang et al. (ICLR 2025)'s setting: VerbMem and KnowMem before and after.
-        attacks=("quantize",), attack_measures=("verbmem_forget", "knowmem_forget", "knowmem_retain"),
+        # Quantization on MUSE is Zhang et al. (ICLR 2025)'s setting: VerbMem and KnowMem before and after;
+        # relearning trains on the forget (or retain) windows (simu_core.attacks.relearn).
+        attacks=_TEXT_ATTACKS, attack_measures=("verbmem_forget", "knowmem_forget", "knowmem_retain"),
         attacks_refused=_TEXT_ATTACKS_REFUSED),
     "wmdp": BenchmarkInfo(
         name="wmdp", title="WMDP (Li et al. 2024)", short="WMDP", item_kind="text",
@@ -131,7 +133,7 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         data_fields=("benchmark", "subset", "source", "corpora_source", "max_texts"),
         tiny_model=False, retain_reference=False, hub=("cais/wmdp", "cais/wmdp-corpora"),
         # MMLU is measured too when eval.mmlu_source is given (quantization can change utility).
-        attacks=("quantize",), attack_measures=("wmdp_accuracy", "mmlu"), attacks_refused=_TEXT_ATTACKS_REFUSED),
+        attacks=_TEXT_ATTACKS, attack_measures=("wmdp_accuracy", "mmlu"), attacks_refused=_TEXT_ATTACKS_REFUSED),
 }
 
 BENCHMARK_NAMES = tuple(BENCHMARK_INFO)
