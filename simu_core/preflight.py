@@ -43,7 +43,9 @@ def _check_forget_set_uses(config: SimuConfig) -> None:
     paraphrased questions, refused here when the split sizes are cheap to know (the built-in benchmark is generated,
     a local TOFU folder read); a hub dataset is checked by the flow right after prepare_data."""
     info = BENCHMARK_INFO[config.data.benchmark]
-    if not (config.data.requests or config.attacks) or not (info.requests or info.attacks):
+    # Only the TOFU-style benchmarks split their forget items (requests, relearning's halves, in-context
+    # shots); a corpus benchmark's attacks read all its windows and its evaluation's items.
+    if not (config.data.requests or config.attacks) or info.item_kind != "qa":
         return
     if config.data.benchmark == "tofu" and config.data.source is None:
         return
