@@ -73,8 +73,9 @@ _QA_ATTACKS = ("quantize", "paraphrase", "in_context", "logit_lens", "relearn")
 _QA_ATTACK_MEASURES = ("forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge")
 _TEXT_ATTACKS = ("quantize", "relearn")
 _TEXT_ATTACKS_REFUSED = (
-    "paraphrase needs paraphrased questions; in_context and logit_lens read the probability of a question's "
-    "answer, which a corpus benchmark's passages have not")
+    "paraphrase needs paraphrased questions; in_context and logit_lens are built on the TOFU suite's QA prompt "
+    "and answer probability (their analogues here, few-shot prompts and accuracy read at each layer of WMDP, "
+    "are not built; MUSE's VerbMem and KnowMem are generations, which no single layer's logits give)")
 _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio", "forget_quality",
                "model_utility", "privleak")
 
