@@ -144,7 +144,9 @@ def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any], info: B
         "attack_in_context": {"in_context": attack["in_context"], "eval": evaluation, "model": model_identity,
                               "seed": tree["run"]["seed"]},
         # No generation: the lens reads teacher-forced probabilities.
-        "attack_logit_lens": {"retain_items": attack["retain_items"], "eval": teacher_forced, "model": model_identity},
+        "attack_logit_lens": ({"eval": {key: suite[key] for key in ("batch_size", "max_items")}, "model": model_identity}
+                              if suite else
+                              {"retain_items": attack["retain_items"], "eval": teacher_forced, "model": model_identity}),
     }
 
 

@@ -164,9 +164,9 @@ def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks:
                           run_dir / "attacks.parquet")
     robustness = robustness_table(stacked, reference=with_reference)
     _write_parquet_atomic(robustness, run_dir / "robustness.parquet")
-    lens = [_table(store, refs.get(attack_label("logit_lens", model)), "logit_lens_items.parquet") for model in MODELS]
+    lens = [_table(store, refs.get(attack_label("logit_lens", model)), "logit_lens_items.parquet") for model in models]
     if "logit_lens" in attacks and all(frame is not None for frame in lens):
-        _write_parquet_atomic(pd.concat([frame.assign(model=model) for model, frame in zip(MODELS, lens)],
+        _write_parquet_atomic(pd.concat([frame.assign(model=model) for model, frame in zip(models, lens)],
                                         ignore_index=True), run_dir / "logit_lens_items.parquet")
     return headline_figures(robustness), robustness
 

@@ -88,6 +88,13 @@ def test_quantization_on_a_corpus_benchmark_is_keyed_by_what_its_evaluation_read
     for read in ("eval.max_items=3", "eval.batch_size=2", "attack.quantize.bits=[8]", "model.max_length=256"):
         assert key(read) != base, read
     assert (key("eval.mmlu_source=/mmlu") != base) == (benchmark == "wmdp")
+    if benchmark == "wmdp":  # the lens reads accuracy only: no MMLU, no template
+        def lens(*overrides: str) -> dict:
+            return stage_params(load_config(overrides=[*common, "attacks=[logit_lens]", *overrides]))["attack_logit_lens"]
+
+        for unread in ("eval.template=open_unlearning", "attack.retain_items=10", "eval.mmlu_source=/mmlu"):
+            assert lens(unread) == lens(), unread
+        assert lens("eval.max_items=3") != lens() and lens("eval.batch_size=2") != lens()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -269,9 +269,9 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
                  f"model.target={model_dir}", "model.max_length=32", "unlearn.method=rmu", "unlearn.rmu_layer=0",
                  "unlearn.max_steps=3", "unlearn.epochs=1", "unlearn.batch_size=2", "unlearn.eval_every=1",
                  "unlearn.stop_at=wmdp_accuracy<=0.01", "eval.batch_size=4", f"run.store={tmp_path / 'store'}",
-                 f"run.results={tmp_path / 'results'}", "attacks=[quantize,relearn]", "attack.quantize.bits=[4]",
-                 "attack.quantize.group_size=16", "relearn.data=forget_epoch", "relearn.batch_size=2",
-                 "relearn.lr=1e-2"]
+                 f"run.results={tmp_path / 'results'}", "attacks=[quantize,logit_lens,relearn]",
+                 "attack.quantize.bits=[4]", "attack.quantize.group_size=16", "relearn.data=forget_epoch",
+                 "relearn.batch_size=2", "relearn.lr=1e-2"]
     summary = simu_pipeline(overrides=overrides)
     assert "wmdp_accuracy" in summary["metrics"] and "wmdp_accuracy" in summary["target_metrics"]
     assert summary["reference_metrics"] == {}  # WMDP has no retain model
@@ -297,6 +297,13 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     assert np.isnan(row["metric.attack_quantize_recovery"])
     attacked = pd.read_parquet(Path(summary["run_dir"]) / "attacks.parquet")
     assert sorted(set(attacked["model"])) == ["target", "unlearned"]
+    # The logit lens: accuracy at each layer of the 1-layer model; its last layer is the model's own.
+    lens = attacked[(attacked["attack"] == "logit_lens") & (attacked["measure"] == "wmdp_accuracy")]
+    assert set(lens["setting"]) == {"layer=0", "max"}
+    for model, metrics in (("unlearned", "metrics"), ("target", "target_metrics")):
+        own = lens[(lens["model"] == model) & (lens["setting"] == "layer=0")].iloc[0]
+        assert own["before"] == own["after"] == pytest.approx(summary[metrics]["wmdp_accuracy"])
+    assert (Path(summary["run_dir"]) / "logit_lens_items.parquet").exists()
     # Relearning on the forget corpus's windows, the unlearned model and the target only.
     curves = pd.read_parquet(Path(summary["run_dir"]) / "relearn_curve.parquet")
     assert sorted(set(curves["model"])) == ["target", "unlearned"] and "wmdp_accuracy" in curves.columns

@@ -372,3 +372,35 @@ def test_quantization_attack_measures_wmdp_and_mmlu_accuracy(tiny, tmp_path):
         quantized = quantize.quantize_weights(model, bits, 16, config.attack.quantize.scheme)
         assert rows["after"].to_dict() == pytest.approx(accuracies(quantized), abs=1e-12)
     assert set(result.items["split"]) == {"wmdp", "mmlu"}
+
+
+def test_logit_lens_reads_accuracy_at_every_layer_as_a_hand_computation(tiny):
+    """Layer l's letter log-likelihood is log_softmax(lm_head(norm(h_l))) at the letter, h_l the output
+    of decoder layer l (Hugging Face's hidden_states[l + 1] below the last layer); the last layer ranks
+    the options exactly as the evaluation does."""
+    from simu_core.attacks.logit_lens import layer_wmdp_accuracy
+
+    _, tokenizer = tiny
+    shape = TinyModelConfig(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, vocab_size=400)
+    model = build_tiny_llama(shape, tokenizer, 512, seed=1).eval()
+    benchmark = WMDPBenchmark("bio", load_wmdp_rows(QUESTIONS))
+    table = layer_wmdp_accuracy(model, tokenizer, benchmark, None, batch_size=3, max_length=512)
+    assert sorted(set(table["layer"])) == [0, 1] and len(table) == 2 * len(QUESTIONS)
+    last = table[table["layer"] == 1].reset_index(drop=True)
+    items = evaluate_wmdp(model, tokenizer, benchmark, batch_size=8)
+    assert last["prediction"].tolist() == items["prediction"].tolist()
+
+    def layer0_loglik(row: dict, letter: str) -> float:
+        a, b, c, d = row["choices"]
+        prompt = (f"The following are multiple choice questions (with answers) about biology.\n\n"
+                  f"{row['question'].strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:")
+        context = tokenizer(prompt)["input_ids"]
+        ids = context + tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+            logprobs = torch.log_softmax(model.lm_head(model.model.norm(hidden)).double(), dim=-1)
+        return float(sum(logprobs[position - 1, ids[position]] for position in range(len(context), len(ids))))
+
+    hand = [int(np.argmax([layer0_loglik(row, letter) for letter in "ABCD"])) for row in QUESTIONS]
+    assert table[table["layer"] == 0]["prediction"].tolist() == hand
+    assert hand != last["prediction"].tolist()  # the layers rank differently: the check can tell them apart

@@ -12,6 +12,12 @@ norm already applied to its last entry), so the final norm is applied once at ev
 last layer's lens equals the model's own output probability. The attack's figure is the highest
 per-layer mean probability (:func:`lens_summary`): well above the output's, the answer was hidden
 rather than removed.
+
+On WMDP the lens reads each option letter's log-likelihood after the harness's prompt
+(:func:`simu_core.evaluation.wmdp.wmdp_examples`) from every layer, and the figure is the accuracy
+of the letter it ranks first, per layer (:func:`layer_wmdp_accuracy`; the last layer's is the
+model's own accuracy). Over many layers the best layer's accuracy is biased above chance even for a
+model that knows nothing (a maximum of noisy accuracies): read it against the target's and per layer.
 """
 
 from __future__ import annotations
@@ -107,19 +113,40 @@ def layer_answer_probabilities(
         raise ValueError(f"logit lens: the items lack columns {missing}")
     if len(frame) == 0:
         raise ValueError("logit lens: no items to score")
-    norm, unembedding = final_norm_and_unembedding(model)  # first: its error names the model class
-    adapter = ArchitectureAdapter(model)
-    norm, unembedding = _float32(norm), _float32(unembedding)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)  # Gemma 2/3's output cap
+    final_norm_and_unembedding(model)  # first: its error names the model class
     examples = [encode_qa(tokenizer, question, answer, max_length, template=eval_config.template)
                 for question, answer in zip(frame["question"], frame["answer"])]
     for row, example in enumerate(examples):
         # Position 0 is never predicted, so a label there alone would score nothing.
         if not any(label != IGNORE_INDEX for label in example.labels[1:]):
             raise ValueError(f"logit lens: item {row} has no answer token to score")
+    sums, counts = layer_label_nll_sums(model, examples, pad_token_id(tokenizer), eval_config.batch_size)
+    layers = sums.shape[1]
+    nll = sums / counts[:, None]
+    # A mean of -log_softmax is >= 0 mathematically; float rounding may leave -1e-8.
+    nll = np.maximum(nll, 0.0)
+    return pd.DataFrame({
+        "item_id": np.repeat(frame["item_id"].astype(str).to_numpy(), layers),
+        "layer": np.tile(np.arange(layers), len(examples)),
+        "probability": tofu.probability_from_nll(nll.reshape(-1)),
+        "nll": nll.reshape(-1),
+    })
+
+
+@torch.no_grad()
+def layer_label_nll_sums(model: nn.Module, examples: list, pad_id: int, batch_size: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, counts)``: per example (an :class:`~simu_core.prompting.EncodedExample`) and decoder
+    layer l, the sum over its labelled tokens of -log p(token) read from layer l's output through the
+    final norm and the output embedding (float64, ``[examples, layers]``), and its labelled-token count.
+    One forward pass per batch of ``batch_size`` (right padded, longest first)."""
+    norm, unembedding = final_norm_and_unembedding(model)
+    adapter = ArchitectureAdapter(model)
+    norm, unembedding = _float32(norm), _float32(unembedding)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)  # Gemma 2/3's output cap
     layers = adapter.num_layers
-    nll = np.empty((len(examples), layers), dtype=np.float64)
-    pad_id = pad_token_id(tokenizer)
+    sums_out = np.empty((len(examples), layers), dtype=np.float64)
+    counts_out = np.empty(len(examples), dtype=np.float64)
     device = next(model.parameters()).device
     # The lens recomputes the last layer's logits itself: the model's own need only one position.
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -128,8 +155,8 @@ def layer_answer_probabilities(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), eval_config.batch_size):
-            chunk = order[start : start + eval_config.batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             batch = {key: value.to(device) for key, value in collate([examples[i] for i in chunk], pad_id).items()}
             with contextlib.ExitStack() as stack:
                 captured = [stack.enter_context(adapter.layer_output(layer)) for layer in range(layers)]
@@ -153,18 +180,27 @@ def layer_answer_probabilities(
                 token_nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, owner,
                                                                                                token_nll.double())
-                nll[chunk, layer] = (sums / counts).cpu().numpy()
+                sums_out[chunk, layer] = sums.cpu().numpy()
+            counts_out[chunk] = counts.cpu().numpy()
     finally:
         model.train(was_training)
-    # A mean of -log_softmax is >= 0 mathematically; float rounding may leave -1e-8.
-    nll = np.maximum(nll, 0.0)
-    return pd.DataFrame({
-        "item_id": np.repeat(frame["item_id"].astype(str).to_numpy(), layers),
-        "layer": np.tile(np.arange(layers), len(examples)),
-        "probability": tofu.probability_from_nll(nll.reshape(-1)),
-        "nll": nll.reshape(-1),
-    })
+    return sums_out, counts_out
 
+
+def layer_wmdp_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, max_items: int | None,
+                        batch_size: int, max_length: int) -> pd.DataFrame:
+    """Per WMDP question and decoder layer: the option whose letter has the highest log-likelihood read
+    from that layer (``item_id, layer, prediction, correct``); the last layer ranks as
+    :func:`~simu_core.evaluation.wmdp.evaluate_wmdp` does (the same examples, teacher-forced)."""
+    from simu_core.evaluation.wmdp import option_predictions, wmdp_examples
+
+    questions, examples, num_choices = wmdp_examples(benchmark, tokenizer, max_items, max_length)
+    sums, _ = layer_label_nll_sums(model, examples, pad_token_id(tokenizer), batch_size)
+    frames = []
+    for layer in range(sums.shape[1]):
+        ranked = option_predictions(questions, -sums[:, layer].reshape(len(questions), num_choices))
+        frames.append(ranked[["item_id", "prediction", "correct"]].assign(layer=layer))
+    return pd.concat(frames, ignore_index=True)[["item_id", "layer", "prediction", "correct"]]
 
 def lens_summary(table: pd.DataFrame) -> dict[str, float]:
     """From :func:`layer_answer_probabilities`' table: the mean probability over items of every
@@ -190,6 +226,10 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config)
     from simu_core.attacks.measures import measured_splits, outcome
 
     started = time.perf_counter()
+    from simu_core.data.wmdp import WMDPBenchmark
+
+    if isinstance(benchmark, WMDPBenchmark):  # multiple-choice questions: accuracy per layer
+        return _run_wmdp(model, tokenizer, benchmark, config, started)
     splits = measured_splits(benchmark, config, retain=True)
     rows, frames = [], []
     for split, prefix in (("forget", "forget"), ("retain_eval", "retain")):
@@ -209,4 +249,27 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config)
                      measured_items=len(splits["forget"]), retain_items=len(splits["retain_eval"]),
                      seconds=time.perf_counter() - started)
     result.files["logit_lens_items.parquet"] = pd.concat(frames, ignore_index=True)
+    return result
+
+
+def _run_wmdp(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config, started: float):
+    """The lens on WMDP's evaluation questions: accuracy per layer (setting ``layer=<l>``) and at the
+    best layer (``max``) against the model's own (before: the last layer's), the best layer itself as
+    ``wmdp_best_layer``; the per-question, per-layer table as a file."""
+    import time
+
+    from simu_core.attacks.measures import outcome
+
+    table = layer_wmdp_accuracy(model, tokenizer, benchmark, config.eval.max_items, config.eval.batch_size,
+                                config.model.max_length)
+    per_layer = table.groupby("layer")["correct"].mean().sort_index()
+    layers = len(per_layer)
+    row = {"attack": "logit_lens", "measure": "wmdp_accuracy", "before": float(per_layer.iloc[-1])}
+    rows = [{**row, "setting": f"layer={layer}", "after": float(value)} for layer, value in per_layer.items()]
+    rows.append({**row, "setting": "max", "after": float(per_layer.max())})
+    rows.append({"attack": "logit_lens", "setting": "max", "measure": "wmdp_best_layer", "before": float(layers - 1),
+                 "after": float(per_layer.idxmax())})
+    result = outcome("logit_lens", rows, [], layers=layers, measured_items=int(table["item_id"].nunique()),
+                     seconds=time.perf_counter() - started)
+    result.files["logit_lens_items.parquet"] = table.assign(split="wmdp")
     return result

@@ -71,11 +71,13 @@ _QA_UTILITY = ("model_utility", "retain_prob")
 _QA_OTHER = {"forget_prob": "forget_quality", "forget_quality": "forget_prob"}
 _QA_ATTACKS = ("quantize", "paraphrase", "in_context", "logit_lens", "relearn")
 _QA_ATTACK_MEASURES = ("forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge")
-_TEXT_ATTACKS = ("quantize", "relearn")
-_TEXT_ATTACKS_REFUSED = (
-    "paraphrase needs paraphrased questions; in_context and logit_lens are built on the TOFU suite's QA prompt "
-    "and answer probability (their analogues here, few-shot prompts and accuracy read at each layer of WMDP, "
-    "are not built; MUSE's VerbMem and KnowMem are generations, which no single layer's logits give)")
+_MUSE_ATTACKS_REFUSED = (
+    "paraphrase needs paraphrased questions; in_context and logit_lens are built on the TOFU suite's QA prompt and "
+    "teacher-forced answer probability, and MUSE's VerbMem and KnowMem are greedy generations, which no single "
+    "layer's logits give (few-shot prompts are not built)")
+_WMDP_ATTACKS_REFUSED = (
+    "paraphrase needs paraphrased questions; in_context (k-shot prompts, the harness's num_fewshot) is not built "
+    "for WMDP")
 _QA_SUMMARY = ("forget_prob", "retain_prob", "forget_rouge", "retain_rouge", "forget_truth_ratio", "forget_quality",
                "model_utility", "privleak")
 
@@ -124,8 +126,8 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         tiny_model=True, retain_reference=True, hub=("muse-bench/MUSE-News", "muse-bench/MUSE-Books"),
         # Quantization on MUSE is Zhang et al. (ICLR 2025)'s setting: VerbMem and KnowMem before and after;
         # relearning trains on the forget (or retain) windows (simu_core.attacks.relearn).
-        attacks=_TEXT_ATTACKS, attack_measures=("verbmem_forget", "knowmem_forget", "knowmem_retain"),
-        attacks_refused=_TEXT_ATTACKS_REFUSED),
+        attacks=("quantize", "relearn"), attack_measures=("verbmem_forget", "knowmem_forget", "knowmem_retain"),
+        attacks_refused=_MUSE_ATTACKS_REFUSED),
     "wmdp": BenchmarkInfo(
         name="wmdp", title="WMDP (Li et al. 2024)", short="WMDP", item_kind="text",
         headline=("wmdp_accuracy", "mmlu"), summary=("wmdp_accuracy", "mmlu"), stop_measures={"wmdp_accuracy": "<="},
@@ -134,7 +136,9 @@ BENCHMARK_INFO: dict[str, BenchmarkInfo] = {
         data_fields=("benchmark", "subset", "source", "corpora_source", "max_texts"),
         tiny_model=False, retain_reference=False, hub=("cais/wmdp", "cais/wmdp-corpora"),
         # MMLU is measured too when eval.mmlu_source is given (quantization can change utility).
-        attacks=_TEXT_ATTACKS, attack_measures=("wmdp_accuracy", "mmlu"), attacks_refused=_TEXT_ATTACKS_REFUSED),
+        # The logit lens reads accuracy at every layer (simu_core.attacks.logit_lens).
+        attacks=("quantize", "logit_lens", "relearn"), attack_measures=("wmdp_accuracy", "mmlu"),
+        attacks_refused=_WMDP_ATTACKS_REFUSED),
 }
 
 BENCHMARK_NAMES = tuple(BENCHMARK_INFO)

@@ -117,6 +117,17 @@ def evaluate_wmdp(
     ``max_items`` keeps the first questions (as the harness's ``--limit``); ``max_length`` defaults
     to the model's context length; ``batch_size`` counts option rows per forward pass.
     """
+    questions, examples, num_choices = wmdp_examples(benchmark, tokenizer, max_items,
+                                                     max_length or _model_max_length(model), add_bos_token)
+    # The options of a question share its context: one prompt pass, then the short continuations.
+    scored = score_examples(model, examples, pad_token_id(tokenizer), batch_size, share_prompts=True)
+    return option_predictions(questions, scored.sum_logprob.reshape(len(questions), num_choices))
+
+
+def wmdp_examples(benchmark: WMDPBenchmark, tokenizer: PreTrainedTokenizerBase, max_items: int | None,
+                  max_length: int, add_bos_token: bool = True) -> tuple[pd.DataFrame, list[EncodedExample], int]:
+    """``(questions, examples, num_choices)``: the first ``max_items`` questions and, per question and
+    option in order, its context + letter encoded as the harness encodes them (the letter labelled)."""
     questions = benchmark.questions
     if max_items is not None:
         if max_items < 1:
@@ -127,20 +138,22 @@ def evaluate_wmdp(
         raise ValueError(f"WMDP {benchmark.subset}: questions have different numbers of choices {sorted(counts)}")
     num_choices = counts.pop()
     continuations = wmdp_continuations(num_choices)
-    limit = max_length or _model_max_length(model)
     examples: list[EncodedExample] = []
     for record in questions.itertuples(index=False):
         context = wmdp_prompt(benchmark.subset, record.question, list(record.choices))
         for continuation in continuations:
             context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, add_bos_token)
-            examples.append(_example(context_ids, continuation_ids, limit))
-    # The options of a question share its context: one prompt pass, then the short continuations.
-    scored = score_examples(model, examples, pad_token_id(tokenizer), batch_size, share_prompts=True)
-    loglik = scored.sum_logprob.reshape(len(questions), num_choices)
+            examples.append(_example(context_ids, continuation_ids, max_length))
+    return questions, examples, num_choices
+
+
+def option_predictions(questions: pd.DataFrame, loglik: np.ndarray) -> pd.DataFrame:
+    """Per question (``item_id, answer``), the option with the highest log-likelihood
+    (``loglik``: questions x options): ``prediction``, ``correct`` and ``loglik_<letter>``."""
     out = questions[["item_id", "answer"]].reset_index(drop=True).copy()
     out["prediction"] = np.argmax(loglik, axis=1).astype(np.int64)
     out["correct"] = (out["prediction"] == out["answer"]).astype(float)
-    for option, letter in enumerate(string.ascii_uppercase[:num_choices]):
+    for option, letter in enumerate(string.ascii_uppercase[:loglik.shape[1]]):
         out[f"loglik_{letter}"] = loglik[:, option]
     return out
 
