@@ -42,8 +42,9 @@ declare -A LRS=(
 # setting of scripts/matched_forgetting.sh), stopped at forget quality >= 0.05 with a check every 2 steps:
 # the retain reference's forget probability (about 5e-4) cannot be stopped at within 10 % on this model (one
 # step moves it by more), docs/results.md. idk_dpo reads TOFU's own "I don't know" file next to the data; dpo
-# the first perturbed answer of each forget question. Lrs: the testbed's first lr of each curve was the
-# probe (target 0, seed 0); docs/results.md lists every probe reading and why each lr below was kept.
+# the first perturbed answer of each forget question. Lrs: the testbed's first lr of each curve, run as a
+# probe on target 0, seed 0 (LR_INDEX=0 TARGETS=1 SEEDS=1); docs/results.md lists every probe reading. 12 of
+# the 24 curves did not reach the level at these lrs: the 3 x 3 sweep needs larger lrs for them (not run).
 declare -A TOFU_LRS=(
   [ga/all]=5e-5              [ga/simu]=7e-5
   [graddiff/all]=6e-5        [graddiff/simu]=1e-4
