@@ -115,12 +115,19 @@ def current_run_id() -> str:
 RELEARN_REFS = {"unlearned": "relearn", "target": "relearn_target", "reference": "relearn_reference"}
 
 
+def _attacked_models(refs: dict[str, dict | None]) -> list[str]:
+    """The models every attack ran on: the unlearned model, the target and, where the run has one, the
+    retain reference (WMDP's runs have none)."""
+    from simu_core.attacks.robustness import MODELS
+
+    return [model for model in MODELS if model != "reference" or refs.get("reference") is not None]
+
+
 def _relearn_results(store, refs: dict[str, dict | None], run_dir: Path) -> dict[str, float]:
     """The three relearning curves stacked (``relearn_curve.parquet``, column ``model``) and the
     recovery per step (``relearn_recovery.parquet``) into the run folder; returns the headline
     figures (empty when the attack did not run)."""
-    # A run without a retain reference (WMDP) has the unlearned model's and the target's curves only.
-    models = [model for model in RELEARN_REFS if model != "reference" or refs.get("reference") is not None]
+    models = _attacked_models(refs)
     curves = [_table(store, refs.get(RELEARN_REFS[model]), "relearn_curve.parquet") for model in models]
     if any(curve is None for curve in curves):
         return {}
@@ -138,11 +145,9 @@ def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks:
     attack's per-item values (``attack_items_<attack>.parquet``) into the run folder; returns the headline
     figures and the robustness table (empty / None when no attack ran)."""
     from simu_core.attacks.names import attack_label
-    from simu_core.attacks.robustness import MODELS, headline_figures, robustness_table
+    from simu_core.attacks.robustness import headline_figures, robustness_table
 
-    # A run without a retain reference (WMDP) attacks the unlearned model and the target only.
-    with_reference = refs.get("reference") is not None
-    models = [model for model in MODELS if with_reference or model != "reference"]
+    models = _attacked_models(refs)
     tables: dict[str, list[pd.DataFrame]] = {model: [] for model in models}
     for attack in attacks:
         items = []
@@ -162,7 +167,7 @@ def _attack_results(store, refs: dict[str, dict | None], run_dir: Path, attacks:
     stacked = {model: pd.concat(frames, ignore_index=True) for model, frames in tables.items()}
     _write_parquet_atomic(pd.concat([table.assign(model=model) for model, table in stacked.items()], ignore_index=True),
                           run_dir / "attacks.parquet")
-    robustness = robustness_table(stacked, reference=with_reference)
+    robustness = robustness_table(stacked, reference="reference" in models)
     _write_parquet_atomic(robustness, run_dir / "robustness.parquet")
     lens = [_table(store, refs.get(attack_label("logit_lens", model)), "logit_lens_items.parquet") for model in models]
     if "logit_lens" in attacks and all(frame is not None for frame in lens):

@@ -179,6 +179,13 @@ def test_simu_eval_on_wmdp_prints_the_harness_accuracy(prefect_api, wmdp_model, 
 # ----------------------------------------------------------------------------------------------
 # MUSE: the whole pipeline on the local News files, tiny
 
+def _ratio_or_nan(numerator: float, denominator: float, positive: bool = False) -> float:
+    """The robustness formulas' ratio: NaN for a zero denominator (recovery) or, with ``positive``, for
+    one that is not positive (regained: unlearning removed nothing)."""
+    defined = denominator > 0 if positive else denominator != 0
+    return numerator / denominator if defined else float("nan")
+
+
 MUSE_TINY = [
     "data.benchmark=muse", "data.retain_split=privleak/retain2", "data.forget_text=excerpts", "data.max_texts=2",
     "model.max_length=64", "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
@@ -227,9 +234,8 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
         assert robustness.loc["verbmem_forget", f"{model}_before"] == pytest.approx(summary[metrics]["verbmem_forget"])
         assert robustness.loc["knowmem_retain", f"{model}_before"] == pytest.approx(summary[metrics]["knowmem_retain"])
     verbmem = robustness.loc["verbmem_forget"]
-    if verbmem["reference_after"] > 0:
-        assert row["metric.attack_quantize_recovery"] == pytest.approx(
-            verbmem["unlearned_after"] / verbmem["reference_after"])
+    assert row["metric.attack_quantize_recovery"] == pytest.approx(
+        _ratio_or_nan(verbmem["unlearned_after"], verbmem["reference_after"]), nan_ok=True)
     assert row["metric.attack_quantize_unlearned_after"] == pytest.approx(verbmem["unlearned_after"])
     # Relearning: one epoch over the forget windows (the items unlearning trained on), measured with
     # MUSE's measures; step 0 is each model's evaluation, recovery reads VerbMem.
@@ -241,8 +247,8 @@ def test_muse_runs_through_the_pipeline_and_stops_on_verbmem(prefect_api, tmp_pa
     last = curves["step"].max()
     after = curves[curves["step"] == last].set_index("model")["verbmem_forget"]
     assert row["metric.relearn_unlearned_verbmem_forget_after"] == pytest.approx(after["unlearned"])
-    if after["reference"] > 0:
-        assert row["metric.relearn_recovery"] == pytest.approx(after["unlearned"] / after["reference"])
+    assert row["metric.relearn_recovery"] == pytest.approx(
+        _ratio_or_nan(after["unlearned"], after["reference"]), nan_ok=True)
     # simu report reads MUSE runs with MUSE's measures: the headline columns, the stopped table on
     # VerbMem with KnowMem on retain as the utility and KnowMem on forget as the other measure.
     from flows.report import write_report
@@ -292,8 +298,8 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     assert accuracy["target_before"] == pytest.approx(summary["target_metrics"]["wmdp_accuracy"])
     assert np.isnan(accuracy["reference_after"]) and np.isnan(accuracy["recovery"])
     removed = accuracy["target_before"] - accuracy["unlearned_before"]
-    if removed > 0:
-        assert accuracy["regained"] == pytest.approx((accuracy["unlearned_after"] - accuracy["unlearned_before"]) / removed)
+    assert accuracy["regained"] == pytest.approx(
+        _ratio_or_nan(accuracy["unlearned_after"] - accuracy["unlearned_before"], removed, positive=True), nan_ok=True)
     assert np.isnan(row["metric.attack_quantize_recovery"])
     attacked = pd.read_parquet(Path(summary["run_dir"]) / "attacks.parquet")
     assert sorted(set(attacked["model"])) == ["target", "unlearned"]
@@ -312,6 +318,6 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     last = curves[curves["step"] == curves["step"].max()].set_index("model")["wmdp_accuracy"]
     assert np.isnan(row["metric.relearn_recovery"])
     removed = first["target"] - first["unlearned"]
-    if removed > 0:
-        assert row["metric.relearn_regained"] == pytest.approx((last["unlearned"] - first["unlearned"]) / removed)
+    assert row["metric.relearn_regained"] == pytest.approx(
+        _ratio_or_nan(last["unlearned"] - first["unlearned"], removed, positive=True), nan_ok=True)
     assert row["metric.relearn_target_wmdp_accuracy_after"] == pytest.approx(last["target"])

@@ -409,4 +409,4 @@ def test_quantization_attack_measures_muse_as_its_evaluation_does(small):
     items = result.items
     assert set(items["phase"]) == {"before", "after"} and set(items["kind"]) == {"verbmem", "knowmem"}
     # Two VerbMem, two KnowMem-forget and one KnowMem-retain item per phase.
-    assert len(items) == 2 * 5 and result.summary["measured_items"] == 4 and result.summary["retain_items"] == 1
+    assert len(items) == 2 * 5 and result.summary["items_per_split"] == {"forget": 4, "retain": 1}

@@ -113,7 +113,6 @@ def layer_answer_probabilities(
         raise ValueError(f"logit lens: the items lack columns {missing}")
     if len(frame) == 0:
         raise ValueError("logit lens: no items to score")
-    final_norm_and_unembedding(model)  # first: its error names the model class
     examples = [encode_qa(tokenizer, question, answer, max_length, template=eval_config.template)
                 for question, answer in zip(frame["question"], frame["answer"])]
     for row, example in enumerate(examples):
@@ -202,6 +201,7 @@ def layer_wmdp_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, be
         frames.append(ranked[["item_id", "prediction", "correct"]].assign(layer=layer))
     return pd.concat(frames, ignore_index=True)[["item_id", "layer", "prediction", "correct"]]
 
+
 def lens_summary(table: pd.DataFrame) -> dict[str, float]:
     """From :func:`layer_answer_probabilities`' table: the mean probability over items of every
     layer (``lens_prob_layer_<l>``), the highest of them (``lens_prob_max``, the attack's figure)
@@ -224,10 +224,9 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, benchmark, config)
     import time
 
     from simu_core.attacks.measures import measured_splits, outcome
-
-    started = time.perf_counter()
     from simu_core.data.wmdp import WMDPBenchmark
 
+    started = time.perf_counter()
     if isinstance(benchmark, WMDPBenchmark):  # multiple-choice questions: accuracy per layer
         return _run_wmdp(model, tokenizer, benchmark, config, started)
     splits = measured_splits(benchmark, config, retain=True)

@@ -6,8 +6,8 @@ weights, another layer). The measures are the benchmark's (its registry row's ``
 measured by :mod:`simu_core.benchmarks.attack_measures`): on TOFU and the built-in benchmark forget probability,
 ROUGE-L recall of a greedy answer and the forget truth-ratio score
 (:func:`simu_core.evaluation.qa.score_items`), retain probability and ROUGE; on MUSE VerbMem and
-KnowMem; on WMDP accuracy (and MMLU). The prompt attacks, the logit lens and relearning read the
-TOFU suite's per-item answers and are offered on TOFU-style benchmarks only.
+KnowMem; on WMDP accuracy (and MMLU). Which attack applies to which benchmark is the registry row's
+``attacks`` (the paraphrase and in-context attacks are the TOFU-style benchmarks' only).
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ def table_rows(attack: str, setting: str, before: dict[str, float], after: dict[
 def phase_items(items: pd.DataFrame, setting: str, phase: str) -> pd.DataFrame:
     """``items`` tagged with its setting and phase (for ``attack_items.parquet``)."""
     return items.assign(setting=setting, phase=phase)[["setting", "phase", *items.columns]]
-
 
 
 def outcome(attack: str, rows: list[dict], items: list[pd.DataFrame], **summary) -> AttackOutcome:

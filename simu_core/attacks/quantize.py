@@ -186,7 +186,6 @@ def run(model: "torch.nn.Module", tokenizer, benchmark, config) -> "AttackOutcom
         del quantized
         rows += table_rows("quantize", f"bits={bits}", before, after)
         items.append(phase_items(attacked, f"bits={bits}", "after"))
-    counts = plain["split"].value_counts()
+    per_split = {str(split): int(count) for split, count in plain["split"].value_counts(sort=False).items()}
     return outcome("quantize", rows, items, bits=list(settings.bits), group_size=settings.group_size,
-                   scheme=settings.scheme, measured_items=int(counts.get("forget", 0)),
-                   retain_items=int(len(plain) - counts.get("forget", 0)), seconds=time.perf_counter() - started)
+                   scheme=settings.scheme, items_per_split=per_split, seconds=time.perf_counter() - started)

@@ -271,12 +271,11 @@ def recovery_table(curves: pd.DataFrame) -> pd.DataFrame:
     measure = curve_measures(curves)[0]
     unlearned, target = by_model["unlearned"], by_model["target"]
     reference = by_model.get("reference")
-    nan = pd.Series(np.nan, index=steps)
     removed = float(target[measure].iloc[0] - unlearned[measure].iloc[0])
 
     def ratio(column: str) -> np.ndarray:
         if reference is None or column not in unlearned.columns:
-            return nan.to_numpy()
+            return np.full(len(steps), np.nan)
         return _ratio(unlearned[column], reference[column]).to_numpy()
 
     return pd.DataFrame({
