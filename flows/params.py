@@ -151,7 +151,7 @@ def _attack_params(tree: dict[str, Any], model_identity: dict[str, Any], info: B
 
 
 #: Unlearning settings read only when the run stops at a forgetting level (``unlearn.stop_at``).
-STOP_FIELDS = ("stop_at", "eval_every", "stop_tolerance", "stop_retain_items")
+STOP_FIELDS = ("stop_at", "eval_every", "stop_tolerance", "stop_retain_items", "stop_refine")
 #: Evaluation settings the stop checks measure with (which items, template, batching).
 STOP_EVAL_FIELDS = ("max_items", "template", "batch_size")
 #: AltPO's generation settings (the generate_alternates stage's key; the unlearn stage reads its output).
@@ -169,6 +169,8 @@ def _unlearn_params(tree: dict[str, Any], model_identity: dict[str, Any]) -> dic
     loss = parse_method(tree["unlearn"]["method"]).loss
     excluded = ("checkpoint_every", "gradient_checkpointing", *(() if stops else STOP_FIELDS),
                 *settings_outside_key(loss), *PREFERRED_FILE_FIELDS, *ALTERNATE_FIELDS)
+    # stop_refine=0 is how runs stopped before the setting existed: left out, their keys still serve.
+    excluded += () if tree["unlearn"]["stop_refine"] else ("stop_refine",)
     params = {"unlearn": {key: value for key, value in tree["unlearn"].items() if key not in excluded},
               "model": model_identity, "seed": tree["run"]["seed"], "autocast": tree["run"]["dtype"]}
     preferred = preferred_identity(loss, tree["unlearn"]["idk_source"], tree["unlearn"]["preferred_source"],

@@ -77,5 +77,5 @@ if [[ $PART == all || $PART == tofu ]]; then
   sweep tofu TOFU_LRS --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
     --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
     --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64 \
-    --set unlearn.eval_every="${TOFU_EVAL_EVERY:-10}"
+    --set unlearn.eval_every="${TOFU_EVAL_EVERY:-10}" --set unlearn.stop_refine="${TOFU_STOP_REFINE:-0}"
 fi

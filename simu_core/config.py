@@ -392,6 +392,12 @@ class UnlearnConfig(_Section):
     stop_retain_items: int = Field(
         16, ge=1, description="stop_at: retain probability measured on the first N items of the evaluation's retain split"
     )
+    stop_refine: int = Field(
+        0, ge=0, le=30, description="stop_at: bisect the step after which the level was reached this many times (its "
+        "update applied with a fraction of its size) and keep the smallest fraction that reaches the level "
+        "(simu_core/stopping.py): the stop lands within 2^-N of a step of the crossing; each halving costs one "
+        "check. 0: keep the model of the first check that reaches the level",
+    )
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward (less memory, about a "
@@ -756,6 +762,18 @@ def check_pipeline_models(config: SimuConfig) -> None:
             f"invalid config: unlearn.method={config.unlearn.method!r} (AdamW on SIMU's scope) with run.devices="
             f"{config.run.devices}: column-masked AdamW trains one process's whole tensors only; use the Sophia "
             f"optimizer (simu_{loss}) or run.devices=1"
+        )
+    if config.unlearn.stop_refine and config.unlearn.stop_at is None:
+        raise ConfigError(
+            f"invalid config: unlearn.stop_refine={config.unlearn.stop_refine} without unlearn.stop_at: it refines "
+            "where a run stops at a forgetting level; set unlearn.stop_at (e.g. forget_prob<=reference) or "
+            "unlearn.stop_refine=0"
+        )
+    if config.unlearn.stop_refine and config.run.devices > 1:
+        raise ConfigError(
+            f"invalid config: unlearn.stop_refine={config.unlearn.stop_refine} with run.devices={config.run.devices}: "
+            "the refinement keeps a copy of the trainable parameters of one process; use run.devices=1 or "
+            "unlearn.stop_refine=0"
         )
     if config.unlearn.stop_at is not None:
         # Here, not when the config loads: `simu eval` of a LUME model with the default config unlearns nothing.

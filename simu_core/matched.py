@@ -69,7 +69,7 @@ NO_EFFECT_COLUMNS = ("config.attacks", "config.unlearn.gradient_checkpointing", 
                      "config.unlearn.stop_tolerance", "config.unlearn.stop_retain_items")
 # Where a run stops (stop_at, eval_every) is how a curve is read, not which curve it is.
 STOP_COLUMNS = ("config.unlearn.stop_at", "config.unlearn.eval_every", "config.unlearn.stop_tolerance",
-                "config.unlearn.stop_retain_items")
+                "config.unlearn.stop_retain_items", "config.unlearn.stop_refine")
 
 
 def has_no_effect(column: str) -> bool:
@@ -414,7 +414,8 @@ def stopped_readings(runs: pd.DataFrame, setting_columns: Sequence[str], toleran
                 "target": int(targets[index]), "seed": _integer(run.get(SEED_COLUMN)), "data": data[index],
                 "run_id": run.get("run_id"), "status": status, "level": level,
                 "level_source": run.get("stop.level_source"), "value": value, "deviation": deviation,
-                "matched": matched, "reason": reason, "step": run.get("stop.step"),
+                "matched": matched, "reason": reason, "step": _stop_position(run),
+                "refined": _fraction(run) < 1,
                 "budget_steps": run.get("stop.budget_steps"),
                 **{name: float(run[name]) if name in run.index and pd.notna(run[name]) else float("nan")
                    for name in utilities},
@@ -422,6 +423,18 @@ def stopped_readings(runs: pd.DataFrame, setting_columns: Sequence[str], toleran
                 "other_value": float(run[other]) if other in run.index and pd.notna(run[other]) else float("nan"),
             })
     return pd.DataFrame(rows)
+
+
+def _fraction(run: pd.Series) -> float:
+    """The share of its last step's update a stopped run kept (``unlearn.stop_refine``; 1: whole steps)."""
+    value = run.get("stop.fraction")
+    return float(value) if value is not None and pd.notna(value) else 1.0
+
+
+def _stop_position(run: pd.Series) -> float:
+    """Steps of training at the stop: ``stop.step - 1 + stop.fraction`` (whole steps unless refined)."""
+    step = pd.to_numeric(pd.Series([run.get("stop.step")]), errors="coerce").iloc[0]
+    return float(step) - 1 + _fraction(run) if pd.notna(step) else float("nan")
 
 
 def _integer(value) -> int:
@@ -458,6 +471,7 @@ def stopped_table(readings: pd.DataFrame, utilities: Sequence[str] = UTILITY_MET
         if other:  # WMDP's accuracy has no other forget measure
             row[f"{other}_mean"], row[f"{other}_std"] = _mean_std(matched["other_value"])
         row["step_mean"] = float(pd.to_numeric(group["step"], errors="coerce").mean())
+        row["refined"] = int(group["refined"].astype(bool).sum()) if "refined" in group else 0
         reasons = group.loc[~group["matched"].astype(bool), "reason"].str.split(":").str[0]
         row["not_matched"] = ", ".join(f"{count} {reason}"
                                        for reason, count in reasons.value_counts(sort=False).items())
@@ -531,7 +545,8 @@ def stopped_markdown(table: pd.DataFrame, readings: pd.DataFrame, best: pd.DataF
             *[_cell(row[f"{name}_mean"], row[f"{name}_std"]) for name in utilities],
             _cell(row["value_mean"], row["value_std"], 4), f"{_number(row['value_min'])}–{_number(row['value_max'])}",
             _cell(row[f"{other}_mean"], row[f"{other}_std"]) if other else "-",
-            f"{row['step_mean']:.0f}" if np.isfinite(row["step_mean"]) else "-",
+            (f"{row['step_mean']:.0f}" + (f" ({row['refined']} refined)" if row.get("refined") else ""))
+            if np.isfinite(row["step_mean"]) else "-",
             str(row["not_matched"]) or ""]) + " |")
     missed = readings[~readings["matched"].astype(bool)]
     if not missed.empty:

@@ -228,6 +228,7 @@ class StepMemory:
     layer_trainable: int  # ... of its trainable parameters
     root_params: int  # parameters outside the decoder layers (embeddings, final norm, head)
     root_trainable: int
+    trainable_tensors: int = 0  # elements of the tensors that hold a trainable entry (unlearn.stop_refine's copies)
 
     @property
     def persistent(self) -> int:
@@ -495,6 +496,7 @@ def _simulate_step(
     return StepMemory(
         weights=weights, reference=reference_bytes, master=master, optimizer=state, gradients=gradients,
         activations=saved[0], fwd_bwd_peak=fwd_bwd_peak, optimizer_peak=optimizer_peak, trainable=sum(t.numel() for t in trainables),
+        trainable_tensors=sum(t.param.numel() for t in trainables),
         **_layer_and_root(model, trainable_ids),
     )
 
@@ -791,10 +793,13 @@ def _plan_unlearning(
     note = "with the frozen reference model" if step.reference else ""
     row = _row("unlearn", 1, batch, seq_len, step, other.activations, ckpt, note)
     if config.unlearn.stop_at is not None and evaluation is not None:
-        checking = step.weights + step.reference + step.master + step.optimizer + evaluation.activations
-        row = StageMemory(**{**asdict(row), "peak": max(row.peak, checking),
+        # unlearn.stop_refine: an fp32 copy of the trainable tensors across a checked step, two while refining.
+        copy = 4 * step.trainable_tensors if config.unlearn.stop_refine else 0
+        checking = step.weights + step.reference + step.master + step.optimizer + evaluation.activations + 2 * copy
+        refine = "an fp32 copy of the trainable tensors per side of the refined step" if copy else ""
+        row = StageMemory(**{**asdict(row), "peak": max(row.peak + copy, checking),
                              "note": "; ".join(filter(None, [note, "the larger of the step and the stop checks' "
-                                                                   "scoring pass (eval.batch_size)"]))})
+                                                                   "scoring pass (eval.batch_size)", refine]))})
     rows = [row]
     rows += _sharded_rows("unlearn", step, other, batch, seq_len, config, device_counts)
     return rows, step.trainable

@@ -420,7 +420,9 @@ def plot_trajectories(trajectories: pd.DataFrame, path: str | Path) -> Path:
         # WMDP's checks measure none (the left panel stays empty).
         retain = next((name for name in TRAJECTORY_RETAIN_MEASURES if name in rows and rows[name].notna().any()), None)
         for (curve, _), run in rows.groupby(["curve", "run_id"], sort=False):
-            run = run.sort_values("step")
+            # Refined stops (unlearn.stop_refine) measure fractions of a step; older trajectories have none.
+            fraction = run["fraction"].fillna(1.0) if "fraction" in run else 1.0
+            run = run.assign(step=run["step"] - 1 + fraction).sort_values("step", kind="stable")
             values = run[measure].astype(float).clip(lower=floor)
             label = None if curve in labelled else curve
             labelled.add(curve)

@@ -22,13 +22,26 @@ that model is the stage's output. The outcome (:meth:`ForgetMonitor.outcome`):
   too far apart): not counted as matched;
 - ``not_reached``: the budget (``epochs`` / ``max_steps``) ended first: the last model is kept;
 - ``at_start``: the model before unlearning already satisfies the level (nothing is trained).
+
+With ``unlearn.stop_refine`` = k > 0, the check that reaches the level is refined
+(:meth:`ForgetMonitor.refine`): the model one step before it is measured (unless the check before
+already was), and when that one has not reached the level, the last optimizer step is bisected k
+times: the stop step's update is applied with a fraction ``f`` of its size (the step taken with ``f``
+times its lr, same gradients and optimizer state), and the run keeps the smallest fraction found that
+reaches the level (to 2^-k of a step; the tolerance only decides whether it counts as matched, so it
+does not change the model). When the model one step before already reached the level, the crossing
+lies further back than the refinement looks: that model, the nearer one, is kept. Where one step moves the
+measure by more than the tolerance (TOFU's forget probability near the reference's: a third per step
+at the lrs of docs/results.md), this is the only way to stop within it short of a much smaller lr. The
+trajectory's ``fraction`` column says which model each check measured: ``step - 1 + fraction`` steps
+of training (1 for every ordinary check).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -47,8 +60,8 @@ if TYPE_CHECKING:
     from simu_core.config import EvalConfig
 
 STATUSES = ("matched", "overshot", "not_reached", "at_start")
-TRAJECTORY_COLUMNS = ("step", "forget_prob", "forget_quality", "forget_truth_ratio", "retain_prob", "lr",
-                      "seconds", "reached")
+TRAJECTORY_COLUMNS = ("step", "fraction", "forget_prob", "forget_quality", "forget_truth_ratio", "retain_prob",
+                      "lr", "seconds", "reached")
 #: Share of the extrapolated steps to the level after which the next check runs (simulated on per-step
 #: trajectories of SIMU, SO- and FO-GradDiff on the testbed preset: with eval_every 10 the stop lands
 #: within 1-7 % of the level where a step moves the measure by less than that, in 5-7 checks).
@@ -112,6 +125,7 @@ class ForgetMonitor:
             raise ValueError("unlearn.stop_at on forget_quality needs the retain reference's truth ratios")
         self.rows: list[dict[str, Any]] = []
         self.columns = TRAJECTORY_COLUMNS
+        self.chosen: int | None = None  # the row whose model the run keeps, once refined
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether a check runs after ``step``: :meth:`next_check` and after the last step."""
@@ -165,18 +179,46 @@ class ForgetMonitor:
         return {"forget_prob": forget_prob, "forget_quality": forget_quality,
                 "forget_truth_ratio": forget_truth_ratio, "retain_prob": retain_prob}
 
-    def check(self, step: int, lr: float) -> bool:
-        """Measure after ``step`` (0: before unlearning), record the check; True when the level is reached."""
+    def check(self, step: int, lr: float, fraction: float = 1.0) -> bool:
+        """Measure after ``step`` (0: before unlearning; ``fraction`` < 1: with that share of the step's
+        update), record the check; True when the level is reached."""
         started = time.perf_counter()
         values = self.measure()
         reached = self.rule.reached(values[self.rule.measure], self.level)
-        self.rows.append({"step": step, **values, "lr": float(lr), "seconds": time.perf_counter() - started,
-                          "reached": reached})
+        self.rows.append({"step": step, "fraction": float(fraction), **values, "lr": float(lr),
+                          "seconds": time.perf_counter() - started, "reached": reached})
         return reached
 
+    def refine(self, step: int, lr: float, apply_fraction: Callable[[float], None], halvings: int) -> None:
+        """After the check of ``step`` reached the level: find where on the way there it was crossed
+        (see the module's docstring). ``apply_fraction(f)`` sets the model to the one before ``step``
+        plus ``f`` times the step's update (0: before it, 1: after it). Leaves the model at the kept
+        fraction and records every check made; :meth:`outcome` reads the kept one."""
+        last = self.rows[-1]
+        if step <= 0 or not last["reached"] or last["step"] != step or halvings < 1:
+            return
+        self.chosen = len(self.rows) - 1
+        if len(self.rows) < 2 or int(self.rows[-2]["step"]) != step - 1:
+            apply_fraction(0.0)  # the model after step - 1, which no check measured
+            if self.check(step - 1, lr):
+                self.chosen = len(self.rows) - 1  # the crossing is earlier still: the nearer model, kept
+                return
+        low, high = 0.0, 1.0
+        for _ in range(halvings):
+            middle = (low + high) / 2
+            apply_fraction(middle)
+            if self.check(step, lr, fraction=middle):
+                high, self.chosen = middle, len(self.rows) - 1
+            else:
+                low = middle
+        apply_fraction(high)
+
     def trajectory(self) -> pd.DataFrame:
-        """Every check: :data:`TRAJECTORY_COLUMNS` (a :class:`SuiteMonitor`: its own)."""
-        return pd.DataFrame(self.rows, columns=list(self.columns))
+        """Every check in order of training (``step - 1 + fraction``: a refinement's checks come before the
+        check they refine): :data:`TRAJECTORY_COLUMNS` (a :class:`SuiteMonitor`: its own)."""
+        frame = pd.DataFrame(self.rows, columns=list(self.columns))
+        position = frame["step"] - 1 + frame["fraction"]
+        return frame.iloc[np.argsort(position.to_numpy(), kind="stable")].reset_index(drop=True)
 
     def state(self) -> dict[str, list]:
         """The checks so far as plain lists (saved in the trainer's checkpoints)."""
@@ -185,14 +227,17 @@ class ForgetMonitor:
     def load_state(self, state: dict[str, list]) -> None:
         """Restore the checks a checkpoint saved."""
         count = len(state["step"])
-        self.rows = [{column: state[column][i] for column in self.columns} for i in range(count)]
+        # Checkpoints written before refinement existed hold whole steps only.
+        defaults = {"fraction": [1.0] * count}
+        self.rows = [{column: state.get(column, defaults.get(column))[i] for column in self.columns}
+                     for i in range(count)]
 
     def outcome(self, budget_steps: int) -> dict[str, Any]:
         """Where the run stopped and why (the ``stop_*`` figures of the stage's summary)."""
         if not self.rows:
             raise ValueError("no check was made")
         reached = [index for index, row in enumerate(self.rows) if row["reached"]]
-        index = reached[0] if reached else len(self.rows) - 1
+        index = self.chosen if self.chosen is not None else reached[0] if reached else len(self.rows) - 1
         row = self.rows[index]
         value = float(row[self.rule.measure])
         if not reached:
@@ -201,7 +246,10 @@ class ForgetMonitor:
             status = "at_start"
         else:
             status = "matched" if self.rule.within(value, self.level, self.tolerance) else "overshot"
-        previous = self.rows[index - 1] if index > 0 else None
+        # The check before: the nearest model on the way there that had not reached the level.
+        position = int(row["step"]) - 1 + float(row["fraction"])
+        before = [r for r in self.rows if int(r["step"]) - 1 + float(r["fraction"]) < position and not r["reached"]]
+        previous = max(before, key=lambda r: int(r["step"]) - 1 + float(r["fraction"])) if before else None
         return {
             "stop_rule": self.rule.text(),
             "stop_measure": self.rule.measure,
@@ -211,11 +259,14 @@ class ForgetMonitor:
             "stop_status": status,
             "stop_matched": status == "matched",
             "stop_step": int(row["step"]),
+            "stop_fraction": float(row["fraction"]),
+            "stop_refine_checks": len(self.rows) - 1 - (reached[0] if reached else len(self.rows) - 1),
             "stop_budget_steps": int(budget_steps),
             "stop_value": value,
             "stop_retain_prob": float(row.get("retain_prob", math.nan)),
-            "stop_first_check": bool(reached) and index == 1,
+            "stop_first_check": bool(reached) and reached[0] == 1,
             "stop_previous_step": int(previous["step"]) if previous is not None else None,
+            "stop_previous_fraction": float(previous["fraction"]) if previous is not None else None,
             "stop_previous_value": float(previous[self.rule.measure]) if previous is not None else None,
             "stop_checks": len(self.rows),
             "stop_check_seconds": float(sum(r["seconds"] for r in self.rows)),
@@ -241,7 +292,8 @@ class SuiteMonitor(ForgetMonitor):
         else:
             self.level, self.level_source = float(reference_level), REFERENCE
         self.rows = []
-        self.columns = ("step", *measures, "lr", "seconds", "reached")
+        self.chosen = None
+        self.columns = ("step", "fraction", *measures, "lr", "seconds", "reached")
 
     def measure(self) -> dict[str, float]:
         """The measures of the model as it is now (eval mode, no gradients)."""
@@ -261,15 +313,22 @@ def format_outcome(outcome: dict[str, Any]) -> str:
     head = (f"stop_at {outcome['stop_rule']} (level {level:.4g}, {source}): ")
     previous = ""
     if outcome.get("stop_previous_step") is not None:
-        previous = f"; check before: step {outcome['stop_previous_step']}, {outcome['stop_previous_value']:.4g}"
-    where = f"step {outcome['stop_step']} of {outcome['stop_budget_steps']}, {measure} {outcome['stop_value']:.4g}"
+        before = outcome.get("stop_previous_fraction")
+        share = f" ({before:.3g} of its update)" if before is not None and before < 1 else ""
+        previous = (f"; check before: step {outcome['stop_previous_step']}{share}, "
+                    f"{outcome['stop_previous_value']:.4g}")
+    fraction = outcome.get("stop_fraction", 1.0)
+    partial = f" ({fraction:.3g} of its update, refined)" if fraction is not None and fraction < 1 else ""
+    where = (f"step {outcome['stop_step']}{partial} of {outcome['stop_budget_steps']}, "
+             f"{measure} {outcome['stop_value']:.4g}")
     tolerance = f"{100 * outcome['stop_tolerance']:g} %"
     status = outcome["stop_status"]
     if status == "matched":
         verdict = f"stopped at {where}{previous}: matched (within {tolerance} of the level)"
     elif status == "overshot":
         cause = ("already past it at the first check: too large an lr, or a smaller unlearn.eval_every"
-                 if outcome.get("stop_first_check") else "past it by more than the tolerance between two checks")
+                 if outcome.get("stop_first_check") else "past it by more than the tolerance between two checks "
+                 "(a smaller lr, or unlearn.stop_refine to bisect the last step)")
         verdict = f"stopped at {where}{previous}: NOT matched, {cause} ({tolerance})"
     elif status == "not_reached":
         verdict = f"budget ended at {where}: NOT matched, the level was never reached (larger lr or budget)"

@@ -504,7 +504,7 @@ def test_the_stop_settings_key_unlearning_only_when_it_stops():
     assert {stage: params for stage, params in stopped.items() if stage != "unlearn"} == \
         {stage: params for stage, params in base.items() if stage != "unlearn"}
     for field in ("unlearn.eval_every=3", "unlearn.stop_tolerance=0.2", "unlearn.stop_retain_items=8",
-                  "eval.max_items=10", "eval.template=open_unlearning", "eval.batch_size=4"):
+                  "unlearn.stop_refine=6", "eval.max_items=10", "eval.template=open_unlearning", "eval.batch_size=4"):
         assert keys(field)["unlearn"] == base["unlearn"], field  # no stop level: nothing to read them
         assert keys("unlearn.stop_at=forget_prob<=reference", field)["unlearn"] != stopped["unlearn"], field
     assert keys("unlearn.stop_at=forget_prob<=0.2")["unlearn"] != stopped["unlearn"]

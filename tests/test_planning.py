@@ -286,3 +286,16 @@ def test_a_stopped_unlearning_plans_its_checks_scoring_pass():
     expected = rows["fixed"].weights + rows["fixed"].master + rows["fixed"].optimizer + evaluate.activations
     assert rows["stopped"].peak == max(rows["fixed"].peak, expected)
     assert "stop checks" in rows["stopped"].note
+
+
+def test_a_refined_stop_plans_its_copies_of_the_trainable_tensors():
+    """unlearn.stop_refine: one fp32 copy of every tensor with a trainable entry across a checked step,
+    two while the step is bisected (here the checks' 512-item scoring pass is the peak: two copies on it)."""
+    base = TINY + ["unlearn.method=so_graddiff", "unlearn.stop_at=forget_prob<=reference", "eval.batch_size=512"]
+    plain = planning.plan_memory(load_config(overrides=base), stages=("unlearn", "evaluate")).rows("unlearn")[0]
+    config = load_config(overrides=base + ["unlearn.stop_refine=6"])
+    refined = planning.plan_memory(config, stages=("unlearn", "evaluate")).rows("unlearn")[0]
+    # Every parameter is trainable here: the copies are the model's parameters, in fp32, counted independently.
+    parameters = sum(p.numel() for p in LlamaForCausalLM(planning.architecture_config(config)).parameters())
+    assert refined.peak - plain.peak == 2 * 4 * parameters
+    assert "fp32 copy of the trainable tensors" in refined.note and "copy" not in plain.note

@@ -191,6 +191,8 @@ def _stopped_folder(results) -> pd.DataFrame:
                          "stop.measure": "forget_prob", "stop.level": level, "stop.level_source": "reference",
                          "stop.status": status, "stop.matched": status == "matched", "stop.step": 10,
                          "stop.budget_steps": 50, "stop.value": value, "stop.previous_step": 5,
+                         # so_graddiff at 1e-3 stopped half-way through step 10 (unlearn.stop_refine)
+                         "stop.fraction": 0.5 if (method, lr) == ("so_graddiff", 1e-3) else 1.0,
                          "stop.previous_value": 0.3, "stop.checks": 3, "stop.check_seconds": 0.5,
                          "forget_prob": value, "forget_quality": 0.3 if method == "simu" else 0.2,
                          "model_utility": utility, "retain_prob": retain})
@@ -231,6 +233,10 @@ def test_stopped_runs_table_shows_every_readings_forget_value_and_the_best_lr(tm
     assert simu["value_mean"] == pytest.approx(np.mean([0.097, 0.097, 0.0485, 0.01]))
     assert simu["forget_quality_mean"] == pytest.approx(0.3)  # the other measure, over the matched readings
     assert simu["spread"] == "2 targets x 2 seeds = 4 readings"
+    assert (simu["step_mean"], simu["refined"]) == (10, 0)
+    refined = table.loc[("so_graddiff", 1e-3)]
+    assert (refined["step_mean"], refined["refined"]) == (9.5, 4)  # steps of training: 9 and half of the 10th
+    assert "| 10 (4 refined) |" in (out / "report.md").read_text()
     so = table.loc[("so_graddiff", 1e-4)]
     # not_reached, and one "matched" run 15 % from its level: outside the report's 10 %.
     assert so["matched"] == 2 and so["model_utility_mean"] == pytest.approx(0.70)

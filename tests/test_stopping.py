@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from simu_core.config import ConfigError, load_config
-from simu_core.stopping import ForgetMonitor, StopRule, budget_steps, format_outcome, parse_stop_at
+from simu_core.stopping import (TRAJECTORY_COLUMNS, ForgetMonitor, StopRule, budget_steps, format_outcome,
+                                parse_stop_at)
 
 from tests.conftest import SMALL_OVERRIDES
 
@@ -88,15 +89,15 @@ class _Scripted(ForgetMonitor):
     def __init__(self, values: dict[int, float], level: float, eval_every: int = 10, tolerance: float = 0.1):
         self.rule = StopRule("forget_prob", "<=", level)
         self.level, self.level_source, self.tolerance, self.eval_every = level, "value", tolerance, eval_every
-        self.values, self.rows = values, []
+        self.values, self.rows, self.chosen, self.columns = values, [], None, TRAJECTORY_COLUMNS
 
     def measure(self) -> dict[str, float]:
         return {"forget_prob": self.values[self._step], "forget_quality": math.nan, "forget_truth_ratio": math.nan,
                 "retain_prob": 0.9}
 
-    def check(self, step: int, lr: float) -> bool:
+    def check(self, step: int, lr: float, fraction: float = 1.0) -> bool:
         self._step = step
-        return super().check(step, lr)
+        return super().check(step, lr, fraction)
 
 
 def _run_script(monitor: _Scripted, total: int) -> list[int]:
@@ -142,6 +143,111 @@ def test_statuses_overshot_not_reached_and_at_start():
     monitor = _Scripted({0: 0.1}, 0.15)
     assert _run_script(monitor, 50) == [0]
     assert monitor.outcome(50)["stop_status"] == "at_start"
+
+
+class _Continuous(ForgetMonitor):
+    """A monitor of a model whose forget probability is a function of its training position
+    (steps taken, fractions included); ``apply`` plays the trainer's fraction setter."""
+
+    def __init__(self, curve, level: float, eval_every: int = 10, tolerance: float = 0.1):
+        self.rule = StopRule("forget_prob", "<=", level)
+        self.level, self.level_source, self.tolerance, self.eval_every = level, "value", tolerance, eval_every
+        self.curve, self.rows, self.chosen, self.position = curve, [], None, 0.0
+        self.columns = TRAJECTORY_COLUMNS
+
+    def measure(self) -> dict[str, float]:
+        return {"forget_prob": self.curve(self.position), "forget_quality": math.nan, "forget_truth_ratio": math.nan,
+                "retain_prob": 0.9}
+
+    def run(self, total: int, halvings: int) -> None:
+        if self.check(0, 0.0):
+            return
+        for step in range(1, total + 1):
+            self.position = float(step)
+            if self.due(step, total) and self.check(step, 1e-3):
+                def apply(fraction: float, step: int = step) -> None:
+                    self.position = step - 1 + fraction
+                self.refine(step, 1e-3, apply, halvings)
+                return
+
+
+def test_refining_bisects_the_step_that_crossed_the_level():
+    # Each step divides the forget probability by 3 near the level: a whole-step stop lands up to 67 % past it.
+    curve = lambda position: 0.9 * 3.0 ** -position  # noqa: E731
+    level = 0.0005  # crossed between steps 6 and 7 (6.82 steps)
+    plain = _Continuous(curve, level, eval_every=1)
+    plain.run(20, halvings=0)
+    assert plain.outcome(20)["stop_status"] == "overshot" and plain.outcome(20)["stop_step"] == 7
+    refined = _Continuous(curve, level, eval_every=1)
+    refined.run(20, halvings=6)
+    outcome = refined.outcome(20)
+    crossing = math.log(0.9 / level, 3)
+    assert outcome["stop_status"] == "matched" and outcome["stop_step"] == 7
+    # The smallest fraction that reaches the level, to 1/64 of a step; the model is left there.
+    assert crossing <= 6 + outcome["stop_fraction"] < crossing + 1 / 64
+    assert refined.position == pytest.approx(6 + outcome["stop_fraction"])
+    assert outcome["stop_value"] == pytest.approx(curve(6 + outcome["stop_fraction"])) and outcome["stop_value"] <= level
+    assert outcome["stop_refine_checks"] == 6
+    # The check before: the largest fraction that had not reached it, less than 1/64 step earlier.
+    assert outcome["stop_previous_step"] == 7 and outcome["stop_previous_value"] > level
+    assert 0 < outcome["stop_fraction"] - outcome["stop_previous_fraction"] <= 1 / 64
+    assert "refined" in format_outcome(outcome) and "matched" in format_outcome(outcome)
+    trajectory = refined.trajectory()
+    positions = (trajectory["step"] - 1 + trajectory["fraction"]).to_numpy()
+    assert (np.diff(positions) > 0).all() and len(trajectory) == len(refined.rows)
+
+
+def test_refining_measures_the_step_before_when_no_check_did():
+    # Checks every 10 steps from a slow start: the check at 10 is the first past the level.
+    curve = lambda position: 0.9 * 2.0 ** -position  # noqa: E731
+    refined = _Continuous(curve, 0.9 * 2.0 ** -9.3, eval_every=10)
+    refined.run(50, halvings=4)
+    steps = [(row["step"], row["fraction"]) for row in refined.rows]
+    assert steps[:3] == [(0, 1.0), (10, 1.0), (9, 1.0)]  # the model after step 9 is measured first
+    outcome = refined.outcome(50)
+    assert outcome["stop_step"] == outcome["stop_previous_step"] == 10
+    assert 0.3 <= outcome["stop_fraction"] < 0.3 + 1 / 16 and outcome["stop_status"] == "matched"
+    assert outcome["stop_previous_fraction"] == outcome["stop_fraction"] - 1 / 16
+    # When the step before already reached the level, the crossing lies further back: that nearer model is kept.
+    early = _Continuous(curve, 0.9 * 2.0 ** -4.5, eval_every=10)
+    early.run(50, halvings=4)
+    outcome = early.outcome(50)
+    assert (outcome["stop_step"], outcome["stop_fraction"]) == (9, 1.0) and early.position == 9.0
+    assert outcome["stop_status"] == "overshot" and outcome["stop_refine_checks"] == 1
+
+
+def test_the_fraction_setter_keeps_frozen_entries_bit_identical():
+    from types import SimpleNamespace
+
+    from simu_core.unlearning.trainer import Trainable, UnlearningTrainer
+
+    weight = torch.nn.Parameter(torch.tensor([[-0.0, 1.0, 2.0], [3.0, -4.0, 5.0]], dtype=torch.bfloat16))
+    stub = SimpleNamespace(trainables=[Trainable("w", weight)])
+    stub._snapshot = lambda: UnlearningTrainer._snapshot(stub)
+    before = stub._snapshot()
+    with torch.no_grad():  # the "step": column 1 frozen (unchanged), the others moved
+        weight[:, 0] += 1.0
+        weight[:, 2] -= 2.0
+    after = weight.detach().clone()
+    apply = UnlearningTrainer._fraction_setter(stub, before)
+    for fraction in (0.25, 0.5, 0.0, 1.0):
+        apply(fraction)
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight[:, 1].view(torch.int16), after[:, 1].view(torch.int16))  # bits, signs of zeros too
+        expected = before[0] + fraction * (after.float() - before[0])
+        assert torch.equal(weight.float()[:, [0, 2]], expected.to(torch.bfloat16).float()[:, [0, 2]])
+    apply(0.0)
+    assert torch.equal(weight.view(torch.int16), before[0].to(torch.bfloat16).view(torch.int16))
+
+
+def test_stop_refine_is_refused_without_a_level_or_when_sharded():
+    from simu_core.config import check_pipeline_models
+
+    with pytest.raises(ConfigError, match="unlearn.stop_refine=4 without unlearn.stop_at"):
+        check_pipeline_models(load_config(overrides=["unlearn.stop_at=null", "unlearn.stop_refine=4"]))
+    with pytest.raises(ConfigError, match="unlearn.stop_refine=4 with run.devices=2"):
+        check_pipeline_models(load_config(overrides=["unlearn.stop_at=forget_prob<=reference", "unlearn.stop_refine=4",
+                                                     "run.devices=2"]))
 
 
 # ------------------------------------------------------------------------- on a trained model
@@ -208,6 +314,31 @@ def test_a_stopped_run_keeps_the_model_of_its_stopping_check(trained_small, refe
     assert float(trajectory["retain_prob"].iloc[-1]) == pytest.approx(
         float(np.mean(pd.read_parquet(tmp_path / "eval" / "items.parquet").query("split == 'retain_eval'")
                       ["probability"].iloc[: config.unlearn.stop_retain_items])), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_refined_stop_keeps_the_bisected_model(trained_small, reference_items, tmp_path):
+    """unlearn.stop_refine: the saved model is the one the last refinement check measured (its evaluation
+    reads the same forget probability), on the level's side and nearer to it than the whole-step stop."""
+    from simu_core import stages
+
+    stop = ["unlearn.stop_at=forget_prob<=reference", "unlearn.eval_every=2", "unlearn.epochs=10"]
+    plain = stages.unlearn(_config(*stop), trained_small["data"], trained_small["target"], None, tmp_path / "plain",
+                           progress=False, reference_items_path=reference_items)
+    config = _config(*stop, "unlearn.stop_refine=5")
+    refined = stages.unlearn(config, trained_small["data"], trained_small["target"], None, tmp_path / "refined",
+                             progress=False, reference_items_path=reference_items)
+    level = refined["stop_level"]
+    assert refined["stop_value"] <= level < refined["stop_previous_value"]
+    assert plain["stop_value"] <= refined["stop_value"]  # never further past than the whole step
+    assert refined["stop_step"] in (plain["stop_step"], plain["stop_step"] - 1)
+    if refined["stop_step"] == plain["stop_step"]:  # bisected (else the step before had reached it already)
+        assert refined["stop_refine_checks"] >= 5 and 0 < refined["stop_fraction"] <= 1
+    trajectory = pd.read_parquet(tmp_path / "refined" / "trajectory.parquet")
+    assert len(trajectory) == plain["stop_checks"] + refined["stop_refine_checks"]
+    evaluation = stages.evaluate(config, trained_small["data"], tmp_path / "refined", tmp_path / "eval",
+                                 reference_items_path=reference_items)
+    assert evaluation["forget_prob"] == pytest.approx(refined["stop_value"], rel=1e-5)
 
 
 @pytest.mark.slow

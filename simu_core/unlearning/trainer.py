@@ -292,6 +292,9 @@ class UnlearningTrainer:
         self.description = description
         self.distributed = distributed
         self.monitor = monitor
+        if distributed is not None and config.stop_refine:
+            raise ValueError("unlearn.stop_refine is not available in sharded runs (run.devices > 1): "
+                             "set unlearn.stop_refine=0")
         if distributed is not None and config.checkpoint_every:
             raise ValueError("periodic checkpoints are not written by sharded runs (unlearn.checkpoint_every=0)")
         self.device = distributed.device if distributed is not None else next(model.parameters()).device
@@ -627,6 +630,25 @@ class UnlearningTrainer:
         torch.nn.utils.clip_grads_with_norm_([t.param for t in with_grad], self.config.max_grad_norm, norm)
         return norm
 
+    def _snapshot(self) -> list[torch.Tensor]:
+        """fp32 copies of the trainable parameters (whole tensors: frozen entries are copied back as they were)."""
+        return [t.param.detach().float().clone() for t in self.trainables]
+
+    def _fraction_setter(self, before: list[torch.Tensor]) -> Callable[[float], None]:
+        """``apply(f)``: each trainable parameter set to ``before + f * (now - before)``, rounded once to its
+        dtype; 0 and 1 give back exactly the model before and after the step, and an entry the step did
+        not change (a frozen one) stays bit-identical for every ``f``."""
+        after = self._snapshot()
+
+        @torch.no_grad()
+        def apply(fraction: float) -> None:
+            for trainable, start, end in zip(self.trainables, before, after):
+                value = start if fraction == 0 else end if fraction == 1 else \
+                    torch.where(start == end, start, torch.lerp(start, end, fraction))  # where: keeps -0.0
+                trainable.param.copy_(value.to(trainable.param.dtype))
+
+        return apply
+
     def _stop_check(self, step: int, lr: float) -> bool:
         """The monitor's check; sharded, every process measures (FSDP gathers the weights for the
         forward passes) and all stop together if any reached the level."""
@@ -675,6 +697,9 @@ class UnlearningTrainer:
                 self._check_finite(grad_norm, "gradient norm", step)
                 self.before_optimizer_step(step, figures["tokens"])
                 lr = self.optimizer.param_groups[0]["lr"]
+                # unlearn.stop_refine: the model before a step that a check follows, to bisect that step.
+                before = self._snapshot() if self.config.stop_refine and self.monitor is not None and \
+                    self.monitor.due(step, self.total_steps) else None
                 self.optimizer_step(step, figures["tokens"])
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -701,6 +726,8 @@ class UnlearningTrainer:
                 # Checked before the checkpoint, so a resumed run never repeats or skips a check.
                 stop = self.monitor is not None and self.monitor.due(step, self.total_steps) and \
                     self._stop_check(step, float(lr))
+                if stop and before is not None:
+                    self.monitor.refine(step, float(lr), self._fraction_setter(before), self.config.stop_refine)
                 if not stop and self.checkpoint_dir is not None and self.config.checkpoint_every and \
                         step % self.config.checkpoint_every == 0 and step < self.total_steps:
                     self.save_checkpoint(step, rows)
