@@ -207,7 +207,8 @@ def command_report(args: argparse.Namespace) -> int:
     from flows.report import write_report
 
     try:
-        written = write_report(args.results, args.out, fq_level=args.fq_level, tolerance=args.tolerance)
+        written = write_report(args.results, args.out, fq_level=args.fq_level, tolerance=args.tolerance,
+                               best_by=args.best_by)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tolerance", type=_tolerance, default=0.1,
                         help="runs stopped at a level (unlearn.stop_at) count as matched within this relative "
                         "distance of their level (default 0.1)")
+    report.add_argument("--best-by", default=None, metavar="UTILITY",
+                        help="the utility whose mean picks each method's best lr among stopped runs (default: the "
+                        "benchmark's first, e.g. model_utility; retain_prob where model utility sits at its floor)")
     report.set_defaults(handler=command_report)
     plan = commands.add_parser("plan", help="memory per stage and device from the model's config.json (nothing runs)")
     _add_config_arguments(plan)

@@ -15,13 +15,15 @@ from simu_core import reporting
 
 
 def write_report(results: str | Path, out_dir: str | Path | None = None, fq_level: float = 0.05,
-                 tolerance: float = 0.1) -> dict[str, Any]:
+                 tolerance: float = 0.1, best_by: str | None = None) -> dict[str, Any]:
     """Read the runs table; write ``report.md`` and the plots; return their paths and the table.
 
     ``fq_level``: the forget-quality level of the matched-forgetting table (the retain
     reference's own forget quality is 1 by definition, so it cannot serve as the level).
     ``tolerance``: how far (relative) from its level a run that stopped at it (``unlearn.stop_at``)
-    may be and still count as matched.
+    may be and still count as matched. ``best_by``: the utility whose mean picks each method's best lr
+    among stopped runs (default: the benchmark's first, TOFU's model utility); a ValueError names the
+    utilities when it is not one of them.
     """
     results = Path(results).resolve()
     out = Path(out_dir).resolve() if out_dir else results / "report"
@@ -58,7 +60,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
         lines += ["Reference points: the target before unlearning and the retain reference (trained without the "
                   "forget set; forget quality 1.0 by definition), mean ± std over the same runs.", "",
                   reporting.table_markdown(points), ""]
-    lines += _matched_forgetting_section(results, runs, points, out, plots, fq_level, tolerance)
+    lines += _matched_forgetting_section(results, runs, points, out, plots, fq_level, tolerance, best_by)
     lines += _knockout_section(results, runs, out, plots)
     lines += _relearning_section(results, runs, out, plots)
     lines += _robustness_section(runs, out, plots, tolerance)
@@ -72,9 +74,9 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, fq_leve
 
 @flow(name="simu-report", log_prints=True)
 def simu_report(results: str = "results", out_dir: str | None = None, fq_level: float = 0.05,
-                tolerance: float = 0.1) -> dict[str, Any]:
+                tolerance: float = 0.1, best_by: str | None = None) -> dict[str, Any]:
     """Write the comparison report and publish it (and links to the plots) as Prefect artifacts."""
-    written = write_report(results, out_dir, fq_level, tolerance)
+    written = write_report(results, out_dir, fq_level, tolerance, best_by)
     create_markdown_artifact(markdown=written["markdown"], key="simu-comparison", description="comparison table")
     create_link_artifact(link=Path(written["report"]).as_uri(), link_text="report.md", key="simu-report")
     for name, path in written["plots"].items():
@@ -84,7 +86,7 @@ def simu_report(results: str = "results", out_dir: str | None = None, fq_level: 
 
 
 def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.DataFrame, out: Path, plots: dict,
-                                fq_level: float, tolerance: float) -> list[str]:
+                                fq_level: float, tolerance: float, best_by: str | None = None) -> list[str]:
     """Matched forgetting: runs that stopped at a level (``unlearn.stop_at``) read where they
     stopped; fixed-budget lr grids interpolated at the level; the paired differences between
     methods; a clear note instead of a table when the runs cannot give one."""
@@ -94,7 +96,7 @@ def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.Da
     is_stopped = runs[STOP_STATUS].notna() if STOP_STATUS in runs.columns else pd.Series(False, index=runs.index)
     paired: list[pd.DataFrame] = []
     if is_stopped.any():
-        lines += _stopped_section(results, runs[is_stopped], out, plots, tolerance, paired)
+        lines += _stopped_section(results, runs[is_stopped], out, plots, tolerance, paired, best_by)
     if not is_stopped.all():
         lines += _interpolated_section(results, runs[~is_stopped], points, out, plots, fq_level, paired)
     if paired:
@@ -110,7 +112,7 @@ def _matched_forgetting_section(results: Path, runs: pd.DataFrame, points: pd.Da
 
 
 def _stopped_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict, tolerance: float,
-                     paired: list) -> list[str]:
+                     paired: list, best_by: str | None = None) -> list[str]:
     """Runs that stopped at a level: per stop measure, the table per method and lr with the forget
     value every reading reached, the readings not matched, each method's best lr, the paired
     differences there, and the trajectories plot."""
@@ -119,6 +121,9 @@ def _stopped_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict, 
 
     settings = reporting.setting_columns(runs)
     utilities = utility_metrics(runs)  # the runs' benchmarks' (TOFU suite: model utility, retain probability)
+    if best_by is not None and best_by not in utilities:
+        raise ValueError(f"--best-by {best_by!r}: the stopped runs' utilities are {list(utilities)}")
+    selector = best_by or utilities[0]
     readings = stopped_readings(runs, settings, tolerance, utilities)
     lines = ["### Stopped at the level (`unlearn.stop_at`)", "",
              "Each run stopped at the first check (every `unlearn.eval_every` steps) that reached its level; no "
@@ -127,15 +132,16 @@ def _stopped_section(results: Path, runs: pd.DataFrame, out: Path, plots: dict, 
         tables, bests = [], []
         for stop_at, rule_readings in by_measure.groupby("stop_at", sort=True):
             table = stopped_table(rule_readings, utilities)
-            best = best_lrs(table, utilities[0])
+            best = best_lrs(table, selector)
             tables.append(table)
             bests.append(best)
-            lines += [f"#### {stop_at}", "", stopped_markdown(table, rule_readings, best, tolerance, utilities), ""]
+            lines += [f"#### {stop_at}", "", stopped_markdown(table, rule_readings, best, tolerance, utilities, selector),
+                      ""]
             at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
             at_best = at_best[at_best["matched"].astype(bool)]
             differences = paired_differences(at_best, utilities)
             if not differences.empty:
-                paired.append(differences.assign(where=f"stopped, {stop_at}, best lr"))
+                paired.append(differences.assign(where=f"stopped, {stop_at}, best lr by {selector}"))
         pd.concat(tables, ignore_index=True).to_csv(out / f"matched_stopped_{measure}.csv", index=False)
         by_measure.to_csv(out / f"matched_stopped_{measure}_readings.csv", index=False)
         pd.concat(bests, ignore_index=True).to_csv(out / f"matched_stopped_{measure}_best.csv", index=False)

@@ -523,9 +523,10 @@ def _cell(mean: float, std: float, digits: int = 3) -> str:
 
 
 def stopped_markdown(table: pd.DataFrame, readings: pd.DataFrame, best: pd.DataFrame, tolerance: float,
-                     utilities: Sequence[str] = UTILITY_METRICS) -> str:
+                     utilities: Sequence[str] = UTILITY_METRICS, best_by: str = "model_utility") -> str:
     """One stop rule's tables: per curve and lr (utilities over matched readings next to the forget
-    value every reading reached), the readings not matched with the reason, and per curve its best lr."""
+    value every reading reached), the readings not matched with the reason, and per curve its best lr
+    (by the mean of ``best_by``)."""
     utilities = [name for name in utilities if f"{name}_mean" in table.columns]
     measure, other = str(table["measure"].iloc[0]), str(table["other_measure"].iloc[0])
     low, high = table["level_min"].min(), table["level_max"].max()
@@ -557,7 +558,8 @@ def stopped_markdown(table: pd.DataFrame, readings: pd.DataFrame, best: pd.DataF
             lines.append(f"| {row['curve']} | {_number(row['lr'])} | {row['target']} | {row['seed']} | not matched "
                          f"(run status: {row['status']}) | {_number(row['value'])} | {_number(row['level'])} | "
                          f"{100 * row['deviation']:.3g} % | {row['reason']} |")
-    lines += ["", "Per method: the lr with the highest mean model utility among the lrs whose readings all matched "
+    lines += ["", f"Per method: the lr with the highest mean {best_by.replace('_', ' ')} among the lrs whose readings "
+              "all matched "
               "(where none has all: the lr with the most matched readings, if at least two thirds, over those only).",
               "", "| " + " | ".join(["curve", "best lr", "readings", *utilities, f"{measure} measured", "note"]) + " |",
               "|" + "---|" * (5 + len(utilities))]

@@ -257,8 +257,8 @@ def test_stopped_runs_table_shows_every_readings_forget_value_and_the_best_lr(tm
     assert bool(stopped["model_utility_beyond_std"]) and bool(stopped["model_utility_beyond_2se"])
     assert stopped["retain_prob_diff_mean"] == pytest.approx(0.0, abs=1e-12)
     assert not stopped["retain_prob_beyond_std"] and not stopped["retain_prob_beyond_2se"]
-    assert "| stopped, forget_prob<=reference, best lr | simu | so_graddiff | 4 (2 targets x 2 seeds = 4 readings) |" \
-        in markdown
+    assert "| stopped, forget_prob<=reference, best lr by model_utility | simu | so_graddiff | 4 (2 targets x 2 seeds " \
+        "= 4 readings) |" in markdown
     # The old-style fixed-budget rows still get the interpolated reading, with its bracket.
     interpolated = pd.read_csv(out / "matched_forget_prob.csv").set_index("curve")
     assert interpolated.loc["ga", "bracket"] == "lr 0.0001–0.001: 0.5 → 0.01"
@@ -270,6 +270,33 @@ def test_stopped_runs_table_shows_every_readings_forget_value_and_the_best_lr(tm
     assert len(axis.lines) == 16 + 2
     assert axis.get_legend_handles_labels()[1] == ["simu", "so_graddiff", "level"]
     assert sorted(line.get_xdata()[0] for line in axis.lines if line.get_linestyle() == "--") == [0.05, 0.1]
+
+
+def test_report_best_by_picks_each_methods_lr_by_another_utility(tmp_path):
+    """simu report --best-by: where model utility sits at its floor, the best lr can be read on retain
+    probability instead; the choice, the table's wording and the paired differences follow it."""
+    from flows.report import write_report
+
+    results = tmp_path / "results"
+    _stopped_folder(results)
+    runs = pd.read_parquet(results / "runs.parquet")
+    # simu at 1e-3 with every reading matched: more model utility than at 1e-4 (0.7125 vs 0.69), less
+    # retain probability (0.675 vs 0.775).
+    row = runs["run_id"] == "simu-0.001-t1-s1"
+    for column, value in (("stop.status", "matched"), ("stop.matched", True), ("stop.value", 0.97 * LEVELS[1]),
+                          ("forget_prob", 0.97 * LEVELS[1]), ("model_utility", 0.6), ("retain_prob", 0.3)):
+        runs.loc[row, column] = value
+    runs.to_parquet(results / "runs.parquet")
+    write_report(results, tmp_path / "by-utility")
+    best = pd.read_csv(tmp_path / "by-utility" / "matched_stopped_forget_prob_best.csv").set_index("curve")
+    assert best.loc["simu", "lr"] == pytest.approx(1e-3)
+    written = write_report(results, tmp_path / "by-retain", best_by="retain_prob")
+    best = pd.read_csv(tmp_path / "by-retain" / "matched_stopped_forget_prob_best.csv").set_index("curve")
+    assert best.loc["simu", "lr"] == pytest.approx(1e-4) and best.loc["so_graddiff", "lr"] == pytest.approx(1e-3)
+    assert "the lr with the highest mean retain prob among" in written["markdown"]
+    assert "| stopped, forget_prob<=reference, best lr by retain_prob | simu | so_graddiff |" in written["markdown"]
+    with pytest.raises(ValueError, match=r"--best-by 'forget_rouge'.*\['model_utility', 'retain_prob'\]"):
+        write_report(results, tmp_path / "bad", best_by="forget_rouge")
 
 
 def test_report_tolerance_decides_which_stopped_readings_match(tmp_path):
