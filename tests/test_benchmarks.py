@@ -282,7 +282,7 @@ def test_wmdp_unlearning_with_rmu_on_local_corpora(prefect_api, wmdp_model, tmp_
     assert "wmdp_accuracy" in summary["metrics"] and "wmdp_accuracy" in summary["target_metrics"]
     assert summary["reference_metrics"] == {}  # WMDP has no retain model
     trajectory = pd.read_parquet(Path(summary["run_dir"]) / "trajectory.parquet")
-    assert list(trajectory.columns) == ["step", "wmdp_accuracy", "lr", "seconds", "reached"]
+    assert list(trajectory.columns) == ["step", "fraction", "wmdp_accuracy", "lr", "seconds", "reached"]
     row = pd.read_parquet(tmp_path / "results" / "runs.parquet").iloc[-1]
     assert row["stop.level"] == pytest.approx(0.01) and row["stop.level_source"] == "value"
     # The corpora were cut into windows of model.max_length tokens: every window is an item.
