@@ -433,8 +433,8 @@ def _fraction(run: pd.Series) -> float:
 
 def _stop_position(run: pd.Series) -> float:
     """Steps of training at the stop: ``stop.step - 1 + stop.fraction`` (whole steps unless refined)."""
-    step = pd.to_numeric(pd.Series([run.get("stop.step")]), errors="coerce").iloc[0]
-    return float(step) - 1 + _fraction(run) if pd.notna(step) else float("nan")
+    step = run.get("stop.step")
+    return float(step) - 1 + _fraction(run) if step is not None and pd.notna(step) else float("nan")
 
 
 def _integer(value) -> int:
@@ -471,7 +471,7 @@ def stopped_table(readings: pd.DataFrame, utilities: Sequence[str] = UTILITY_MET
         if other:  # WMDP's accuracy has no other forget measure
             row[f"{other}_mean"], row[f"{other}_std"] = _mean_std(matched["other_value"])
         row["step_mean"] = float(pd.to_numeric(group["step"], errors="coerce").mean())
-        row["refined"] = int(group["refined"].astype(bool).sum()) if "refined" in group else 0
+        row["refined"] = int(group["refined"].astype(bool).sum())
         reasons = group.loc[~group["matched"].astype(bool), "reason"].str.split(":").str[0]
         row["not_matched"] = ", ".join(f"{count} {reason}"
                                        for reason, count in reasons.value_counts(sort=False).items())

@@ -68,6 +68,11 @@ TRAJECTORY_COLUMNS = ("step", "fraction", "forget_prob", "forget_quality", "forg
 REFINE_FACTOR = 0.5
 
 
+def training_position(row: dict[str, Any]) -> float:
+    """Steps of training behind a check's model: ``step - 1 + fraction`` (the step itself unless refined)."""
+    return int(row["step"]) - 1 + float(row["fraction"])
+
+
 def budget_steps(forget_items: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
     """Optimizer steps of an unlearning run over ``forget_items``: the trainer's own batch plan, counted."""
     from simu_core.unlearning.trainer import plan_batches
@@ -216,9 +221,8 @@ class ForgetMonitor:
     def trajectory(self) -> pd.DataFrame:
         """Every check in order of training (``step - 1 + fraction``: a refinement's checks come before the
         check they refine): :data:`TRAJECTORY_COLUMNS` (a :class:`SuiteMonitor`: its own)."""
-        frame = pd.DataFrame(self.rows, columns=list(self.columns))
-        position = frame["step"] - 1 + frame["fraction"]
-        return frame.iloc[np.argsort(position.to_numpy(), kind="stable")].reset_index(drop=True)
+        order = sorted(range(len(self.rows)), key=lambda index: training_position(self.rows[index]))
+        return pd.DataFrame([self.rows[index] for index in order], columns=list(self.columns))
 
     def state(self) -> dict[str, list]:
         """The checks so far as plain lists (saved in the trainer's checkpoints)."""
@@ -247,9 +251,8 @@ class ForgetMonitor:
         else:
             status = "matched" if self.rule.within(value, self.level, self.tolerance) else "overshot"
         # The check before: the nearest model on the way there that had not reached the level.
-        position = int(row["step"]) - 1 + float(row["fraction"])
-        before = [r for r in self.rows if int(r["step"]) - 1 + float(r["fraction"]) < position and not r["reached"]]
-        previous = max(before, key=lambda r: int(r["step"]) - 1 + float(r["fraction"])) if before else None
+        before = [r for r in self.rows if training_position(r) < training_position(row) and not r["reached"]]
+        previous = max(before, key=training_position) if before else None
         return {
             "stop_rule": self.rule.text(),
             "stop_measure": self.rule.measure,
