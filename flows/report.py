@@ -264,17 +264,24 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
     if not columns:
         return []
     attacked = runs[runs[columns].notna().any(axis=1)]
-    readings = stopped_readings(attacked, reporting.setting_columns(runs), tolerance, [*UTILITY_METRICS, *columns])
     lines = ["## Attacks: removed or hidden?", ""]
-    groups = []
-    if not readings.empty:
-        for stop_at, rule_readings in readings.groupby("stop_at", sort=True):
-            best = best_lrs(stopped_table(rule_readings))
-            at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
-            groups.append((f"stopped at {stop_at}, matched readings at each curve's best lr",
-                           at_best[at_best["matched"].astype(bool)]))
-    else:
-        groups.append(("fixed budget, per setting", reporting.attack_readings(attacked)))
+    groups = []  # (heading, where: the heading's first part, the readings)
+    # The attacks' own settings (relearn.data, attack.*) do not name a curve (they cannot change the
+    # unlearned model) but change what the attack measures: each of their values is read on its own,
+    # never averaged or paired with another.
+    for attack_setting, setting_runs in reporting.attack_setting_groups(attacked):
+        readings = stopped_readings(setting_runs, reporting.setting_columns(runs), tolerance,
+                                    [*UTILITY_METRICS, *columns])
+        if not readings.empty:
+            for stop_at, rule_readings in readings.groupby("stop_at", sort=True):
+                best = best_lrs(stopped_table(rule_readings))
+                at_best = rule_readings.merge(best.dropna(subset=["lr"])[["curve", "lr"]], on=["curve", "lr"])
+                where = f"stopped at {stop_at}" + (f", {attack_setting}" if attack_setting else "")
+                groups.append((f"{where}, matched readings at each curve's best lr", where,
+                               at_best[at_best["matched"].astype(bool)]))
+        else:
+            where = "fixed budget" + (f", {attack_setting}" if attack_setting else "")
+            groups.append((f"{where}, per setting", where, reporting.attack_readings(setting_runs)))
     lines += ["Each attack ran on the unlearned model, its target and its retain reference, with the same settings "
               "and items. recovery = the unlearned model's forget probability (VerbMem on MUSE, accuracy on WMDP) "
               "after the attack / the retain "
@@ -284,16 +291,16 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
               "that the attack brings back. R, Q and HM(R, Q): "
               "the OpenUnlearning meta-evaluation's robustness to relearning and to quantization on the same measure "
               "(1 = robust). Quantization's figures read the fewest bits; the logit lens its best layer.", ""]
-    for where, chosen in groups:
+    for heading, where, chosen in groups:
         chosen = chosen[[column for column in chosen.columns if column not in UTILITY_METRICS]]
         if chosen.empty:
-            lines += [f"### {where}", "", "(no reading)", ""]
+            lines += [f"### {heading}", "", "(no reading)", ""]
             continue
         table = reporting.robustness_table(chosen)
-        slug = "".join(character if character.isalnum() else "_" for character in where.split(",")[0])
+        slug = "".join(character if character.isalnum() else "_" for character in where)
         table.to_csv(out / f"robustness_{slug}.csv", index=False)
         plots[f"robustness_{slug}"] = reporting.plot_robustness(table, out / f"robustness_{slug}.png")
-        lines += [f"### {where}", "", reporting.robustness_markdown(table), ""]
+        lines += [f"### {heading}", "", reporting.robustness_markdown(table), ""]
         # Each attack's headline recovery (quantization's per-bit columns end in "bit_recovery").
         recovery = [column for column in chosen.columns if column.startswith("metric.attack_")
                     and column.endswith("_recovery") and not column.endswith("bit_recovery")]
@@ -302,7 +309,7 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
         if not differences.empty:
             lines += ["Paired differences of recovery (same target, seed and data; A − B, mean ± std over the pairs; "
                       "quantization at the fewest bits):", "",
-                      paired_markdown(differences.assign(where=where.split(",")[0]), list(names.values())), ""]
+                      paired_markdown(differences.assign(where=where), list(names.values())), ""]
     return lines
 
 

@@ -7,6 +7,7 @@
 #   PART=testbed scripts/matched_forgetting.sh          # the mlp_localised preset (built-in benchmark)
 #   PART=tofu scripts/matched_forgetting.sh             # TOFU forget01, tiny model trained in the run
 #   LEVELS='forget_prob<=reference' PART=testbed ...    # one level only
+#   OUT=results/matched-refined PART=tofu_npo_probe ...  # NPO and SimNPO at TOFU's reference forget probability (not in all)
 # Curves: FO-GradDiff, SO-GradDiff, NPO, SimNPO, SIMU, SIMU with random neurons, SIMU MLP only with
 # critical and with random neurons. Each level writes its own results folder and report
 # (results/matched/<part>/<level>/report/report.md). Stages shared by points (data, targets, references,
@@ -61,7 +62,10 @@ if [[ $PART == all || $PART == tofu ]]; then
   # 40 items per split and 64 new tokens to fit the CPU budget; the same 200-step budget as the testbed.
   # Grids from the earlier fixed-budget TOFU sweep (docs/results.md: FO-GradDiff and SIMU reached the
   # reference's forget probability at about 3.3e-4 with a 50-step budget, SO-GradDiff at 2.2e-4), scaled to
-  # the 200-step budget; no per-step probe was run on TOFU. TOFU_EVAL_EVERY (default 10): the forget-quality
+  # the 200-step budget; the two MLP-only grids were checked on target 0, seed 0 (two lrs each) before their
+  # sweep. NPO and SimNPO never reach the reference's forget probability on TOFU (their losses saturate at a
+  # forget probability of 0.06-0.14; lrs up to 3e-3 and 1e-2 probed, docs/results.md): their grids here are the
+  # testbed's and only the forget-quality level was run for them, at lrs set by TOFU_LR_<curve>. TOFU_EVAL_EVERY (default 10): the forget-quality
   # level was run with 2 (with 40 items forget quality takes steps of one KS statistic 1/40 apart, and only one
   # attainable value, 0.0541, lies within 10 % above 0.05: a check every 10 steps jumps over it).
   declare -A TOFU_LRS=(
@@ -78,4 +82,19 @@ if [[ $PART == all || $PART == tofu ]]; then
     --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
     --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64 \
     --set unlearn.eval_every="${TOFU_EVAL_EVERY:-10}" --set unlearn.stop_refine="${TOFU_STOP_REFINE:-0}"
+fi
+
+if [[ $PART == tofu_npo_probe ]]; then
+  # NPO and SimNPO at TOFU's reference forget probability (docs/results.md): target 0, seed 0 over a widening lr
+  # range, then the largest lr on all three targets; every run ends "not reached" (their losses saturate).
+  for entry in npo:1.5e-4,3e-4,1e-3,3e-3 simnpo:1.5e-3,3e-3,1e-2 npo:3e-3:3 simnpo:1e-2:3; do
+    IFS=: read -r curve lrs targets <<< "$entry"
+    $SIMU ablate --targets "${targets:-1}" --seeds 1 --max-parallel "$PARALLEL" --set unlearn.method="$curve" \
+      --grid unlearn.lr="$lrs" --set unlearn.stop_at='forget_prob<=reference' --set run.results="$OUT/tofu-probe" \
+      --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
+      --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
+      --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64 \
+      --set unlearn.eval_every=2 --set unlearn.stop_refine=6
+  done
+  $SIMU report --results "$OUT/tofu-probe"
 fi

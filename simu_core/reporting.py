@@ -785,6 +785,20 @@ def attack_readings(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def attack_setting_groups(attacked: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The attacked runs split by the attacks' own settings that differ between them (``relearn.*``,
+    ``attack.*``, ``attacks``), each with its label ("relearn.data=retain_only"); one unlabelled group
+    when none differs."""
+    columns = varying_columns(
+        attacked, lambda column: column.startswith(("config.relearn.", "config.attack.")) or column == "config.attacks")
+    if not columns:
+        return [("", attacked)]
+    keys = attacked[columns].astype(str)
+    return [(", ".join(f"{column.removeprefix('config.')}={value}" for column, value in zip(columns, key)),
+             attacked.loc[group.index])
+            for key, group in keys.groupby(columns, sort=True)]
+
+
 def robustness_table(readings: pd.DataFrame) -> pd.DataFrame:
     """Per curve, the readings and each attack figure's mean and std over them (columns
     ``<figure>_mean`` / ``<figure>_std`` without the ``metric.attack_`` prefix)."""

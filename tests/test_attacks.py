@@ -3,6 +3,7 @@ robustness formulas by hand, and the pipeline's stages and report."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +409,39 @@ def test_report_reads_the_attacks_of_matched_readings_at_each_curves_best_lr(tmp
     assert "| stopped at forget_prob<=reference | simu | so_graddiff | 4 (2 targets x 2 seeds = 4 readings) |" in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| stopped at forget_prob<=reference | simu |"))
     assert "0.450 ± 0.058" in row
+
+
+def test_report_reads_each_relearn_data_on_its_own_never_pooled(tmp_path):
+    """The same stopped models attacked with relearn.data=forget_half and retain_only: two tables, each
+    averaging its own readings, and pairs only within one attack setting (4 pairs each, not 8 crossed)."""
+    from test_report_matched import _stopped_folder
+
+    from flows.report import write_report
+
+    results = tmp_path / "results"
+    runs = _stopped_folder(results)
+    runs = runs[runs["stop.status"].notna()]
+    halves = []
+    for data, base in (("forget_half", 2.0), ("retain_only", 5.0)):
+        half = runs.copy()
+        half["config.relearn.data"] = data
+        for run_id in runs["run_id"]:  # each attacked copy with its run folder (trajectory, reference)
+            shutil.copytree(results / "runs" / str(run_id), results / "runs" / f"{run_id}-{data}")
+        half["run_id"] = half["run_id"].astype(str) + "-" + data
+        half["config_hash"] = half["run_id"]
+        # simu: base; so_graddiff: base - 0.5 - seed / 10 (so simu − so_graddiff = 0.5 + seed / 10 in both).
+        half["metric.attack_relearn_recovery"] = [
+            base if method == "simu" else base - 0.5 - seed / 10
+            for method, seed in zip(half["config.unlearn.method"], half["config.run.seed"])]
+        halves.append(half)
+    pd.concat(halves, ignore_index=True).to_parquet(results / "runs.parquet")
+    markdown = write_report(results)["markdown"]
+    for data, base in (("forget_half", 2.0), ("retain_only", 5.0)):
+        where = f"stopped at forget_prob<=reference, relearn.data={data}"
+        assert f"### {where}, matched readings at each curve's best lr" in markdown
+        slug = "".join(character if character.isalnum() else "_" for character in where)
+        table = pd.read_csv(results / "report" / f"robustness_{slug}.csv").set_index("curve")
+        assert table.loc["simu", "relearn_recovery_mean"] == pytest.approx(base)
+        assert table.loc["simu", "readings"] == 4
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {where} | simu | so_graddiff |"))
+        assert "| 4 (2 targets x 2 seeds = 4 readings) |" in row and "0.550 ± 0.058" in row
