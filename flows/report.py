@@ -269,9 +269,9 @@ def _robustness_section(runs: pd.DataFrame, out: Path, plots: dict, tolerance: f
     # The attacks' own settings (relearn.data, attack.*) do not name a curve (they cannot change the
     # unlearned model) but change what the attack measures: each of their values is read on its own,
     # never averaged or paired with another.
+    settings = reporting.setting_columns(runs)
     for attack_setting, setting_runs in reporting.attack_setting_groups(attacked):
-        readings = stopped_readings(setting_runs, reporting.setting_columns(runs), tolerance,
-                                    [*UTILITY_METRICS, *columns])
+        readings = stopped_readings(setting_runs, settings, tolerance, [*UTILITY_METRICS, *columns])
         if not readings.empty:
             for stop_at, rule_readings in readings.groupby("stop_at", sort=True):
                 best = best_lrs(stopped_table(rule_readings))

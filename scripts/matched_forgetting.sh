@@ -78,9 +78,7 @@ if [[ $PART == all || $PART == tofu ]]; then
     [simu_mlp]=${TOFU_LR_simu_mlp:-7e-4,1e-3,1.5e-3,2e-3}
     [simu_mlp_random]=${TOFU_LR_simu_mlp_random:-1e-3,1.5e-3,2e-3,3e-3}
   )
-  sweep tofu TOFU_LRS --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
-    --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
-    --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64 \
+  sweep tofu TOFU_LRS "${TOFU_FORGET01_ARGS[@]}" \
     --set unlearn.eval_every="${TOFU_EVAL_EVERY:-10}" --set unlearn.stop_refine="${TOFU_STOP_REFINE:-0}"
 fi
 
@@ -91,10 +89,7 @@ if [[ $PART == tofu_npo_probe ]]; then
     IFS=: read -r curve lrs targets <<< "$entry"
     $SIMU ablate --targets "${targets:-1}" --seeds 1 --max-parallel "$PARALLEL" --set unlearn.method="$curve" \
       --grid unlearn.lr="$lrs" --set unlearn.stop_at='forget_prob<=reference' --set run.results="$OUT/tofu-probe" \
-      --set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu \
-      --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30 \
-      --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64 \
-      --set unlearn.eval_every=2 --set unlearn.stop_refine=6
+      "${TOFU_FORGET01_ARGS[@]}" --set unlearn.eval_every=2 --set unlearn.stop_refine=6
   done
   $SIMU report --results "$OUT/tofu-probe"
 fi

@@ -57,10 +57,9 @@ fi
 # from the store. The attack's lr is set to the testbed's 1e-3: TOFU's default 1e-5 is for 7B models and does not
 # move this tiny model (trained at 3e-3) in 10 steps.
 TOFU_METHODS=${TOFU_METHODS:-fo_graddiff:1e-4 so_graddiff:7e-5 simu:1.7e-4 simu-random:1.7e-4 simu-mlp:7e-4 simu-mlp-random:1e-3}
-TOFU_ARGS=(--set data.benchmark=tofu --set data.split=forget01 --set data.source=../shared/data/tofu
-           --set data.retain_authors=20 --set model.max_length=160 --set model.finetune.epochs=30
-           --set unlearn.epochs=20 --set eval.max_items=40 --set eval.max_new_tokens=64
-           --set unlearn.eval_every=2 --set unlearn.stop_refine=6 --set relearn.lr=1e-3)
+# shellcheck source=scripts/curves.sh
+source scripts/curves.sh
+TOFU_ARGS=("${TOFU_FORGET01_ARGS[@]}" --set unlearn.eval_every=2 --set unlearn.stop_refine=6 --set relearn.lr=1e-3)
 if [[ $PART == relearn_tofu ]]; then
   for entry in $TOFU_METHODS; do
     name=${entry%%:*} lr=${entry##*:}
